@@ -1,0 +1,98 @@
+"""The typed config schema. Registered in Hydra's ConfigStore, so a misspelt key fails at once.
+
+The YAML files in `conf/` pick values; every field and its default lives here, once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class ModelConfig:
+    width: float = 1.0  # multiplies every conv and hidden FC: 0.25 or 0.125 for CPU-sized studies
+    batch_norm: bool = False  # the paper has none; BN is the modern variant
+    head: str = "auto"  # paper (flatten, FC-4096 x2) | compact (avg-pool, 3 narrow FCs) | auto
+    dropout: float = 0.5  # on the first two FCs, as in the paper
+    init: str = "kaiming"  # kaiming | glorot | paper (N(0, 1e-2)) | from_A (section 3.1)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.01  # the paper's initial learning rate
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "plateau"  # plateau (the paper's /10 on stalled val accuracy) | cosine | step
+    plateau_patience: int = 2  # epochs without val-accuracy gain before lr /= 10
+    step_every: int = 10  # epochs between /10 drops for schedule=step
+    warmup_epochs: int = 0  # linear warm-up (helps deep nets without BN at higher lr)
+
+
+@dataclass
+class DataConfig:
+    name: str = "sample"  # sample | cifar10 | cifar100 | imagefolder | synthetic
+    root: str | None = None  # dataset folder (imagefolder) or download folder (cifar)
+    batch_size: int = 128
+    val_fraction: float = 0.1  # carved from the training split, deterministically; never from test
+    input_size: int = 32  # crop size fed to the net (224 for ImageNet)
+    train_scale: int = 256  # imagefolder: S, the training scale (smallest side)
+    train_scale_max: int | None = None  # imagefolder: jitter S in [train_scale, train_scale_max]
+    test_scale: int = 256  # imagefolder: Q, the test scale
+    augment: bool = True
+    train_subset: int | None = None  # use only this many training images (a smaller budget)
+    num_workers: int = 0  # DataLoader workers (file-backed data only)
+    on_device: str = "auto"  # hold the whole dataset on the GPU: auto (when it fits) | on | off
+    synthetic_size: int = 2048  # images per epoch for data=synthetic
+    num_classes: int = 10  # synthetic only; other datasets read it from the data
+
+
+@dataclass
+class TrainerConfig:
+    max_epochs: int = 10
+    accelerator: str = "auto"  # a GPU when present, else CPU
+    devices: Any = 1
+    precision: str = "auto"  # auto: bf16-mixed on a GPU, 32-true on CPU
+    limit_train_batches: Any = 1.0  # float fraction or int batches (tests use a few)
+    limit_val_batches: Any = 1.0
+    limit_test_batches: Any = 1.0
+    deterministic: bool = True  # same seed, same metrics (on CPU)
+    compile: bool = False  # torch.compile the model (GPU)
+    channels_last: str = "auto"  # auto: on for a GPU
+    progress_bar: bool = True
+    threads: int | None = None  # CPU threads for torch; None leaves torch's choice
+
+
+@dataclass
+class LoggerConfig:
+    enabled: bool = True
+    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
+    experiment: str = "vgg-ablation"  # a study uses its own name
+    checkpoint_root: str = "checkpoints"  # <root>/<experiment>/<cell>/last.ckpt
+
+
+@dataclass
+class StudyConfig:
+    name: str = "train"  # the study this run belongs to (MLflow experiment vgg-ablation/<name>)
+    archs: list[str] = field(default_factory=lambda: ["A", "A-LRN", "B", "C", "D", "E"])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    description: str = ""
+
+
+@dataclass
+class Config:
+    arch: str = "A"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
+
+
+def register() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="schema", node=Config)

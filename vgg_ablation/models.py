@@ -1,0 +1,368 @@
+"""The model zoo: the paper's six VGG configurations, its 5x5 control, and the lecture's baselines.
+
+Architectures are data (torchvision's `vgg.py` style): each is a list of layer tokens built by one
+function, `build_model`. References:
+- VGG A, A-LRN, B, C, D, E: Simonyan & Zisserman, "Very Deep Convolutional Networks for
+  Large-Scale Image Recognition", arXiv 1409.1556, Table 1.
+- B-5x5: the control net of section 4.1, B with each pair of 3x3 convs replaced by one 5x5 conv.
+- LeNet (28x28x1) and AlexNet (227x227x3): as the lecture tabulates them (`model.summary()`
+  tables in the seed slides), 107,786 and 62,378,344 parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Conv:
+    """A conv + ReLU. `pad=None` means 'same' padding for stride 1 (k // 2), as in the paper."""
+
+    out: int
+    k: int = 3
+    stride: int = 1
+    pad: int | None = None
+
+    @property
+    def padding(self) -> int:
+        return self.k // 2 if self.pad is None else self.pad
+
+
+@dataclass(frozen=True)
+class Pool:
+    """Max-pool; the paper's is 2x2 with stride 2, AlexNet's overlapping one 3x3 with stride 2."""
+
+    k: int = 2
+    stride: int = 2
+
+
+LRN = "LRN"  # AlexNet's local response normalisation (k=2, n=5, alpha=1e-4, beta=0.75)
+M = Pool()  # the paper's max-pool, one per block
+
+Token = Conv | Pool | str
+
+
+def vgg_layers(*blocks: Sequence[int | str | tuple[int, int]]) -> tuple[Token, ...]:
+    """Table 1 shorthand: a block is a list of filter counts (3x3 convs), `(k, filters)` for a
+    k x k conv (C's conv1, B-5x5's conv5), or `LRN`; each block ends with the paper's max-pool."""
+    tokens: list[Token] = []
+    for block in blocks:
+        for item in block:
+            if item == LRN:
+                tokens.append(LRN)
+            elif isinstance(item, tuple):
+                tokens.append(Conv(out=item[1], k=item[0]))
+            else:
+                tokens.append(Conv(out=int(item)))
+        tokens.append(M)
+    return tuple(tokens)
+
+
+@dataclass(frozen=True)
+class Arch:
+    """One network as data: feature tokens, hidden FC widths, dropout and its native input."""
+
+    name: str
+    features: tuple[Token, ...]
+    fc: tuple[int, ...]
+    dropout: float
+    in_channels: int = 3
+    input_size: int = 224
+    num_classes: int = 1000
+    reference: str = "Simonyan & Zisserman, arXiv 1409.1556, Table 1"
+    family: str = "vgg"
+    notes: str = field(default="", compare=False)
+
+    @property
+    def depth(self) -> int:
+        """Weight layers, as the paper counts them (convs + FCs)."""
+        return sum(isinstance(t, Conv) for t in self.features) + len(self.fc) + 1
+
+
+def _vgg(name: str, *blocks: Sequence, notes: str = "") -> Arch:
+    return Arch(name, vgg_layers(*blocks), fc=(4096, 4096), dropout=0.5, notes=notes)
+
+
+C1 = 1  # kernel size of C's 1x1 convs
+ARCHS: dict[str, Arch] = {
+    a.name: a
+    for a in (
+        _vgg("A", [64], [128], [256, 256], [512, 512], [512, 512]),
+        _vgg("A-LRN", [64, LRN], [128], [256, 256], [512, 512], [512, 512]),
+        _vgg("B", [64, 64], [128, 128], [256, 256], [512, 512], [512, 512]),
+        _vgg(
+            "C",
+            [64, 64],
+            [128, 128],
+            [256, 256, (C1, 256)],
+            [512, 512, (C1, 512)],
+            [512, 512, (C1, 512)],
+        ),
+        _vgg("D", [64, 64], [128, 128], [256] * 3, [512] * 3, [512] * 3),
+        _vgg("E", [64, 64], [128, 128], [256] * 4, [512] * 4, [512] * 4),
+        _vgg(
+            "B-5x5",
+            [(5, 64)],
+            [(5, 128)],
+            [(5, 256)],
+            [(5, 512)],
+            [(5, 512)],
+            notes="section 4.1 control: B with each pair of 3x3 convs replaced by one 5x5 conv",
+        ),
+        Arch(
+            "lenet",
+            (Conv(6, k=5), Pool(2, 2), Conv(16, k=5), Pool(2, 2)),
+            fc=(120, 84),
+            dropout=0.0,
+            in_channels=1,
+            input_size=28,
+            num_classes=10,
+            reference="LeCun et al. 1998, as tabulated in the lecture (28x28x1, 'same' padding)",
+            family="lenet",
+        ),
+        Arch(
+            "alexnet",
+            (
+                Conv(96, k=11, stride=4, pad=0),
+                Pool(3, 2),
+                Conv(256, k=5),
+                Pool(3, 2),
+                Conv(384),
+                Conv(384),
+                Conv(256),
+                Pool(3, 2),
+            ),
+            fc=(4096, 4096),
+            dropout=0.4,  # the lecture's Keras code uses 0.4 (the 2012 paper used 0.5)
+            input_size=227,
+            reference="Krizhevsky et al. 2012, as tabulated in the lecture (227x227x3)",
+            family="alexnet",
+        ),
+    )
+}
+PAPER_STEPS = ("A", "A-LRN", "B", "C", "D", "E")  # the paper's six steps, in its order
+
+
+class AlexNetLRN(nn.LocalResponseNorm):
+    """LRN exactly as AlexNet defines it: b = a / (k + alpha * sum_{n neighbours} a^2) ** beta.
+
+    `torch.nn.LocalResponseNorm` divides alpha by the window size n, so alpha is multiplied back.
+    """
+
+    def __init__(self, n: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 2.0):
+        super().__init__(size=n, alpha=alpha * n, beta=beta, k=k)
+
+
+class Net(nn.Module):
+    """features -> (flatten | global average pool) -> classifier, like torchvision's VGG."""
+
+    def __init__(self, features: nn.Sequential, pool: nn.Module, classifier: nn.Sequential):
+        super().__init__()
+        self.features = features
+        self.pool = pool
+        self.classifier = classifier
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
+
+
+def scaled(channels: int, width: float) -> int:
+    return max(1, round(channels * width))
+
+
+def feature_map_sizes(features: Sequence[Token], input_size: int) -> list[int]:
+    """Spatial size after each token; raises ValueError if any layer gets an empty map."""
+    sizes, n = [], input_size
+    for token in features:
+        if isinstance(token, Conv):
+            n = (n + 2 * token.padding - token.k) // token.stride + 1
+        elif isinstance(token, Pool):
+            n = (n - token.k) // token.stride + 1
+        if n < 1:
+            raise ValueError("empty feature map")
+        sizes.append(n)
+    return sizes
+
+
+def min_input_size(arch: Arch) -> int:
+    """The smallest square input every layer of `arch` accepts."""
+    for n in range(1, 4096):
+        try:
+            feature_map_sizes(arch.features, n)
+            return n
+        except ValueError:
+            continue
+    raise AssertionError(f"{arch.name}: no input size up to 4096 fits")
+
+
+def get_arch(name: str) -> Arch:
+    if name not in ARCHS:
+        raise ValueError(f"unknown arch {name!r}; choose one of: {', '.join(ARCHS)}")
+    return ARCHS[name]
+
+
+def resolve_head(arch: Arch, head: str, input_size: int) -> str:
+    """'auto' keeps the paper's flatten + FC head at the native input size (and for LeNet and
+    AlexNet always), and takes the compact head for small images, where the paper's 4096-wide
+    layers would hold most of the parameters and most of the CPU time."""
+    if head not in ("auto", "paper", "compact"):
+        raise ValueError(f"unknown head {head!r}; choose one of: auto, paper, compact")
+    if head != "auto":
+        return head
+    return "paper" if arch.family != "vgg" or input_size >= arch.input_size else "compact"
+
+
+def build_model(
+    arch: str | Arch,
+    num_classes: int | None = None,
+    in_channels: int | None = None,
+    input_size: int | None = None,
+    width: float = 1.0,
+    batch_norm: bool = False,
+    head: str = "auto",
+    dropout: float | None = None,
+    init: str = "kaiming",
+) -> Net:
+    """Build one network of the zoo.
+
+    width scales every conv and hidden FC (1/4 or 1/8 for CPU-sized studies); batch_norm adds
+    BatchNorm after each conv (the modern variant); head is 'paper' (flatten, FC-4096, FC-4096,
+    FC-classes, dropout on the first two), 'compact' (global average pool, then three FCs as wide
+    as the last conv) or 'auto'. init is 'kaiming' (torchvision's), 'glorot' or 'paper'
+    (N(0, 1e-2 variance), biases 0); transfer from a trained A is `transfer_from_a`.
+    """
+    spec = get_arch(arch) if isinstance(arch, str) else arch
+    num_classes = spec.num_classes if num_classes is None else num_classes
+    in_channels = spec.in_channels if in_channels is None else in_channels
+    input_size = spec.input_size if input_size is None else input_size
+    dropout = spec.dropout if dropout is None else dropout
+    for label, value in (("num_classes", num_classes), ("in_channels", in_channels)):
+        if value < 1:
+            raise ValueError(f"{label} must be a positive integer, got {value}")
+    if not width > 0:
+        raise ValueError(f"width must be positive, got {width}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    try:
+        sizes = feature_map_sizes(spec.features, input_size)
+    except ValueError:
+        need = min_input_size(spec)
+        raise ValueError(
+            f"{spec.name} needs inputs of at least {need}x{need} "
+            f"({sum(isinstance(t, Pool) for t in spec.features)} max-pools); "
+            f"got {input_size}x{input_size}"
+        ) from None
+
+    layers: list[nn.Module] = []
+    channels = in_channels
+    for token in spec.features:
+        if isinstance(token, Conv):
+            out = scaled(token.out, width)
+            layers.append(nn.Conv2d(channels, out, token.k, token.stride, token.padding))
+            if batch_norm:
+                layers.append(nn.BatchNorm2d(out))
+            layers.append(nn.ReLU(inplace=True))
+            channels = out
+        elif isinstance(token, Pool):
+            layers.append(nn.MaxPool2d(token.k, token.stride))
+        elif token == LRN:
+            layers.append(AlexNetLRN())
+        else:  # pragma: no cover - the table above is the only source of tokens
+            raise AssertionError(f"unknown token {token!r}")
+
+    head = resolve_head(spec, head, input_size)
+    if head == "paper":
+        pool: nn.Module = nn.Identity()
+        flat = channels * sizes[-1] ** 2
+        hidden = [scaled(h, width) for h in spec.fc]
+    else:
+        pool = nn.AdaptiveAvgPool2d(1)
+        flat = channels
+        hidden = [channels] * len(spec.fc)
+    fc: list[nn.Module] = []
+    for h in hidden:
+        fc += [nn.Linear(flat, h), nn.ReLU(inplace=True)]
+        if dropout > 0:
+            fc.append(nn.Dropout(dropout))
+        flat = h
+    fc.append(nn.Linear(flat, num_classes))
+    model = Net(nn.Sequential(*layers), pool, nn.Sequential(*fc))
+    initialise(model, init)
+    return model
+
+
+INITS = ("kaiming", "glorot", "paper")
+
+
+def initialise(model: nn.Module, scheme: str) -> None:
+    """Weight init. kaiming: torchvision's VGG init; glorot: Xavier-uniform, the init the
+    authors later found removes the need for A-pretraining; paper: N(0, 0.01 variance), biases 0."""
+    if scheme not in INITS:
+        raise ValueError(f"unknown init {scheme!r}; choose one of: {', '.join(INITS)}, from_A")
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d | nn.Linear):
+            if scheme == "glorot":
+                nn.init.xavier_uniform_(m.weight)
+            elif scheme == "paper":
+                nn.init.normal_(m.weight, 0.0, 0.1)  # variance 1e-2
+            elif isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            else:
+                nn.init.normal_(m.weight, 0.0, 0.01)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def _conv_positions(features: nn.Sequential) -> list[tuple[int, int, nn.Conv2d, nn.Module | None]]:
+    """(block, index in block, conv, its BatchNorm or None) for every conv, blocks split by pools."""
+    out, block, index = [], 0, 0
+    modules = list(features)
+    for i, m in enumerate(modules):
+        if isinstance(m, nn.MaxPool2d):
+            block, index = block + 1, 0
+        elif isinstance(m, nn.Conv2d):
+            bn = modules[i + 1] if isinstance(modules[i + 1], nn.BatchNorm2d) else None
+            out.append((block, index, m, bn))
+            index += 1
+    return out
+
+
+def transfer_from_a(model: Net, trained_a: Net) -> list[str]:
+    """Section 3.1: start a deeper net from a trained A: A's first four conv layers and its last
+    three FC layers are copied, the other layers keep their random init.
+
+    A's first four convs are the first conv of blocks 1, 2 and 3 and the second of block 3; each is
+    copied into the conv at the same place (block, position) of the deeper net, where the shapes
+    agree (they do for A-LRN, B, C, D, E; B-5x5's 5x5 convs have no 3x3 counterpart and stay
+    random). Returns the names of the layers copied.
+    """
+    copied = []
+    targets = {(b, i): (conv, bn) for b, i, conv, bn in _conv_positions(model.features)}
+    names = {id(m): n for n, m in model.named_modules()}
+    with torch.no_grad():
+        for block, index, conv, bn in _conv_positions(trained_a.features)[:4]:
+            target = targets.get((block, index))
+            if target is None or target[0].weight.shape != conv.weight.shape:
+                continue
+            for dst, src in ((target[0], conv), (target[1], bn)):
+                if dst is not None and src is not None:
+                    dst.load_state_dict(src.state_dict())
+            copied.append(names[id(target[0])])
+        src_fc = [m for m in trained_a.classifier if isinstance(m, nn.Linear)][-3:]
+        dst_fc = [m for m in model.classifier if isinstance(m, nn.Linear)][-3:]
+        for dst, src in zip(dst_fc, src_fc, strict=True):
+            if dst.weight.shape == src.weight.shape:
+                dst.load_state_dict(src.state_dict())
+                copied.append(names[id(dst)])
+    return copied
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
