@@ -1,0 +1,176 @@
+"""`vgg-ablation <command> [key=value ...]`: summary, train, study, report, bench, ui.
+
+Overrides are Hydra's (`arch=C seed=1 data=cifar10 trainer.max_epochs=30`). Before handing
+over to Hydra, the config is composed once here so that a misspelt key, an unknown choice or an
+impossible value is refused with one line and exit code 2, not a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from vgg_ablation.errors import UserError
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+COMMANDS = {
+    "summary": "per-layer table of a network: summary arch=D [input_size=224 num_classes=1000 width=1]",
+    "train": "one training run (one cell): train arch=C seed=1 data=sample [overrides]",
+    "study": "the six-step study as a Hydra multirun: study [experiment=sample] [overrides]",
+    "report": "write reports/<study>.md from MLflow: report [experiment=sample]",
+    "bench": "images/s of the training path against plain PyTorch: bench [arch=A data=sample ...]",
+    "ui": "open the MLflow dashboard on this folder's runs (127.0.0.1): ui [port=5000 host=127.0.0.1]",
+}
+
+
+def usage() -> str:
+    lines = ["usage: vgg-ablation <command> [key=value ...]", "", "commands:"]
+    lines += [f"  {name:8s} {text}" for name, text in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def compose(overrides: list[str], config_name: str = "train"):
+    """Compose the config as Hydra will, turning Hydra's errors into one line."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException, MissingConfigException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from vgg_ablation.config import register
+
+    register()
+    sweep_free = [o for o in overrides if not o.startswith(("hydra.", "hydra/", "--"))]
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return hydra_compose(config_name=config_name, overrides=sweep_free)
+    except MissingConfigException as exc:
+        raise UserError(_missing_choice(exc)) from None
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise UserError(_one_line(exc)) from None
+
+
+def _missing_choice(exc: Exception) -> str:
+    text = str(exc)
+    for group in sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir()):
+        if f"'{group}/" in text:
+            options = sorted(f.stem for f in (CONF_DIR / group).glob("*.yaml"))
+            chosen = text.split(f"'{group}/", 1)[1].split("'", 1)[0]
+            name = "study" if group == "experiment" else group
+            return f"unknown {name} {chosen!r}; choose one of: {', '.join(options)}"
+    return _one_line(exc)
+
+
+def _one_line(exc: BaseException) -> str:
+    parts = [str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__]
+    cause = exc.__cause__
+    if cause is not None and str(cause).strip():
+        parts.append(str(cause).strip().splitlines()[0])
+    return " ".join(parts)
+
+
+def _split_sweep_values(overrides: list[str]) -> None:
+    for o in overrides:
+        if "=" not in o and not o.startswith("-"):
+            raise UserError(f"expected key=value, got {o!r}")
+
+
+def cmd_summary(args: list[str]) -> int:
+    import torch
+
+    from vgg_ablation.design import layer_table
+    from vgg_ablation.models import build_model, get_arch
+
+    known = {"arch": str, "input_size": int, "num_classes": int, "width": float, "batch_norm": None, "head": str}
+    options: dict = {}
+    for arg in args:
+        key, _, value = arg.partition("=")
+        if key not in known or not value:
+            raise UserError(f"summary takes {', '.join(k + '=' for k in known)}; got {arg!r}")
+        try:
+            options[key] = value.lower() in ("1", "true", "yes") if known[key] is None else known[key](value)
+        except ValueError:
+            raise UserError(f"{key} must be a number, got {value!r}") from None
+    try:
+        arch = get_arch(options.pop("arch", "D"))
+        size = options.setdefault("input_size", arch.input_size)
+        with torch.device("meta"):
+            model = build_model(arch, **options)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    table = layer_table(model, (arch.in_channels, size, size))
+    table["output shape"] = table["output shape"].map(lambda s: "(None, " + ", ".join(map(str, s)) + ")")
+    shown = table.assign(params=table["params"].map("{:,}".format), total=table["total"].map("{:,}".format))
+    print(f"{arch.name}: {arch.reference}; {arch.depth} weight layers")
+    print(shown.to_markdown(index=False, colalign=("left", "left", "right", "right")))
+    print(f"Total params: {int(table['params'].sum()):,}")
+    return 0
+
+
+def cmd_train(args: list[str]) -> int:
+    from vgg_ablation.train import prepare
+
+    _split_sweep_values(args)
+    cfg = compose(args)
+    prepare(cfg)  # bad data, shapes, numbers: refused here, before Hydra opens an output folder
+    from vgg_ablation import train
+
+    sys.argv = [sys.argv[0], *args]
+    train.main()
+    return 0
+
+
+def cmd_study(args: list[str]) -> int:
+    from vgg_ablation.study import run_study
+
+    _split_sweep_values(args)
+    return run_study(args)
+
+
+def cmd_report(args: list[str]) -> int:
+    from vgg_ablation.report import write_report
+
+    _split_sweep_values(args)
+    path = write_report(compose(args))
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_bench(args: list[str]) -> int:
+    from vgg_ablation.bench import run_bench
+
+    _split_sweep_values(args)
+    return run_bench(args)
+
+
+def cmd_ui(args: list[str]) -> int:
+    from vgg_ablation import tracking
+
+    options = dict(a.partition("=")[::2] for a in args)
+    host, port = options.pop("host", "127.0.0.1"), options.pop("port", "5000")
+    if options:
+        raise UserError(f"ui takes host= and port=; got {', '.join(options)}")
+    uri = tracking.tracking_uri(None)
+    print(f"MLflow dashboard for {uri} on http://{host}:{port} (Ctrl-C stops it)", flush=True)
+    os.execvp("mlflow", ["mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", port])
+    return 0  # pragma: no cover
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    command, args = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"error: unknown command {command!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    try:
+        return globals()[f"cmd_{command}"](args) or 0
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,136 @@
+"""The LightningModule: image classification with the paper's recipe as the default.
+
+SGD, momentum 0.9, weight decay 5e-4, lr 1e-2 divided by 10 when validation top-1 accuracy stops
+improving (section 3.1); cosine and step schedules selectable. Logs loss, top-1/top-5 accuracy
+and error on train, val and test.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vgg_ablation.config import OptimConfig
+
+SCHEDULES = ("plateau", "cosine", "step", "none")
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training diverged: the loss became NaN or infinite."""
+
+
+def topk_correct(logits: torch.Tensor, target: torch.Tensor, k: int) -> torch.Tensor:
+    k = min(k, logits.shape[1])
+    return (logits.topk(k, dim=1).indices == target[:, None]).any(1).sum()
+
+
+class Classifier(pl.LightningModule):
+    def __init__(self, model: nn.Module, optim: OptimConfig, channels_last: bool = False):
+        super().__init__()
+        self.model = model
+        self.optim = optim
+        self.channels_last = channels_last
+        # Sums over an epoch, kept as tensors on the device: one sync per epoch, not per step.
+        self._sums: dict[str, torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.model(x)
+
+    def _step(self, batch, split: str) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y)
+        stats = torch.stack(
+            [
+                loss.detach().float() * len(y),
+                topk_correct(logits.detach(), y, 1).float(),
+                topk_correct(logits.detach(), y, 5).float(),
+                torch.tensor(float(len(y)), device=y.device),
+            ]
+        )
+        self._sums[split] = self._sums.get(split, 0) + stats
+        return loss
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        loss = self._step(batch, "train")
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(
+                f"loss became {loss.item()} at epoch {self.current_epoch}, step {self.global_step}"
+            )
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def _log_epoch(self, split: str) -> None:
+        sums = self._sums.pop(split, None)
+        if sums is None:
+            return
+        loss, top1, top5, n = (sums / sums[3]).tolist()[:3] + [sums[3].item()]
+        metrics = {
+            f"{split}/loss": loss,
+            f"{split}/acc1": top1,
+            f"{split}/acc5": top5,
+            f"{split}/err1": 1 - top1,
+            f"{split}/err5": 1 - top5,
+        }
+        # Values are already reduced here; Lightning forwards them to the logger once per epoch.
+        self.log_dict(metrics, prog_bar=split != "test", sync_dist=True)
+
+    def on_train_epoch_end(self) -> None:
+        self._log_epoch("train")
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch("test")
+
+    def configure_optimizers(self):
+        o = self.optim
+        decay, no_decay = [], []
+        for p in self.model.parameters():
+            (no_decay if p.ndim <= 1 else decay).append(p)
+        # Weight decay on weights only (biases and BN parameters are not regularised).
+        optimizer = torch.optim.SGD(
+            [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0}],
+            lr=o.lr,
+            momentum=o.momentum,
+        )
+        epochs = max(1, self.trainer.max_epochs or 1)
+        if o.schedule == "plateau":
+            scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                optimizer, mode="max", factor=0.1, patience=o.plateau_patience
+            )
+            return {
+                "optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "monitor": "val/acc1", "interval": "epoch"},
+            }
+        warm = o.warmup_epochs
+        if o.schedule == "cosine":
+
+            def factor(e: int) -> float:
+                if e < warm:
+                    return (e + 1) / (warm + 1)
+                return 0.5 * (1 + math.cos(math.pi * (e - warm) / max(1, epochs - warm)))
+        elif o.schedule == "step":
+
+            def factor(e: int) -> float:
+                return 0.1 ** (e // o.step_every)
+        else:
+
+            def factor(e: int) -> float:
+                return 1.0
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}

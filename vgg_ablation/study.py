@@ -1,0 +1,182 @@
+"""`vgg-ablation study`: the six steps as a Hydra multirun, into one MLflow experiment.
+
+The sweep itself is Hydra's (`python -m vgg_ablation.train --multirun arch=A,A-LRN,... seed=...`),
+so any Hydra launcher (joblib, submitit for SLURM) takes it to a cluster unchanged. What this
+module adds around it:
+- everything is checked before the first job starts (names, data, shapes, the tracking store),
+  and the store and the study's experiment are created once, here, not raced by the jobs;
+- a unique sweep folder per launch (two launches in one second do not share one);
+- with init=from_A, the A runs go first (their own sweep), as the deeper nets start from them;
+- afterwards, the state of every cell is read back from MLflow: what finished, what failed, what
+  is missing; the exit code is non-zero unless every cell FINISHED.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+from omegaconf import DictConfig, open_dict
+
+from vgg_ablation import tracking
+from vgg_ablation.errors import UserError
+from vgg_ablation.models import build_model, get_arch
+
+DEFAULT_STUDY = "sample"
+
+
+def study_overrides(args: list[str]) -> list[str]:
+    """The user's overrides, with the default study when none is named."""
+    if not any(a.split("=", 1)[0].lstrip("+~") == "experiment" for a in args):
+        return [f"experiment={DEFAULT_STUDY}", *args]
+    return list(args)
+
+
+def check_study(cfg: DictConfig) -> None:
+    """Refuse a study that cannot run, before any job starts."""
+    from vgg_ablation.train import prepare
+
+    if not cfg.study.archs:
+        raise UserError("study.archs is empty: name at least one arch")
+    if not cfg.study.seeds:
+        raise UserError("study.seeds is empty: name at least one seed")
+    for name in cfg.study.archs:
+        try:
+            get_arch(name)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+    if cfg.model.init == "from_A" and "A" not in cfg.study.archs:
+        raise UserError("model.init=from_A needs arch A in study.archs (the deeper nets start from it)")
+    datamodule, _ = prepare(cfg)  # data and the first arch
+    import torch
+
+    for name in cfg.study.archs:  # every arch's shape, at no cost (meta device)
+        try:
+            with torch.device("meta"):
+                build_model(name, num_classes=datamodule.num_classes, input_size=cfg.data.input_size,
+                            width=cfg.model.width, head=cfg.model.head)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+
+
+def cell_cfg(cfg: DictConfig, arch: str, seed: int) -> DictConfig:
+    cell = cfg.copy()
+    with open_dict(cell):
+        cell.arch, cell.seed = arch, seed
+    return cell
+
+
+def cell_states(cfg: DictConfig) -> pd.DataFrame:
+    """One row per (arch, seed) of the study: its latest run's status, or MISSING."""
+    uri = tracking.tracking_uri(cfg.logger.tracking_uri)
+    client = tracking.client(uri)
+    experiment = client.get_experiment_by_name(tracking.experiment_name(cfg))
+    rows = []
+    for arch in cfg.study.archs:
+        for seed in cfg.study.seeds:
+            runs = []
+            if experiment is not None:
+                key = tracking.cell_key(cell_cfg(cfg, arch, seed))
+                runs = tracking.runs_of_cell(client, experiment.experiment_id, key)
+            finished = [r for r in runs if r.info.status == "FINISHED"]
+            run = (finished or runs or [None])[0]
+            if run is None:
+                status, reason, acc = "MISSING", "", None
+            else:
+                status = run.info.status
+                if tracking.is_orphaned(run):
+                    status = "RUNNING (orphaned)"
+                reason = run.data.tags.get("failure_reason", "")
+                acc = run.data.metrics.get("test/acc1")
+            rows.append(
+                {
+                    "arch": arch,
+                    "seed": seed,
+                    "status": status,
+                    "test top-1": acc,
+                    "runs recorded": len(runs),
+                    "reason": reason,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def sweep_dir(cfg: DictConfig) -> Path:
+    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+    return Path("multirun") / cfg.study.name / f"{stamp}-{secrets.token_hex(3)}"
+
+
+def launch(args: list[str], archs: list[str], seeds: list[int], folder: Path) -> int:
+    """One Hydra multirun over archs x seeds (arch-major, the paper's order) in a subprocess."""
+    command = [
+        sys.executable,
+        "-m",
+        "vgg_ablation.train",
+        "--multirun",
+        *args,
+        "arch=" + ",".join(archs),
+        "seed=" + ",".join(str(s) for s in seeds),
+        f"hydra.sweep.dir={folder}",
+    ]
+    print("$ " + " ".join(command[1:]), flush=True)
+    return subprocess.run(command, env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
+
+
+def run_study(args: list[str]) -> int:
+    from vgg_ablation.cli import compose
+
+    args = study_overrides(args)
+    cfg = compose(args)
+    check_study(cfg)
+    uri = tracking.tracking_uri(cfg.logger.tracking_uri)
+    if not cfg.logger.enabled:
+        raise UserError("a study records its runs in MLflow: drop logger=none")
+    tracking.check_reachable(uri)
+    # Create the store and the experiment once, here: many jobs opening a fresh SQLite store at
+    # once race on its schema migration.
+    tracking.ensure_experiment(tracking.client(uri), tracking.experiment_name(cfg))
+    # Pin the store for the jobs, so a relative default cannot drift between processes.
+    pinned = [a for a in args if not a.startswith("logger.tracking_uri=")] + [f"logger.tracking_uri={uri}"]
+
+    archs, seeds = list(cfg.study.archs), list(cfg.study.seeds)
+    phases = [archs]
+    if cfg.model.init == "from_A" and archs != ["A"]:
+        phases = [["A"], [a for a in archs if a != "A"]]
+    folder = sweep_dir(cfg)
+    started = time.time()
+    print(
+        f"study {cfg.study.name}: {len(archs)} archs x {len(seeds)} seeds on {cfg.data.name}, "
+        f"MLflow {uri} (experiment {tracking.experiment_name(cfg)}), sweep folder {folder}",
+        flush=True,
+    )
+    exit_codes = []
+    for phase in phases:
+        code = launch(pinned, phase, seeds, folder)
+        exit_codes.append(code)
+        if code not in (0, 1):  # killed or interrupted: stop, do not start the next phase
+            break
+
+    states = cell_states(cfg)
+    elapsed = time.time() - started
+    print(f"\nstudy {cfg.study.name}: {elapsed:.0f} s wall time")
+    print(states.drop(columns="reason").to_markdown(index=False, floatfmt=".3f"))
+    failed = states[states["status"] != "FINISHED"]
+    for _, row in failed.iterrows():
+        print(f"  {row['arch']} seed={row['seed']}: {row['status']} {row['reason']}".rstrip())
+    counts = states["status"].value_counts().to_dict()
+    print("summary: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
+    if len(failed) == 0 and all(c == 0 for c in exit_codes):
+        from vgg_ablation.report import write_report
+
+        path = write_report(cfg, wall_seconds=elapsed)
+        print(f"report: {path}")
+        return 0
+    if any(c not in (0, 1) for c in exit_codes):
+        print("the sweep was stopped; run the same command again to resume", file=sys.stderr)
+        return next(c for c in exit_codes if c not in (0, 1))
+    return 1

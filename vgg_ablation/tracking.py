@@ -1,0 +1,172 @@
+"""MLflow: where runs go, how a study's cells are found again, and what a run records.
+
+One MLflow experiment per study (`vgg-ablation/<study>`), one run per cell. A cell is
+(study, data, arch, seed) under one config fingerprint: a re-run of the same command finds its
+cells again by the `cell` tag, skips the FINISHED ones and resumes the others.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import urllib.error
+import urllib.request
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from vgg_ablation.errors import UserError
+
+EXPERIMENT_PREFIX = "vgg-ablation/"
+# Keys that do not change what a run computes: excluded from the fingerprint.
+NON_SEMANTIC = {
+    "arch",
+    "seed",
+    "study.archs",
+    "study.seeds",
+    "study.description",
+    "logger",
+    "trainer.progress_bar",
+    "trainer.threads",
+    "data.num_workers",
+    "data.root",
+}
+
+
+def tracking_uri(configured: str | None) -> str:
+    """Config key, else $MLFLOW_TRACKING_URI, else MLflow's own default store in this folder
+    (so that a plain `mlflow ui` here shows the runs)."""
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
+    return uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Refuse an HTTP tracking server that does not answer, before any run starts."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
+            if response.status == 200:
+                return
+    except (urllib.error.URLError, OSError):
+        pass
+    raise UserError(f"MLflow tracking server unreachable: {uri} (start it, or unset MLFLOW_TRACKING_URI)")
+
+
+def experiment_name(cfg: DictConfig) -> str:
+    return EXPERIMENT_PREFIX + cfg.study.name
+
+
+def fingerprint(cfg: DictConfig) -> str:
+    """Short hash of everything that changes what a cell computes (not arch, seed, logging)."""
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if prefix in NON_SEMANTIC:
+            return
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}.{key}" if prefix else key)
+        else:
+            flat[prefix] = node
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def cell_key(cfg: DictConfig) -> str:
+    return f"{cfg.study.name}/{cfg.data.name}/{cfg.arch}/seed={cfg.seed}/{fingerprint(cfg)}"
+
+
+def client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def ensure_experiment(mlflow_client, name: str) -> str:
+    """Get or create; two processes creating the same experiment race on a UNIQUE constraint,
+    and the loser simply reads what the winner made."""
+    from mlflow.exceptions import MlflowException
+
+    found = mlflow_client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return mlflow_client.create_experiment(name)
+    except MlflowException:
+        found = mlflow_client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
+
+
+def runs_of_cell(mlflow_client, experiment_id: str, key: str) -> list:
+    """All runs recorded for a cell, newest first."""
+    escaped = key.replace("'", "\\'")
+    return mlflow_client.search_runs(
+        [experiment_id], filter_string=f"tags.cell = '{escaped}'", order_by=["attributes.start_time DESC"]
+    )
+
+
+@cache
+def git_commit() -> str:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (commit + ("-dirty" if dirty else "")) if commit else "unknown"
+
+
+def environment_tags(device_name: str) -> dict[str, str]:
+    import pytorch_lightning as pl
+    import torch
+
+    return {
+        "git_commit": git_commit(),
+        "torch_version": torch.__version__,
+        "lightning_version": pl.__version__,
+        "device": device_name,
+        "host": socket.gethostname(),
+        "pid": str(os.getpid()),
+    }
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def is_orphaned(run) -> bool:
+    """A RUNNING run whose process is gone (SIGKILL, power loss): never a result.
+
+    Only decidable for runs started on this host; elsewhere a run is taken as alive.
+    """
+    if run.info.status != "RUNNING":
+        return False
+    tags = run.data.tags
+    if tags.get("host") != socket.gethostname():
+        return False
+    try:
+        return not pid_alive(int(tags.get("pid", "0")))
+    except ValueError:
+        return True

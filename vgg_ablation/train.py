@@ -1,0 +1,395 @@
+"""One training run: one cell (architecture, seed, dataset) of a study, recorded in MLflow.
+
+`python -m vgg_ablation.train [overrides]` is the Hydra entry point (`vgg-ablation train` and the
+study's multirun both land here). Order of work, so that bad input never half-writes a run:
+validate the config, load and check the data, build the model, and only then open the MLflow run.
+
+A run's MLflow status is set here, not by Lightning: FINISHED only once the test metrics of the
+best checkpoint are recorded; FAILED with the reason otherwise; KILLED on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import hydra
+import pytorch_lightning as pl
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
+from pytorch_lightning.loggers import MLFlowLogger
+
+from vgg_ablation import tracking
+from vgg_ablation.config import register
+from vgg_ablation.data import make_datamodule
+from vgg_ablation.errors import UserError
+from vgg_ablation.models import ARCHS, INITS, build_model, count_params, get_arch, transfer_from_a
+from vgg_ablation.module import SCHEDULES, Classifier
+
+log = logging.getLogger("vgg_ablation")
+
+
+class _DropAdverts(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tip:" not in record.getMessage()
+
+
+logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_DropAdverts())
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+FAILURE_TAG = "failure_reason"
+
+
+@dataclass
+class CellResult:
+    cell: str
+    arch: str
+    seed: int
+    status: str  # FINISHED | FAILED | KILLED | SKIPPED (already FINISHED)
+    run_id: str | None = None
+    test_acc1: float | None = None
+    reason: str = ""
+    seconds: float = 0.0
+
+
+class CellLogger(MLFlowLogger):
+    """Lightning's MLflow logger, with two changes: metrics are stepped by epoch (curves read per
+    epoch, and a resumed run overwrites, not duplicates, the epochs it repeats), and the run's
+    final status is left to `run_cell`, which knows whether the test metrics made it in."""
+
+    def log_metrics(self, metrics, step=None):
+        if "epoch" in metrics:
+            step = int(metrics["epoch"])
+        super().log_metrics(metrics, step)
+
+    def finalize(self, status: str = "success") -> None:
+        pass
+
+
+def validate(cfg: DictConfig) -> None:
+    """Reject impossible values with one line, before any data is read or any run recorded."""
+    get_arch_or_error(cfg.arch)
+    positive = {
+        "data.batch_size": cfg.data.batch_size,
+        "data.input_size": cfg.data.input_size,
+        "optim.lr": cfg.optim.lr,
+        "trainer.max_epochs": cfg.trainer.max_epochs,
+        "model.width": cfg.model.width,
+    }
+    for key, value in positive.items():
+        if value is None or value <= 0:
+            raise UserError(f"{key} must be positive, got {value}")
+    if not 0 <= cfg.data.val_fraction < 1:
+        raise UserError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}")
+    if cfg.optim.schedule not in SCHEDULES:
+        raise UserError(f"unknown optim.schedule {cfg.optim.schedule!r}; choose one of: {', '.join(SCHEDULES)}")
+    if cfg.model.init not in (*INITS, "from_A"):
+        raise UserError(f"unknown model.init {cfg.model.init!r}; choose one of: {', '.join(INITS)}, from_A")
+    if cfg.data.train_subset is not None and cfg.data.train_subset <= 0:
+        raise UserError(f"data.train_subset must be positive, got {cfg.data.train_subset}")
+
+
+def get_arch_or_error(name: str):
+    try:
+        return get_arch(name)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
+def device_choice(cfg: DictConfig) -> tuple[str, str, bool]:
+    """(accelerator, precision, channels_last) for this machine: a GPU gets bf16 autocast and
+    channels_last; a CPU gets fp32 (Lightning turns 16-mixed on CPU into bf16 silently)."""
+    gpu = torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda")
+    accelerator = "gpu" if gpu else ("cpu" if cfg.trainer.accelerator == "auto" else cfg.trainer.accelerator)
+    precision = cfg.trainer.precision
+    if precision == "auto":
+        precision = "bf16-mixed" if gpu else "32-true"
+    channels_last = cfg.trainer.channels_last == "on" or (cfg.trainer.channels_last == "auto" and gpu)
+    return accelerator, precision, channels_last
+
+
+def prepare(cfg: DictConfig):
+    """Everything that can fail on bad input: config values, data, model shape."""
+    validate(cfg)
+    if cfg.trainer.threads:
+        torch.set_num_threads(cfg.trainer.threads)
+    datamodule = make_datamodule(cfg.data, cfg.seed)
+    datamodule.setup("fit")
+    try:
+        model = build_model(
+            cfg.arch,
+            num_classes=datamodule.num_classes,
+            in_channels=3,
+            input_size=cfg.data.input_size,
+            width=cfg.model.width,
+            batch_norm=cfg.model.batch_norm,
+            head=cfg.model.head,
+            dropout=cfg.model.dropout,
+            init="kaiming" if cfg.model.init == "from_A" else cfg.model.init,
+        )
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    return datamodule, model
+
+
+def curated_params(cfg: DictConfig, model, datamodule, precision: str) -> dict[str, str]:
+    """One flat set of params, logged once per run (MLflow refuses a changed value)."""
+    return {
+        "arch": cfg.arch,
+        "depth": ARCHS[cfg.arch].depth,
+        "width": cfg.model.width,
+        "params": count_params(model),
+        "batch_norm": cfg.model.batch_norm,
+        "head": cfg.model.head,
+        "init": cfg.model.init,
+        "data": cfg.data.name,
+        "input_size": cfg.data.input_size,
+        "train_images": datamodule.num_train,
+        "num_classes": datamodule.num_classes,
+        "batch_size": cfg.data.batch_size,
+        "lr": cfg.optim.lr,
+        "momentum": cfg.optim.momentum,
+        "weight_decay": cfg.optim.weight_decay,
+        "schedule": cfg.optim.schedule,
+        "epochs": cfg.trainer.max_epochs,
+        "seed": cfg.seed,
+        "precision": precision,
+        "study": cfg.study.name,
+    }
+
+
+def _trained_a_checkpoint(mlflow_client, experiment_id: str, cfg: DictConfig) -> str:
+    a_cfg = cfg.copy()
+    a_cfg.arch = "A"
+    for run in tracking.runs_of_cell(mlflow_client, experiment_id, tracking.cell_key(a_cfg)):
+        ckpt = run.data.tags.get("best_checkpoint")
+        if run.info.status == "FINISHED" and ckpt and Path(ckpt).is_file():
+            return ckpt
+    raise UserError(
+        f"init=from_A needs a FINISHED A run for seed {cfg.seed} in this study; run arch=A first"
+    )
+
+
+def run_cell(cfg: DictConfig) -> CellResult:
+    """Train, validate and test one cell; record it in MLflow. Raises UserError on bad input."""
+    start = time.time()
+    datamodule, model = prepare(cfg)
+    key = tracking.cell_key(cfg)
+    accelerator, precision, channels_last = device_choice(cfg)
+    result = CellResult(cell=key, arch=cfg.arch, seed=cfg.seed, status="FAILED")
+
+    mlflow_client = run_id = None
+    resume_from: str | None = None
+    if cfg.logger.enabled:
+        uri = tracking.tracking_uri(cfg.logger.tracking_uri)
+        tracking.check_reachable(uri)
+        mlflow_client = tracking.client(uri)
+        experiment_id = tracking.ensure_experiment(mlflow_client, tracking.experiment_name(cfg))
+        previous = tracking.runs_of_cell(mlflow_client, experiment_id, key)
+        for run in previous:
+            if run.info.status == "FINISHED":
+                log.info("skip %s: already FINISHED as run %s", key, run.info.run_id)
+                result.status, result.run_id = "SKIPPED", run.info.run_id
+                result.test_acc1 = run.data.metrics.get("test/acc1")
+                return result
+        if cfg.arch != "A" and cfg.model.init == "from_A":
+            copied = transfer_from_a(model, _load_model_from(_trained_a_checkpoint(mlflow_client, experiment_id, cfg), cfg, datamodule))
+            log.info("init from A: copied %s", ", ".join(copied))
+        resumable = [
+            r
+            for r in previous
+            if (r.info.status != "RUNNING" or tracking.is_orphaned(r))
+            and (Path(r.data.tags.get("checkpoint_dir", "/nonexistent")) / "last.ckpt").is_file()
+        ]
+        device_name = torch.cuda.get_device_name() if accelerator == "gpu" else "cpu"
+        if resumable:
+            run_id = resumable[0].info.run_id
+            resume_from = str(Path(resumable[0].data.tags["checkpoint_dir"]) / "last.ckpt")
+            mlflow_client.update_run(run_id, status="RUNNING")
+            for name, value in tracking.environment_tags(device_name).items():
+                mlflow_client.set_tag(run_id, name, value)
+            mlflow_client.delete_tag(run_id, FAILURE_TAG) if FAILURE_TAG in resumable[0].data.tags else None
+            log.info("resume %s: run %s from %s", key, run_id, resume_from)
+        else:
+            tags = {
+                "cell": key,
+                "study": cfg.study.name,
+                "arch": cfg.arch,
+                "seed": str(cfg.seed),
+                "fingerprint": tracking.fingerprint(cfg),
+                "mlflow.runName": f"{cfg.arch}-seed{cfg.seed}",
+                **tracking.environment_tags(device_name),
+            }
+            run = mlflow_client.create_run(experiment_id, tags=tags, run_name=tags["mlflow.runName"])
+            run_id = run.info.run_id
+            ckpt_dir = Path(cfg.logger.checkpoint_root).resolve() / run_id
+            mlflow_client.set_tag(run_id, "checkpoint_dir", str(ckpt_dir))
+            for name, value in curated_params(cfg, model, datamodule, precision).items():
+                mlflow_client.log_param(run_id, name, value)
+            mlflow_client.log_text(run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+        result.run_id = run_id
+    ckpt_dir = Path(cfg.logger.checkpoint_root).resolve() / (run_id or f"nolog-{key.replace('/', '_')}")
+
+    try:
+        trainer, module = _trainer(cfg, model, accelerator, precision, channels_last, ckpt_dir, mlflow_client, run_id)
+        if accelerator == "gpu" and _fits_on_device(cfg, datamodule):
+            datamodule.move_to(torch.device("cuda"))
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
+        if trainer.interrupted:
+            raise KeyboardInterrupt
+        best = trainer.checkpoint_callback.best_model_path or None
+        trainer.test(module, datamodule=datamodule, ckpt_path=best, weights_only=True, verbose=False)
+        result.test_acc1 = float(trainer.callback_metrics["test/acc1"])
+        result.status = "FINISHED"
+        if mlflow_client is not None:
+            if best:
+                mlflow_client.set_tag(run_id, "best_checkpoint", best)
+            mlflow_client.log_metric(run_id, "time/seconds", time.time() - start)
+            mlflow_client.set_terminated(run_id, "FINISHED")
+    except BaseException as exc:  # record every way out, then let the caller decide
+        killed = isinstance(exc, KeyboardInterrupt | SystemExit)
+        result.status = "KILLED" if killed else "FAILED"
+        result.reason = _reason(exc)
+        if mlflow_client is not None:
+            mlflow_client.set_tag(run_id, FAILURE_TAG, result.reason[:5000])
+            mlflow_client.set_terminated(run_id, result.status)
+        if killed:
+            raise
+        log.error("run %s failed: %s", key, result.reason)
+    result.seconds = time.time() - start
+    return result
+
+
+def _reason(exc: BaseException) -> str:
+    name = type(exc).__name__
+    if name == "SIGTERMException":
+        return "SIGTERM received (preempted or cancelled); resumes from its last checkpoint on re-run"
+    text = str(exc).strip().splitlines()
+    return f"{name}: {text[0]}" if text else name
+
+
+def _fits_on_device(cfg: DictConfig, datamodule) -> bool:
+    if cfg.data.on_device == "off" or not hasattr(datamodule, "move_to"):
+        return False
+    if cfg.data.on_device == "on":
+        return True
+    free, _ = torch.cuda.mem_get_info()
+    return datamodule.nbytes() < 0.25 * free
+
+
+def _load_model_from(ckpt_path: str, cfg: DictConfig, datamodule):
+    a_cfg = cfg.copy()
+    a_cfg.arch = "A"
+    model = build_model(
+        "A",
+        num_classes=datamodule.num_classes,
+        input_size=cfg.data.input_size,
+        width=cfg.model.width,
+        batch_norm=cfg.model.batch_norm,
+        head=cfg.model.head,
+        dropout=cfg.model.dropout,
+    )
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=True)["state_dict"]
+    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
+    return model
+
+
+def _trainer(cfg, model, accelerator, precision, channels_last, ckpt_dir, mlflow_client, run_id):
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    deterministic = cfg.trainer.deterministic
+    if deterministic and accelerator == "gpu":
+        deterministic = "warn"  # some CUDA backward kernels have no deterministic version
+    torch.use_deterministic_algorithms(bool(deterministic), warn_only=deterministic == "warn")
+    if accelerator == "gpu":
+        torch.backends.cudnn.benchmark = not cfg.trainer.deterministic
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.trainer.compile:
+        model = torch.compile(model)
+    module = Classifier(model, cfg.optim, channels_last=channels_last)
+    checkpoint = ModelCheckpoint(
+        dirpath=ckpt_dir,
+        filename="best",
+        monitor="val/acc1",
+        mode="max",
+        save_last=True,
+        save_top_k=1,
+        enable_version_counter=False,
+    )
+    callbacks = [checkpoint]
+    if cfg.trainer.progress_bar:
+        callbacks.append(TQDMProgressBar(refresh_rate=max(1, 20)))
+    logger = False
+    if mlflow_client is not None:
+        logger = CellLogger(
+            experiment_name=tracking.experiment_name(cfg),
+            tracking_uri=mlflow_client.tracking_uri,
+            run_id=run_id,
+        )
+    trainer = pl.Trainer(
+        accelerator=accelerator,
+        devices=cfg.trainer.devices,
+        precision=precision,
+        max_epochs=cfg.trainer.max_epochs,
+        limit_train_batches=cfg.trainer.limit_train_batches,
+        limit_val_batches=cfg.trainer.limit_val_batches,
+        limit_test_batches=cfg.trainer.limit_test_batches,
+        deterministic=deterministic,
+        logger=logger,
+        callbacks=callbacks,
+        enable_progress_bar=cfg.trainer.progress_bar,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=1,
+    )
+    return trainer, module
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    """Hydra task: one cell. A failed cell in a sweep is recorded and the sweep goes on."""
+    multirun = HydraConfig.get().mode.name == "MULTIRUN"
+    try:
+        result = run_cell(cfg)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"interrupted: {cfg.arch} seed={cfg.seed} marked KILLED", file=sys.stderr)
+        sys.exit(130)
+    except SystemExit as exc:
+        if type(exc).__name__ == "SIGTERMException":
+            print(f"SIGTERM: {cfg.arch} seed={cfg.seed} marked KILLED; re-run to resume", file=sys.stderr)
+            sys.exit(143)
+        raise
+    _print_summary(result)
+    if result.status not in ("FINISHED", "SKIPPED") and not multirun:
+        sys.exit(1)
+    return result.test_acc1
+
+
+def _print_summary(r: CellResult) -> None:
+    if r.status == "SKIPPED":
+        line = f"{r.arch} seed={r.seed}: already FINISHED (run {r.run_id}), skipped"
+    elif r.status == "FINISHED":
+        line = (
+            f"{r.arch} seed={r.seed}: FINISHED in {r.seconds:.0f} s, test top-1 accuracy "
+            f"{r.test_acc1:.1%} (error {1 - r.test_acc1:.1%})" + (f", MLflow run {r.run_id}" if r.run_id else "")
+        )
+    else:
+        line = f"{r.arch} seed={r.seed}: {r.status}: {r.reason}"
+    print(line, flush=True)
+
+
+register()
+
+if __name__ == "__main__":
+    main()
