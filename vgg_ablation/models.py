@@ -299,7 +299,7 @@ INITS = ("kaiming", "glorot", "paper")
 
 
 def initialise(model: nn.Module, scheme: str) -> None:
-    """Weight init. kaiming: torchvision's VGG init; glorot: Xavier-uniform, the init the
+    """Weight init. kaiming: He init (convs as torchvision, fan_out; FCs fan_in); glorot: Xavier-uniform, the init the
     authors later found removes the need for A-pretraining; paper: N(0, 0.01 variance), biases 0."""
     if scheme not in INITS:
         raise ValueError(f"unknown init {scheme!r}; choose one of: {', '.join(INITS)}, from_A")
@@ -312,7 +312,9 @@ def initialise(model: nn.Module, scheme: str) -> None:
             elif isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             else:
-                nn.init.normal_(m.weight, 0.0, 0.01)
+                # He init for the FCs too (torchvision draws them from N(0, 0.01), which shrinks
+                # the signal ~10x per layer through a narrow head and stalls small nets).
+                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.BatchNorm2d):

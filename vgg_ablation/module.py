@@ -83,6 +83,8 @@ class Classifier(pl.LightningModule):
             f"{split}/err1": 1 - top1,
             f"{split}/err5": 1 - top5,
         }
+        if split == "test":  # how many images the test figures rest on (for the chance test)
+            metrics["test/images"] = n
         # Values are already reduced here; Lightning forwards them to the logger once per epoch.
         self.log_dict(metrics, prog_bar=split != "test", sync_dist=True)
 
