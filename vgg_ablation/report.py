@@ -53,7 +53,9 @@ def _histories(client, runs: pd.DataFrame, metric: str = "val/err1") -> pd.DataF
     return pd.DataFrame(rows)
 
 
-def _plots(study: str, summary: pd.DataFrame, res: pd.DataFrame, curves: pd.DataFrame, out: Path) -> list[str]:
+def _plots(
+    study: str, summary: pd.DataFrame, res: pd.DataFrame, curves: pd.DataFrame, out: Path
+) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -72,12 +74,21 @@ def _plots(study: str, summary: pd.DataFrame, res: pd.DataFrame, curves: pd.Data
     for arch, row in vgg.iterrows():
         seeds = res.loc[res["arch"] == arch, "test_err1"] * 100
         ax.scatter([row["depth"]] * len(seeds), seeds, s=12, alpha=0.4, color="grey")
-        ax.errorbar(row["depth"], row["top1_err_mean"] * 100, yerr=(row["top1_err_std"] or 0) * 100,
-                    fmt="o", capsize=4)
-        ax.annotate(arch, (row["depth"], row["top1_err_mean"] * 100), textcoords="offset points",
-                    xytext=(6, 4))
-    ax.set(xlabel="weight layers", ylabel="test top-1 error (%)",
-           title=f"{study}: error vs depth (mean ± sd over seeds, dots: seeds)")
+        ax.errorbar(
+            row["depth"],
+            row["top1_err_mean"] * 100,
+            yerr=(row["top1_err_std"] or 0) * 100,
+            fmt="o",
+            capsize=4,
+        )
+        ax.annotate(
+            arch, (row["depth"], row["top1_err_mean"] * 100), textcoords="offset points", xytext=(6, 4)
+        )
+    ax.set(
+        xlabel="weight layers",
+        ylabel="test top-1 error (%)",
+        title=f"{study}: error vs depth (mean ± sd over seeds, dots: seeds)",
+    )
     ax.grid(alpha=0.3)
     save(fig, "error-vs-depth")
 
@@ -88,19 +99,30 @@ def _plots(study: str, summary: pd.DataFrame, res: pd.DataFrame, curves: pd.Data
             if c.empty:
                 continue
             line = ax.plot(c.index + 1, c["mean"] * 100, label=arch)[0]
-            ax.fill_between(c.index + 1, (c["mean"] - c["std"].fillna(0)) * 100,
-                            (c["mean"] + c["std"].fillna(0)) * 100, alpha=0.15, color=line.get_color())
+            ax.fill_between(
+                c.index + 1,
+                (c["mean"] - c["std"].fillna(0)) * 100,
+                (c["mean"] + c["std"].fillna(0)) * 100,
+                alpha=0.15,
+                color=line.get_color(),
+            )
         ax.set(xlabel="epoch", ylabel="validation top-1 error (%)", title=f"{study}: learning curves")
         ax.legend(ncol=2, fontsize=8)
         ax.grid(alpha=0.3)
         save(fig, "learning-curves")
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.errorbar(summary["params"] / 1e6, summary["top1_err_mean"] * 100,
-                yerr=summary["top1_err_std"].fillna(0) * 100, fmt="o", capsize=4)
+    ax.errorbar(
+        summary["params"] / 1e6,
+        summary["top1_err_mean"] * 100,
+        yerr=summary["top1_err_std"].fillna(0) * 100,
+        fmt="o",
+        capsize=4,
+    )
     for arch, row in summary.iterrows():
-        ax.annotate(arch, (row["params"] / 1e6, row["top1_err_mean"] * 100), textcoords="offset points",
-                    xytext=(6, 4))
+        ax.annotate(
+            arch, (row["params"] / 1e6, row["top1_err_mean"] * 100), textcoords="offset points", xytext=(6, 4)
+        )
     ax.set(xlabel="parameters (millions)", ylabel="test top-1 error (%)", title=f"{study}: params vs error")
     ax.grid(alpha=0.3)
     save(fig, "params-vs-error")
@@ -149,7 +171,10 @@ def _conclusion_table(concl: pd.DataFrame) -> str:
             "Hedges' g": "" if math.isnan(r["hedges_g"]) else f"{r['hedges_g']:+.2f}",
             "verdict": f"**{r['verdict']}**",
             "seeds to decide": (
-                "" if math.isnan(r["seeds_needed"]) else "no effect to detect" if math.isinf(r["seeds_needed"])
+                ""
+                if math.isnan(r["seeds_needed"])
+                else "no effect to detect"
+                if math.isinf(r["seeds_needed"])
                 else f"~{int(r['seeds_needed'])} per arch"
             ),
         }
@@ -162,12 +187,16 @@ def budget_caveat(cfg: DictConfig, concl: pd.DataFrame, summary: pd.DataFrame) -
     """Small budgets are honest budgets: a depth claim that fails without the paper's remedies is
     a statement about the budget, not about the paper."""
     depth_rows = concl[concl["about_depth"]] if not concl.empty else concl
-    troubled = depth_rows[depth_rows["verdict"].str.startswith(("contradicted", "no verdict", "inconclusive"))]
+    troubled = depth_rows[
+        depth_rows["verdict"].str.startswith(("contradicted", "no verdict", "inconclusive"))
+    ]
     if troubled.empty:
         return ""
     remedies = []
     if cfg.model.init != "from_A":
-        remedies.append("the deeper nets start from random weights, not from a trained A (the paper's section 3.1)")
+        remedies.append(
+            "the deeper nets start from random weights, not from a trained A (the paper's section 3.1)"
+        )
     if not cfg.model.batch_norm:
         remedies.append("there is no normalisation (deep plain nets learn slowly)")
     epochs = int(summary["epochs"].max())
@@ -270,11 +299,22 @@ def write_report(cfg: DictConfig, out_dir: Path = REPORTS_DIR) -> Path:
         "",
     ]
     if len(not_results):
-        lines += ["## Runs not counted", "", "| run | arch | seed | status | reason |", "|---|---|---|---|---|"]
+        lines += [
+            "## Runs not counted",
+            "",
+            "| run | arch | seed | status | reason |",
+            "|---|---|---|---|---|",
+        ]
         for _, r in not_results.iterrows():
-            status = "RUNNING (orphaned: its process is gone)" if r["run_id"] in {o["run_id"] for o in orphaned} else r["status"]
+            status = (
+                "RUNNING (orphaned: its process is gone)"
+                if r["run_id"] in {o["run_id"] for o in orphaned}
+                else r["status"]
+            )
             reason = r["failure_reason"] if isinstance(r["failure_reason"], str) else ""
-            lines.append(f"| `{r['run_id'][:8]}` | {md_escape(r['arch'])} | {r['seed']:.0f} | {status} | {md_escape(reason)} |")
+            lines.append(
+                f"| `{r['run_id'][:8]}` | {md_escape(r['arch'])} | {r['seed']:.0f} | {status} | {md_escape(reason)} |"
+            )
         lines.append("")
     lines += [
         "## Open these runs in the MLflow dashboard",
@@ -297,7 +337,7 @@ def write_report(cfg: DictConfig, out_dir: Path = REPORTS_DIR) -> Path:
 def _display_uri(uri: str) -> str:
     """Paths under the working folder are shown relative, so a committed report holds no home dirs."""
     prefix = f"sqlite:///{Path.cwd()}/"
-    return "sqlite:///" + uri[len(prefix):] if uri.startswith(prefix) else uri
+    return "sqlite:///" + uri[len(prefix) :] if uri.startswith(prefix) else uri
 
 
 def _orphaned(client, run_id: str) -> bool:

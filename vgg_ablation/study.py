@@ -58,8 +58,13 @@ def check_study(cfg: DictConfig) -> None:
     for name in cfg.study.archs:  # every arch's shape, at no cost (meta device)
         try:
             with torch.device("meta"):
-                build_model(name, num_classes=datamodule.num_classes, input_size=cfg.data.input_size,
-                            width=cfg.model.width, head=cfg.model.head)
+                build_model(
+                    name,
+                    num_classes=datamodule.num_classes,
+                    input_size=cfg.data.input_size,
+                    width=cfg.model.width,
+                    head=cfg.model.head,
+                )
         except ValueError as exc:
             raise UserError(str(exc)) from None
 
@@ -173,7 +178,7 @@ def run_study(args: list[str]) -> int:
     if len(failed) == 0 and all(c == 0 for c in exit_codes):
         from vgg_ablation.report import write_report
 
-        path = write_report(cfg, wall_seconds=elapsed)
+        path = write_report(cfg)
         print(f"report: {path}")
         return 0
     if any(c not in (0, 1) for c in exit_codes):

@@ -12,6 +12,7 @@ import json
 import os
 import socket
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from functools import cache
@@ -90,8 +91,23 @@ def client(uri: str):
 
 
 def ensure_experiment(mlflow_client, name: str) -> str:
-    """Get or create; two processes creating the same experiment race on a UNIQUE constraint,
-    and the loser simply reads what the winner made."""
+    """Get or create the experiment (and, first, the store).
+
+    Processes that open a fresh SQLite store at once race on its schema migration, and two that
+    create one experiment race on a UNIQUE constraint: for a SQLite store the first open and the
+    creation happen under a file lock beside the database; the loser of any remaining race reads
+    what the winner made.
+    """
+    uri = mlflow_client.tracking_uri
+    if uri.startswith("sqlite:///"):
+        from filelock import FileLock
+
+        with FileLock(uri.removeprefix("sqlite:///") + ".lock", timeout=120):
+            return _get_or_create(mlflow_client, name)
+    return _get_or_create(mlflow_client, name)
+
+
+def _get_or_create(mlflow_client, name: str) -> str:
     from mlflow.exceptions import MlflowException
 
     found = mlflow_client.get_experiment_by_name(name)
@@ -143,6 +159,7 @@ def environment_tags(device_name: str) -> dict[str, str]:
         "device": device_name,
         "host": socket.gethostname(),
         "pid": str(os.getpid()),
+        "heartbeat": f"{time.time():.0f}",
     }
 
 
@@ -156,17 +173,28 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def is_orphaned(run) -> bool:
-    """A RUNNING run whose process is gone (SIGKILL, power loss): never a result.
+def stale_after_seconds() -> float:
+    """How long a run on another machine may go without a heartbeat (one per epoch) before it is
+    taken as dead. Raise it for epochs longer than 2 hours."""
+    return float(os.environ.get("VGG_ABLATION_STALE_AFTER", 2 * 3600))
 
-    Only decidable for runs started on this host; elsewhere a run is taken as alive.
+
+def is_orphaned(run) -> bool:
+    """A RUNNING run whose process is gone (SIGKILL, preemption, power loss): never a result.
+
+    On this host, the recorded pid tells; for a run started elsewhere, a heartbeat older than
+    `stale_after_seconds()`.
     """
     if run.info.status != "RUNNING":
         return False
     tags = run.data.tags
-    if tags.get("host") != socket.gethostname():
-        return False
+    if tags.get("host") == socket.gethostname():
+        try:
+            return not pid_alive(int(tags.get("pid", "0")))
+        except ValueError:
+            return True
     try:
-        return not pid_alive(int(tags.get("pid", "0")))
+        beat = float(tags.get("heartbeat", run.info.start_time / 1000))
     except ValueError:
         return True
+    return time.time() - beat > stale_after_seconds()

@@ -72,6 +72,16 @@ class CellLogger(MLFlowLogger):
         pass
 
 
+class Heartbeat(pl.Callback):
+    """Stamps the run every epoch, so a run whose machine died is told apart from a live one."""
+
+    def __init__(self, mlflow_client, run_id: str):
+        self.client, self.run_id = mlflow_client, run_id
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.client.set_tag(self.run_id, "heartbeat", f"{time.time():.0f}")
+
+
 def validate(cfg: DictConfig) -> None:
     """Reject impossible values with one line, before any data is read or any run recorded."""
     get_arch_or_error(cfg.arch)
@@ -88,7 +98,9 @@ def validate(cfg: DictConfig) -> None:
     if not 0 <= cfg.data.val_fraction < 1:
         raise UserError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}")
     if cfg.optim.schedule not in SCHEDULES:
-        raise UserError(f"unknown optim.schedule {cfg.optim.schedule!r}; choose one of: {', '.join(SCHEDULES)}")
+        raise UserError(
+            f"unknown optim.schedule {cfg.optim.schedule!r}; choose one of: {', '.join(SCHEDULES)}"
+        )
     if cfg.model.init not in (*INITS, "from_A"):
         raise UserError(f"unknown model.init {cfg.model.init!r}; choose one of: {', '.join(INITS)}, from_A")
     if cfg.data.train_subset is not None and cfg.data.train_subset <= 0:
@@ -117,6 +129,7 @@ def device_choice(cfg: DictConfig) -> tuple[str, str, bool]:
 def prepare(cfg: DictConfig):
     """Everything that can fail on bad input: config values, data, model shape."""
     validate(cfg)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)  # before the model's init draws
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
     datamodule = make_datamodule(cfg.data, cfg.seed)
@@ -147,7 +160,7 @@ def curated_params(cfg: DictConfig, model, datamodule, precision: str) -> dict[s
         "params": count_params(model),
         "batch_norm": cfg.model.batch_norm,
         "head": cfg.model.head,
-        "init": cfg.model.init,
+        "init": cfg.model.init if starts_from_a(cfg) or cfg.model.init != "from_A" else "kaiming",
         "data": cfg.data.name,
         "input_size": cfg.data.input_size,
         "train_images": datamodule.num_train,
@@ -164,6 +177,12 @@ def curated_params(cfg: DictConfig, model, datamodule, precision: str) -> dict[s
     }
 
 
+def starts_from_a(cfg: DictConfig) -> bool:
+    """init=from_A applies to the nets deeper than A (section 3.1); A-LRN (as deep as A) and the
+    shallower B-5x5 train from scratch, so their comparisons with A stay fair."""
+    return cfg.model.init == "from_A" and ARCHS[cfg.arch].depth > ARCHS["A"].depth
+
+
 def _trained_a_checkpoint(mlflow_client, experiment_id: str, cfg: DictConfig) -> str:
     a_cfg = cfg.copy()
     a_cfg.arch = "A"
@@ -171,9 +190,53 @@ def _trained_a_checkpoint(mlflow_client, experiment_id: str, cfg: DictConfig) ->
         ckpt = run.data.tags.get("best_checkpoint")
         if run.info.status == "FINISHED" and ckpt and Path(ckpt).is_file():
             return ckpt
-    raise UserError(
-        f"init=from_A needs a FINISHED A run for seed {cfg.seed} in this study; run arch=A first"
-    )
+    raise UserError(f"init=from_A needs a FINISHED A run for seed {cfg.seed} in this study; run arch=A first")
+
+
+def _open_run(mlflow_client, experiment_id: str, cfg: DictConfig, key: str, params: dict, device_name: str):
+    """The MLflow run this attempt writes to, and the checkpoint to resume from.
+
+    Returns ("skip", run) when the cell already FINISHED, ("busy", run) when a live process is
+    training it right now, else ("run", run_id, resume_from). A dead attempt (FAILED, KILLED, or
+    RUNNING with its process gone) is taken over: same run, from its last checkpoint if it wrote
+    one, so a cell never gets a second run.
+    """
+    previous = tracking.runs_of_cell(mlflow_client, experiment_id, key)
+    for run in previous:
+        if run.info.status == "FINISHED":
+            return "skip", run
+    for run in previous:
+        if run.info.status == "RUNNING" and not tracking.is_orphaned(run):
+            return "busy", run
+    if previous:
+        run = previous[0]
+        run_id = run.info.run_id
+        last = Path(run.data.tags.get("checkpoint_dir", "")) / "last.ckpt"
+        resume_from = str(last) if last.is_file() else None
+        mlflow_client.update_run(run_id, status="RUNNING")
+        for name, value in tracking.environment_tags(device_name).items():
+            mlflow_client.set_tag(run_id, name, value)
+        if FAILURE_TAG in run.data.tags:
+            mlflow_client.delete_tag(run_id, FAILURE_TAG)
+        log.info("resume %s: run %s from %s", key, run_id, resume_from or "the start (no checkpoint)")
+        return "run", run_id, resume_from
+    tags = {
+        "cell": key,
+        "study": cfg.study.name,
+        "arch": cfg.arch,
+        "seed": str(cfg.seed),
+        "fingerprint": tracking.fingerprint(cfg),
+        **tracking.environment_tags(device_name),
+    }
+    run_id = mlflow_client.create_run(
+        experiment_id, tags=tags, run_name=f"{cfg.arch}-seed{cfg.seed}"
+    ).info.run_id
+    ckpt_dir = Path(cfg.logger.checkpoint_root).resolve() / run_id
+    mlflow_client.set_tag(run_id, "checkpoint_dir", str(ckpt_dir))
+    for name, value in params.items():
+        mlflow_client.log_param(run_id, name, value)
+    mlflow_client.log_text(run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+    return "run", run_id, None
 
 
 def run_cell(cfg: DictConfig) -> CellResult:
@@ -182,83 +245,62 @@ def run_cell(cfg: DictConfig) -> CellResult:
     datamodule, model = prepare(cfg)
     key = tracking.cell_key(cfg)
     accelerator, precision, channels_last = device_choice(cfg)
+    device_name = torch.cuda.get_device_name() if accelerator == "gpu" else "cpu"
     result = CellResult(cell=key, arch=cfg.arch, seed=cfg.seed, status="FAILED")
 
-    mlflow_client = run_id = None
-    resume_from: str | None = None
+    mlflow_client = run_id = resume_from = None
     if cfg.logger.enabled:
         uri = tracking.tracking_uri(cfg.logger.tracking_uri)
         tracking.check_reachable(uri)
         mlflow_client = tracking.client(uri)
         experiment_id = tracking.ensure_experiment(mlflow_client, tracking.experiment_name(cfg))
-        previous = tracking.runs_of_cell(mlflow_client, experiment_id, key)
-        for run in previous:
-            if run.info.status == "FINISHED":
-                log.info("skip %s: already FINISHED as run %s", key, run.info.run_id)
-                result.status, result.run_id = "SKIPPED", run.info.run_id
-                result.test_acc1 = run.data.metrics.get("test/acc1")
-                return result
-        if cfg.arch != "A" and cfg.model.init == "from_A":
-            copied = transfer_from_a(model, _load_model_from(_trained_a_checkpoint(mlflow_client, experiment_id, cfg), cfg, datamodule))
-            log.info("init from A: copied %s", ", ".join(copied))
-        resumable = [
-            r
-            for r in previous
-            if (r.info.status != "RUNNING" or tracking.is_orphaned(r))
-            and (Path(r.data.tags.get("checkpoint_dir", "/nonexistent")) / "last.ckpt").is_file()
-        ]
-        device_name = torch.cuda.get_device_name() if accelerator == "gpu" else "cpu"
-        if resumable:
-            run_id = resumable[0].info.run_id
-            resume_from = str(Path(resumable[0].data.tags["checkpoint_dir"]) / "last.ckpt")
-            mlflow_client.update_run(run_id, status="RUNNING")
-            for name, value in tracking.environment_tags(device_name).items():
-                mlflow_client.set_tag(run_id, name, value)
-            mlflow_client.delete_tag(run_id, FAILURE_TAG) if FAILURE_TAG in resumable[0].data.tags else None
-            log.info("resume %s: run %s from %s", key, run_id, resume_from)
-        else:
-            tags = {
-                "cell": key,
-                "study": cfg.study.name,
-                "arch": cfg.arch,
-                "seed": str(cfg.seed),
-                "fingerprint": tracking.fingerprint(cfg),
-                "mlflow.runName": f"{cfg.arch}-seed{cfg.seed}",
-                **tracking.environment_tags(device_name),
-            }
-            run = mlflow_client.create_run(experiment_id, tags=tags, run_name=tags["mlflow.runName"])
-            run_id = run.info.run_id
-            ckpt_dir = Path(cfg.logger.checkpoint_root).resolve() / run_id
-            mlflow_client.set_tag(run_id, "checkpoint_dir", str(ckpt_dir))
-            for name, value in curated_params(cfg, model, datamodule, precision).items():
-                mlflow_client.log_param(run_id, name, value)
-            mlflow_client.log_text(run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+        if starts_from_a(cfg):
+            trained_a = _load_model_from(
+                _trained_a_checkpoint(mlflow_client, experiment_id, cfg), cfg, datamodule
+            )
+            log.info("init from A: copied %s", ", ".join(transfer_from_a(model, trained_a)))
+        params = curated_params(cfg, model, datamodule, precision)
+        opened = _open_run(mlflow_client, experiment_id, cfg, key, params, device_name)
+        if opened[0] != "run":
+            run = opened[1]
+            result.status = "SKIPPED" if opened[0] == "skip" else "BUSY"
+            result.run_id, result.test_acc1 = run.info.run_id, run.data.metrics.get("test/acc1")
+            return result
+        _, run_id, resume_from = opened
         result.run_id = run_id
     ckpt_dir = Path(cfg.logger.checkpoint_root).resolve() / (run_id or f"nolog-{key.replace('/', '_')}")
 
     try:
-        trainer, module = _trainer(cfg, model, accelerator, precision, channels_last, ckpt_dir, mlflow_client, run_id)
+        module = make_module(cfg, model, accelerator, channels_last)
+        trainer = make_trainer(cfg, accelerator, precision, ckpt_dir, mlflow_client, run_id)
         if accelerator == "gpu" and _fits_on_device(cfg, datamodule):
             datamodule.move_to(torch.device("cuda"))
+        fit_start = time.time()
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
         if trainer.interrupted:
             raise KeyboardInterrupt
+        fit_seconds = time.time() - fit_start
         best = trainer.checkpoint_callback.best_model_path or None
         trainer.test(module, datamodule=datamodule, ckpt_path=best, weights_only=True, verbose=False)
         result.test_acc1 = float(trainer.callback_metrics["test/acc1"])
-        result.status = "FINISHED"
         if mlflow_client is not None:
             if best:
                 mlflow_client.set_tag(run_id, "best_checkpoint", best)
+            mlflow_client.log_metric(run_id, "time/fit_seconds", fit_seconds)
             mlflow_client.log_metric(run_id, "time/seconds", time.time() - start)
             mlflow_client.set_terminated(run_id, "FINISHED")
+        result.status = "FINISHED"
     except BaseException as exc:  # record every way out, then let the caller decide
         killed = isinstance(exc, KeyboardInterrupt | SystemExit)
         result.status = "KILLED" if killed else "FAILED"
         result.reason = _reason(exc)
         if mlflow_client is not None:
-            mlflow_client.set_tag(run_id, FAILURE_TAG, result.reason[:5000])
-            mlflow_client.set_terminated(run_id, result.status)
+            try:
+                mlflow_client.set_tag(run_id, FAILURE_TAG, result.reason[:5000])
+                mlflow_client.set_terminated(run_id, result.status)
+            except Exception as store_exc:  # the store itself is gone: the run stays RUNNING,
+                # is seen as orphaned once this process exits, and resumes on re-run.
+                result.reason += f" (and the tracking store did not answer: {_reason(store_exc)})"
         if killed:
             raise
         log.error("run %s failed: %s", key, result.reason)
@@ -300,21 +342,35 @@ def _load_model_from(ckpt_path: str, cfg: DictConfig, datamodule):
     return model
 
 
-def _trainer(cfg, model, accelerator, precision, channels_last, ckpt_dir, mlflow_client, run_id):
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    deterministic = cfg.trainer.deterministic
-    if deterministic and accelerator == "gpu":
-        deterministic = "warn"  # some CUDA backward kernels have no deterministic version
-    torch.use_deterministic_algorithms(bool(deterministic), warn_only=deterministic == "warn")
+def make_module(cfg: DictConfig, model, accelerator: str, channels_last: bool) -> Classifier:
+    """The LightningModule around `model`, with the device's speed settings applied."""
     if accelerator == "gpu":
-        torch.backends.cudnn.benchmark = not cfg.trainer.deterministic
+        torch.backends.cudnn.benchmark = not cfg.trainer.deterministic  # autotune unless pinned
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if cfg.trainer.compile:
         model = torch.compile(model)
-    module = Classifier(model, cfg.optim, channels_last=channels_last)
+    return Classifier(model, cfg.optim, channels_last=channels_last)
+
+
+def make_trainer(
+    cfg: DictConfig,
+    accelerator: str,
+    precision: str,
+    ckpt_dir: Path,
+    mlflow_client=None,
+    run_id: str | None = None,
+    extra_callbacks=(),
+    **overrides,
+) -> pl.Trainer:
+    """The project's Trainer: best + last checkpoints, MLflow logger, heartbeat, progress bar."""
+    deterministic = cfg.trainer.deterministic
+    if deterministic and accelerator == "gpu":
+        deterministic = "warn"  # some CUDA backward kernels have no deterministic version
+    # Set explicitly every time: Trainer(deterministic=True) leaves it on for later trainers.
+    torch.use_deterministic_algorithms(bool(deterministic), warn_only=deterministic == "warn")
     checkpoint = ModelCheckpoint(
         dirpath=ckpt_dir,
         filename="best",
@@ -324,17 +380,18 @@ def _trainer(cfg, model, accelerator, precision, channels_last, ckpt_dir, mlflow
         save_top_k=1,
         enable_version_counter=False,
     )
-    callbacks = [checkpoint]
-    if cfg.trainer.progress_bar:
-        callbacks.append(TQDMProgressBar(refresh_rate=max(1, 20)))
+    callbacks = [checkpoint, *extra_callbacks]
     logger = False
     if mlflow_client is not None:
+        callbacks.append(Heartbeat(mlflow_client, run_id))
         logger = CellLogger(
             experiment_name=tracking.experiment_name(cfg),
             tracking_uri=mlflow_client.tracking_uri,
             run_id=run_id,
         )
-    trainer = pl.Trainer(
+    if cfg.trainer.progress_bar:
+        callbacks.append(TQDMProgressBar(refresh_rate=20))
+    kwargs = dict(
         accelerator=accelerator,
         devices=cfg.trainer.devices,
         precision=precision,
@@ -350,7 +407,11 @@ def _trainer(cfg, model, accelerator, precision, channels_last, ckpt_dir, mlflow
         num_sanity_val_steps=0,
         log_every_n_steps=1,
     )
-    return trainer, module
+    kwargs.update(overrides)
+    if kwargs.get("limit_val_batches") == 0:
+        checkpoint_free = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
+        kwargs.update(callbacks=checkpoint_free, enable_checkpointing=False)
+    return pl.Trainer(**kwargs)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
@@ -371,7 +432,7 @@ def main(cfg: DictConfig) -> float | None:
             sys.exit(143)
         raise
     _print_summary(result)
-    if result.status not in ("FINISHED", "SKIPPED") and not multirun:
+    if result.status not in ("FINISHED", "SKIPPED", "BUSY") and not multirun:
         sys.exit(1)
     return result.test_acc1
 
@@ -379,10 +440,13 @@ def main(cfg: DictConfig) -> float | None:
 def _print_summary(r: CellResult) -> None:
     if r.status == "SKIPPED":
         line = f"{r.arch} seed={r.seed}: already FINISHED (run {r.run_id}), skipped"
+    elif r.status == "BUSY":
+        line = f"{r.arch} seed={r.seed}: being trained by another live process (run {r.run_id}), skipped"
     elif r.status == "FINISHED":
         line = (
             f"{r.arch} seed={r.seed}: FINISHED in {r.seconds:.0f} s, test top-1 accuracy "
-            f"{r.test_acc1:.1%} (error {1 - r.test_acc1:.1%})" + (f", MLflow run {r.run_id}" if r.run_id else "")
+            f"{r.test_acc1:.1%} (error {1 - r.test_acc1:.1%})"
+            + (f", MLflow run {r.run_id}" if r.run_id else "")
         )
     else:
         line = f"{r.arch} seed={r.seed}: {r.status}: {r.reason}"

@@ -1,0 +1,34 @@
+# Everyday commands. Each installs the project into .venv on first use (about 2 minutes: torch and
+# torchvision come from this machine's disk), then reuses it.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed-stamp
+
+.PHONY: study test test-fast lint bench ui clean
+
+$(INSTALLED): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(INSTALLED)
+
+study: $(INSTALLED)  ## the main job: the six-step study on the embedded sample, then its report
+	$(VENV)/bin/vgg-ablation study $(ARGS)
+
+test: $(INSTALLED)  ## every test, the slow (real training, real sweeps) ones included
+	$(PY) -m pytest $(ARGS)
+
+test-fast: $(INSTALLED)  ## unit tests only
+	$(PY) -m pytest -m "not slow" $(ARGS)
+
+lint: $(INSTALLED)
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+bench: $(INSTALLED)  ## training throughput against plain PyTorch, written to reports/bench-<device>.md
+	$(VENV)/bin/vgg-ablation bench $(ARGS)
+
+ui: $(INSTALLED)  ## the MLflow dashboard on this folder's runs, on 127.0.0.1:5000
+	$(VENV)/bin/vgg-ablation ui $(ARGS)
+
+clean:
+	rm -rf outputs multirun checkpoints mlruns mlflow.db .pytest_cache

@@ -1,0 +1,72 @@
+"""Shared helpers: run the real CLI in a subprocess, in a temporary folder with its own store."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vgg_ablation.data import SAMPLE_ROOT
+
+# Tiny but real: a few batches of the embedded sample through the real trainer and store.
+TINY = [
+    "model.width=0.0625",
+    "trainer.max_epochs=2",
+    "trainer.limit_train_batches=3",
+    "trainer.limit_val_batches=1",
+    "trainer.limit_test_batches=2",
+    "data.batch_size=32",
+    "trainer.progress_bar=false",
+]
+
+
+def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: float = 600):
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    environment.update({"PYTHONUNBUFFERED": "1", **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "vgg_ablation", *args],
+        cwd=cwd,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    return tmp_path
+
+
+def store_uri(cwd: Path) -> str:
+    return f"sqlite:///{cwd / 'mlflow.db'}"
+
+
+def all_runs(cwd: Path):
+    """Every run in the folder's default store (empty when there is no store)."""
+    if not (cwd / "mlflow.db").exists():
+        return []
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(store_uri(cwd))
+    runs = []
+    for exp in client.search_experiments():
+        runs += client.search_runs([exp.experiment_id])
+    return runs
+
+
+def make_imagefolder(
+    root: Path, classes=("cat", "dog"), per_class: int = 6, split_names=("train", "val")
+) -> Path:
+    """A small ImageNet-layout folder of real CIFAR images copied from the sample."""
+    for split in split_names:
+        for cls in classes:
+            target = root / split / cls
+            target.mkdir(parents=True, exist_ok=True)
+            for src in sorted((SAMPLE_ROOT / "train" / cls).glob("*.jpg"))[:per_class]:
+                shutil.copy(src, target / src.name)
+    return root

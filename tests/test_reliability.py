@@ -1,0 +1,268 @@
+"""Crashes, failures, concurrent writers, a tracking-server outage: nothing lost, nothing doubled."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from .conftest import TINY, all_runs, run_cli, store_uri
+
+pytestmark = pytest.mark.slow
+
+# Long enough to be caught mid-run: 6 epochs of 12 batches per cell.
+LONGER = [a for a in TINY if not a.startswith(("trainer.max_epochs", "trainer.limit_train"))] + [
+    "trainer.max_epochs=6",
+    "trainer.limit_train_batches=12",
+]
+
+
+def popen_cli(args, cwd: Path, env: dict | None = None) -> subprocess.Popen:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    environment.update({"PYTHONUNBUFFERED": "1", **(env or {})})
+    return subprocess.Popen(
+        [sys.executable, "-m", "vgg_ablation", *args],
+        cwd=cwd,
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group: the kill reaches the sweep's jobs too
+    )
+
+
+def wait_for_checkpointed_running_run(client: MlflowClient, proc: subprocess.Popen, timeout: float = 180):
+    """A run that is RUNNING and has written at least one epoch's checkpoint."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        try:
+            for exp in client.search_experiments():
+                for run in client.search_runs([exp.experiment_id]):
+                    ckpt = Path(run.data.tags.get("checkpoint_dir", "/none")) / "last.ckpt"
+                    if run.info.status == "RUNNING" and ckpt.is_file():
+                        return run
+        except Exception:  # the store is being created or migrated
+            pass
+        time.sleep(0.2)
+    raise AssertionError("no run reached its first checkpoint in time")
+
+
+def by_cell(runs):
+    cells: dict[str, list] = {}
+    for run in runs:
+        cells.setdefault(run.data.tags["cell"], []).append(run)
+    return cells
+
+
+def test_sigkill_mid_run_then_rerun_resumes_the_same_run(workdir):
+    study = ["study", "experiment=smoke", *LONGER]
+    proc = popen_cli(study, workdir)
+    victim = wait_for_checkpointed_running_run(MlflowClient(store_uri(workdir)), proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+    assert MlflowClient(store_uri(workdir)).get_run(victim.info.run_id).info.status == "RUNNING"
+
+    again = run_cli(study, workdir)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    runs = all_runs(workdir)
+    cells = by_cell(runs)
+    assert len(cells) == 4 and all(len(r) == 1 for r in cells.values())  # none lost, none doubled
+    assert all(r.info.status == "FINISHED" for r in runs)
+    resumed = MlflowClient(store_uri(workdir)).get_run(victim.info.run_id)
+    assert resumed.info.status == "FINISHED"  # the same run, continued
+    assert f"resume {victim.data.tags['cell']}: run {victim.info.run_id} from " in again.stderr + again.stdout
+    epochs = {
+        m.step for m in MlflowClient(store_uri(workdir)).get_metric_history(victim.info.run_id, "val/acc1")
+    }
+    assert epochs == set(range(6))
+
+
+def test_diverging_runs_are_recorded_failed_and_the_sweep_goes_on(workdir):
+    out = run_cli(["study", "experiment=smoke", "optim.lr=1e12", *TINY], workdir)
+    assert out.returncode == 1
+    runs = all_runs(workdir)
+    assert len(runs) == 4  # every cell was tried: one failure does not stop the sweep
+    for run in runs:
+        assert run.info.status == "FAILED"
+        assert run.data.tags["failure_reason"].startswith("NonFiniteLoss: loss became")
+    assert "summary: 4 FAILED" in out.stdout
+    assert "A seed=0: FAILED NonFiniteLoss" in out.stdout
+
+
+def test_sigterm_checkpoints_marks_killed_and_exits_nonzero_then_resumes(workdir):
+    study = ["study", "experiment=smoke", *LONGER]
+    proc = popen_cli(study, workdir)
+    victim = wait_for_checkpointed_running_run(MlflowClient(store_uri(workdir)), proc)
+    os.kill(int(victim.data.tags["pid"]), signal.SIGTERM)  # what a cluster sends before preempting
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode not in (0, None), output[-2000:]
+    assert "re-run to resume" in output
+    killed = MlflowClient(store_uri(workdir)).get_run(victim.info.run_id)
+    assert killed.info.status == "KILLED"
+    assert killed.data.tags["failure_reason"].startswith("SIGTERM received")
+    assert (Path(killed.data.tags["checkpoint_dir"]) / "last.ckpt").is_file()
+
+    again = run_cli(study, workdir)
+    assert again.returncode == 0, again.stderr[-3000:]
+    cells = by_cell(all_runs(workdir))
+    assert len(cells) == 4 and all(len(r) == 1 and r[0].info.status == "FINISHED" for r in cells.values())
+
+
+def test_two_studies_and_a_parallel_launcher_share_one_fresh_default_store(workdir):
+    first = popen_cli(["study", "experiment=smoke", "study.name=left", *TINY], workdir)
+    second = popen_cli(
+        [
+            "study",
+            "experiment=smoke",
+            "study.name=right",
+            "hydra/launcher=joblib",
+            "hydra.launcher.n_jobs=2",
+            *TINY,
+        ],
+        workdir,
+    )
+    outputs = [p.communicate(timeout=600)[0] for p in (first, second)]
+    assert [first.returncode, second.returncode] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    assert not any("database is locked" in o for o in outputs)
+    runs = all_runs(workdir)
+    assert len(runs) == 8 and all(r.info.status == "FINISHED" for r in runs)
+    assert sorted({r.data.tags["study"] for r in runs}) == ["left", "right"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(folder: Path, port: int) -> subprocess.Popen:
+    mlflow = Path(sys.executable).with_name("mlflow")
+    proc = subprocess.Popen(
+        [
+            str(mlflow),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{folder / 'server.db'}",
+            "--artifacts-destination",
+            str(folder / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        cwd=folder,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            time.sleep(0.3)
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise AssertionError("mlflow server did not come up")
+
+
+def test_tracking_server_outage_fails_cleanly_then_resumes_into_the_same_run(workdir):
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = start_server(workdir, port)
+    env = {
+        "MLFLOW_TRACKING_URI": uri,
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
+    }
+    try:
+        train = ["train", "arch=A", *LONGER]
+        proc = popen_cli(train, workdir, env)
+        victim = wait_for_checkpointed_running_run(MlflowClient(uri), proc)
+        os.killpg(server.pid, signal.SIGKILL)  # the server goes away mid-run
+        server.wait(10)
+        output, _ = proc.communicate(timeout=300)
+        assert proc.returncode != 0 and "Traceback" not in output.splitlines()[-1]
+        server = start_server(workdir, port)  # it comes back, with its store intact
+        again = run_cli(train, workdir, env)
+        assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+        client = MlflowClient(uri)
+        runs = client.search_runs([victim.info.experiment_id])
+        assert [r.info.run_id for r in runs] == [victim.info.run_id]  # resumed, not duplicated
+        assert runs[0].info.status == "FINISHED"
+        assert {m.step for m in client.get_metric_history(victim.info.run_id, "val/acc1")} == set(range(6))
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+
+
+def test_unreachable_tracking_uri_is_refused_before_training(workdir):
+    out = run_cli(
+        ["study", "experiment=smoke", *TINY], workdir, env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}
+    )
+    assert out.returncode == 2
+    assert out.stderr.strip() == (
+        "error: MLflow tracking server unreachable: http://127.0.0.1:9 (start it, or unset MLFLOW_TRACKING_URI)"
+    )
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_checkpoints_load_weights_only(workdir):
+    """A tampered checkpoint in a resumable run's folder must not execute code on resume."""
+    first = run_cli(["train", "arch=A", "optim.lr=1e12", *TINY], workdir)  # a FAILED run with checkpoints?
+    (run,) = all_runs(workdir)
+    assert run.info.status == "FAILED"
+    ckpt_dir = Path(run.data.tags["checkpoint_dir"])
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": {}, "payload": _Exploit()}, ckpt_dir / "last.ckpt")
+    again = run_cli(["train", "arch=A", "optim.lr=1e12", *TINY], workdir)
+    assert again.returncode != 0 and first.returncode != 0
+    assert not (workdir / "pwned").exists()
+    assert "Weights only load failed" in (again.stdout + again.stderr) or "weights_only" in (
+        again.stdout + again.stderr
+    )
+
+
+def test_dashboard_binds_to_loopback_by_default(workdir):
+    port = free_port()
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vgg_ablation", "ui", f"port={port}"],
+        cwd=workdir,
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            listening = [line.split() for line in Path("/proc/net/tcp").read_text().splitlines()[1:]]
+            mine = [
+                cols[1] for cols in listening if cols[3] == "0A" and int(cols[1].split(":")[1], 16) == port
+            ]
+            if mine:
+                assert mine == ["0100007F:" + f"{port:04X}"]  # 127.0.0.1 only, not 0.0.0.0
+                return
+            time.sleep(0.3)
+        raise AssertionError("the dashboard never listened")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)

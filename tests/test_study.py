@@ -1,0 +1,60 @@
+"""A tiny real study through the CLI: Hydra multirun -> MLflow -> report; a re-run adds nothing."""
+
+import pytest
+
+from .conftest import TINY, all_runs, run_cli
+
+pytestmark = pytest.mark.slow
+
+STUDY = ["experiment=smoke", *TINY]  # archs A, B x seeds 0, 1
+
+
+def test_tiny_study_then_rerun_skips_finished_cells(workdir):
+    first = run_cli(["study", *STUDY], workdir)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    runs = all_runs(workdir)
+    assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)
+    assert {(r.data.params["arch"], r.data.params["seed"]) for r in runs} == {
+        ("A", "0"),
+        ("A", "1"),
+        ("B", "0"),
+        ("B", "1"),
+    }
+    assert {r.info.experiment_id for r in runs} == {runs[0].info.experiment_id}  # one per study
+    assert "summary: 4 FINISHED" in first.stdout
+
+    report = (workdir / "reports" / "smoke.md").read_text()
+    assert "## Results per architecture" in report and "## The paper's conclusions, tested" in report
+    assert "Depth helps: B (13 layers) beats A (11)" in report
+    assert "| A " in report and "| B " in report
+    for plot in ("error-vs-depth", "learning-curves", "params-vs-error"):
+        assert (workdir / "reports" / f"smoke-{plot}.png").stat().st_size > 1000
+
+    again = run_cli(["study", *STUDY], workdir)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("already FINISHED") == 4
+    assert len(all_runs(workdir)) == 4
+    sweeps = list((workdir / "multirun" / "smoke").iterdir())
+    assert len(sweeps) == 2  # a fresh sweep folder per launch
+
+
+def test_report_for_a_study_with_no_runs_is_refused(workdir):
+    out = run_cli(["report", "experiment=smoke"], workdir)
+    assert out.returncode == 2
+    assert out.stderr.strip().startswith("error: no runs recorded for study 'smoke'")
+    assert not (workdir / "reports").exists()
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["experiment=nope"], "unknown study 'nope'; choose one of: cifar10, imagenet, sample, smoke"),
+        (["experiment=smoke", "study.seeds=[]"], "study.seeds is empty"),
+        (["experiment=smoke", "study.archs=[A,Z]"], "unknown arch 'Z'"),
+    ],
+)
+def test_bad_study_refused_before_any_job(workdir, args, message):
+    out = run_cli(["study", *args], workdir, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().splitlines() == [out.stderr.strip()] and message in out.stderr
+    assert all_runs(workdir) == [] and not (workdir / "multirun").exists()

@@ -1,0 +1,321 @@
+"""`vgg-ablation bench`: where a training run's time goes, as ratios measured in one sitting.
+
+Three measurements, interleaved over `rounds` so that a shared machine's drift hits all alike
+(the median of the rounds is reported):
+1. plain PyTorch loop vs the project's Lightning path, both on the same synthetic in-memory
+   batches, same model, optimizer, batch and precision: what Lightning + our module cost;
+2. the Lightning path on synthetic batches vs on the chosen data's real input pipeline: what the
+   data path costs;
+3. each configuration's training images/s (plain loop), FLOPs per image computed from the model
+   definition (torch's FlopCounterMode on the meta device) and, on a GPU, model FLOPs utilisation
+   against the device's bf16 dense peak.
+Writes reports/bench-<device>.md and .json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+
+from vgg_ablation.errors import UserError
+from vgg_ablation.models import PAPER_STEPS, build_model
+
+BENCH_KEYS = {"steps": 30, "warmup": 5, "rounds": 3, "archs": "all"}
+# bf16 dense tensor-core peaks, TFLOP/s (vendor datasheets), for model FLOPs utilisation.
+PEAK_BF16_TFLOPS = {"H100 SXM": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def forward_flops(cfg: DictConfig, arch: str, num_classes: int = 10) -> int:
+    """FLOPs (2 x multiply-adds) of one image's forward pass, counted by torch on the meta device."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        model = _model(cfg, arch, num_classes)
+        x = torch.empty(1, 3, cfg.data.input_size, cfg.data.input_size)
+        with FlopCounterMode(display=False) as counter:
+            model(x)
+    return int(counter.get_total_flops())
+
+
+def _model(cfg: DictConfig, arch: str, num_classes: int):
+    return build_model(
+        arch,
+        num_classes=num_classes,
+        input_size=cfg.data.input_size,
+        width=cfg.model.width,
+        batch_norm=cfg.model.batch_norm,
+        head=cfg.model.head,
+        dropout=cfg.model.dropout,
+    )
+
+
+def peak_tflops(device_name: str) -> float | None:
+    for key in sorted(PEAK_BF16_TFLOPS, key=len, reverse=True):
+        if key in device_name:
+            return PEAK_BF16_TFLOPS[key]
+    return None
+
+
+def synthetic_batches(cfg: DictConfig, device: torch.device, n: int = 8, num_classes: int = 10):
+    g = torch.Generator().manual_seed(0)
+    size, b = cfg.data.input_size, cfg.data.batch_size
+    return [
+        (
+            torch.randn(b, 3, size, size, generator=g).to(device),
+            torch.randint(0, num_classes, (b,), generator=g).to(device),
+        )
+        for _ in range(n)
+    ]
+
+
+class Cycle:
+    """An endless-enough iterable over a few prepared batches (what 'synthetic' means here)."""
+
+    def __init__(self, batches, length: int):
+        self.batches, self.length = batches, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self):
+        for i in range(self.length):
+            yield self.batches[i % len(self.batches)]
+
+
+def plain_loop(
+    cfg: DictConfig, arch: str, batches, steps: int, warmup: int, device, precision: str, channels_last: bool
+) -> float:
+    """Images/s of the textbook loop: forward, cross-entropy, backward, SGD step."""
+    torch.manual_seed(0)
+    model = _model(cfg, arch, 10).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model.train()
+    opt = torch.optim.SGD(
+        model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay
+    )
+    autocast = precision.startswith("bf16")
+    start = None
+    for i in range(warmup + steps):
+        if i == warmup:
+            _sync(device)
+            start = time.perf_counter()
+        x, y = batches[i % len(batches)]
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    _sync(device)
+    return steps * cfg.data.batch_size / (time.perf_counter() - start)
+
+
+class _Timer(pl.Callback):
+    def __init__(self, warmup: int):
+        self.warmup, self.start, self.end, self.images = warmup, None, None, 0
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if batch_idx == self.warmup:
+            _sync(module.device)
+            self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if batch_idx >= self.warmup:
+            self.images += len(batch[1])
+            _sync(module.device)
+            self.end = time.perf_counter()
+
+
+def lightning_path(cfg: DictConfig, arch: str, train_batches, steps: int, warmup: int, tmp: Path) -> float:
+    """Images/s of the project's own training step: our Trainer settings, module and callbacks."""
+    from vgg_ablation.train import device_choice, make_module, make_trainer
+
+    accelerator, precision, channels_last = device_choice(cfg)
+    torch.manual_seed(0)
+    model = _model(cfg, arch, 10)
+    timer = _Timer(warmup)
+    trainer = make_trainer(
+        cfg,
+        accelerator,
+        precision,
+        tmp,
+        extra_callbacks=[timer],
+        max_steps=warmup + steps,
+        limit_val_batches=0,
+    )
+    module = make_module(cfg, model, accelerator, channels_last)
+    trainer.fit(module, train_dataloaders=train_batches)
+    return timer.images / (timer.end - timer.start)
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def parse_args(args: list[str]) -> tuple[dict, list[str]]:
+    options, rest = dict(BENCH_KEYS), []
+    for arg in args:
+        key, _, value = arg.partition("=")
+        if key in BENCH_KEYS:
+            if key == "archs":
+                options[key] = value
+                continue
+            try:
+                options[key] = int(value)
+            except ValueError:
+                raise UserError(f"{key} must be an integer, got {value!r}") from None
+            if options[key] <= 0:
+                raise UserError(f"{key} must be positive, got {value}")
+        else:
+            rest.append(arg)
+    return options, rest
+
+
+def run_bench(args: list[str]) -> int:
+    import tempfile
+
+    from vgg_ablation.cli import compose
+    from vgg_ablation.train import device_choice, get_arch_or_error, prepare
+
+    options, overrides = parse_args(args)
+    if not any(o.startswith("data=") for o in overrides):
+        overrides = ["data=sample", *overrides]
+    if not any(o.startswith("model.width=") for o in overrides):
+        overrides.append("model.width=0.125")
+    cfg = compose([*overrides, "trainer.progress_bar=false"])
+    steps, warmup, rounds = options["steps"], options["warmup"], options["rounds"]
+    archs = list(PAPER_STEPS) if options["archs"] == "all" else options["archs"].split(",")
+    for a in archs:
+        get_arch_or_error(a)
+    accelerator, precision, channels_last = device_choice(cfg)
+    device = torch.device("cuda" if accelerator == "gpu" else "cpu")
+    device_name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
+    datamodule, _ = prepare(cfg)
+    if device.type == "cuda" and hasattr(datamodule, "move_to"):
+        datamodule.move_to(device)
+    synthetic = synthetic_batches(cfg, device)
+    n_steps = warmup + steps
+    results: dict[str, list[float]] = {"plain": [], "lightning_synthetic": [], "lightning_real": []}
+    print(
+        f"bench: arch={cfg.arch} data={cfg.data.name} batch={cfg.data.batch_size} width={cfg.model.width} "
+        f"precision={precision} on {device_name}; {rounds} rounds of {steps} steps (+{warmup} warm-up)",
+        flush=True,
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(rounds):
+            results["plain"].append(
+                plain_loop(cfg, cfg.arch, synthetic, steps, warmup, device, precision, channels_last)
+            )
+            results["lightning_synthetic"].append(
+                lightning_path(cfg, cfg.arch, Cycle(synthetic, n_steps), steps, warmup, Path(tmp))
+            )
+            real = datamodule.train_dataloader()
+            if len(real) < n_steps:
+                raise UserError(
+                    f"data={cfg.data.name} has {len(real)} batches per epoch; ask for steps+warmup <= that"
+                )
+            results["lightning_real"].append(lightning_path(cfg, cfg.arch, real, steps, warmup, Path(tmp)))
+            print(
+                f"  round {r + 1}: " + ", ".join(f"{k} {v[-1]:.0f} img/s" for k, v in results.items()),
+                flush=True,
+            )
+        med = {k: statistics.median(v) for k, v in results.items()}
+        per_arch = []
+        for a in archs:
+            ips = statistics.median(
+                plain_loop(cfg, a, synthetic, steps, warmup, device, precision, channels_last)
+                for _ in range(max(1, rounds - 1))
+            )
+            flops = forward_flops(cfg, a)
+            achieved = 3 * flops * ips  # forward + backward = 3x forward
+            peak = peak_tflops(device_name) if device.type == "cuda" else None
+            per_arch.append(
+                {
+                    "arch": a,
+                    "forward MFLOPs/img": flops / 1e6,
+                    "train img/s": ips,
+                    "achieved TFLOP/s": achieved / 1e12,
+                    "MFU": achieved / (peak * 1e12) if peak else None,
+                }
+            )
+            print(f"  {a}: {ips:.0f} img/s, {flops / 1e6:.1f} MFLOPs/img forward", flush=True)
+    ratios = {
+        "lightning / plain": med["lightning_synthetic"] / med["plain"],
+        "real data / synthetic": med["lightning_real"] / med["lightning_synthetic"],
+    }
+    write_bench(cfg, device_name, precision, options, results, med, ratios, per_arch, args)
+    return 0
+
+
+def write_bench(cfg, device_name, precision, options, results, med, ratios, per_arch, args) -> Path:
+    import pandas as pd
+
+    slug = "cpu" if device_name.startswith("cpu") else device_name.lower().replace(" ", "-")
+    out = Path("reports")
+    out.mkdir(exist_ok=True)
+    record = {
+        "device": device_name,
+        "torch": torch.__version__,
+        "lightning": pl.__version__,
+        "python": platform.python_version(),
+        "settings": {
+            "arch": cfg.arch,
+            "data": cfg.data.name,
+            "batch_size": cfg.data.batch_size,
+            "width": cfg.model.width,
+            "input_size": cfg.data.input_size,
+            "precision": precision,
+            **options,
+        },
+        "rounds_img_per_s": results,
+        "median_img_per_s": med,
+        "ratios": ratios,
+        "per_arch": per_arch,
+        "written": time.strftime("%Y-%m-%d %H:%M %Z"),
+    }
+    (out / f"bench-{slug}.json").write_text(json.dumps(record, indent=2))
+    targets = {"lightning / plain": 0.95, "real data / synthetic": 0.90}
+    lines = [
+        f"# Training throughput on {device_name}",
+        "",
+        f"`vgg-ablation bench {' '.join(args)}` · torch {torch.__version__}, Lightning {pl.__version__}, "
+        f"Python {platform.python_version()} · {record['written']}",
+        "",
+        f"arch {cfg.arch}, data `{cfg.data.name}`, batch {cfg.data.batch_size}, width x{cfg.model.width}, "
+        f"input {cfg.data.input_size}px, precision {precision}; median of {options['rounds']} interleaved rounds of "
+        f"{options['steps']} steps after {options['warmup']} warm-up steps. Absolute images/s on a shared machine "
+        "vary from run to run; the ratios, measured in one sitting, are the result.",
+        "",
+        "| path | images/s (median) | rounds |",
+        "|---|---:|---|",
+        *[f"| {k} | {med[k]:.0f} | {', '.join(f'{v:.0f}' for v in results[k])} |" for k in results],
+        "",
+        "| ratio | measured | target |",
+        "|---|---:|---:|",
+        *[f"| {k} | {v:.3f} | ≥ {targets[k]:.2f} |" for k, v in ratios.items()],
+        "",
+        "## Per configuration (plain loop, synthetic batches)",
+        "",
+        pd.DataFrame(per_arch).to_markdown(index=False, floatfmt=".3g"),
+        "",
+        "FLOPs count multiply-adds as 2 (torch's FlopCounterMode); training = 3 x forward. "
+        "MFU needs a GPU (bf16 dense peak of the device).",
+        "",
+    ]
+    path = out / f"bench-{slug}.md"
+    path.write_text("\n".join(lines))
+    print("\n".join(lines[6:14]))
+    print(f"wrote {path}")
+    return path
