@@ -107,7 +107,7 @@ def _broken_folder(workdir, kind):
         (["optim.lr=-0.1"], "optim.lr must be positive, got -0.1"),
         (["trainer.max_epochs=0"], "trainer.max_epochs must be positive, got 0"),
         (["data.input_size=16"], "A needs inputs of at least 32x32"),
-        (["trainer.max_epoch=3"], "Key 'max_epoch' is not in struct"),
+        (["trainer.max_epoch=3"], "Key 'max_epoch' not in 'TrainerConfig'"),
         (["logger.tracking_uri=http://127.0.0.1:9"], "MLflow tracking server unreachable"),
     ],
 )
@@ -117,7 +117,7 @@ def test_bad_input_one_line_nonzero_exit_nothing_recorded(workdir, args, message
         if any("{" + kind + "}" in a for a in args):
             paths[kind] = _broken_folder(workdir / kind, kind)
     args = [a.format(**paths) for a in args]
-    out = run_cli(["train", *args, *TINY], workdir, timeout=120)
+    out = run_cli(["train", *TINY, *args], workdir, timeout=120)
     assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr

@@ -7,6 +7,7 @@ impossible value is refused with one line and exit code 2, not a traceback.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -159,12 +160,18 @@ def cmd_ui(args: list[str]) -> int:
         raise UserError(f"ui takes host= and port=; got {', '.join(options)}")
     uri = tracking.tracking_uri(None)
     print(f"MLflow dashboard for {uri} on http://{host}:{port} (Ctrl-C stops it)", flush=True)
-    os.execvp("mlflow", ["mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", port])
+    os.execv(
+        sys.executable,
+        [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", port],
+    )
     return 0  # pragma: no cover
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # MLflow announces each schema migration of a new store at INFO: not news for our users.
+    for name in ("mlflow.store.db.utils", "alembic.runtime.migration"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0

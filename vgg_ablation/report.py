@@ -216,6 +216,11 @@ def write_report(cfg: DictConfig, out_dir: Path = REPORTS_DIR) -> Path:
 
     uri = tracking.tracking_uri(cfg.logger.tracking_uri)
     tracking.check_reachable(uri)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise UserError(
+            f"no runs recorded for study {cfg.study.name!r}: there is no MLflow store at {uri}; "
+            f"run `vgg-ablation study experiment={cfg.study.name}` first (or set MLFLOW_TRACKING_URI)"
+        )
     experiment = tracking.experiment_name(cfg)
     fp = tracking.fingerprint(cfg)
     runs = analysis.load_runs(uri, experiment, fp)

@@ -85,26 +85,34 @@ def cell_key(cfg: DictConfig) -> str:
 
 
 def client(uri: str):
+    """A client on `uri`, with the store created (schema migrated) first if it is a new SQLite
+    file. Processes that open a fresh SQLite store at once race on that migration ("table
+    _alembic_tmp_experiments already exists"), so for SQLite the first open happens under a file
+    lock beside the database."""
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=uri)
+    with _store_lock(uri):
+        mlflow_client = MlflowClient(tracking_uri=uri)
+        mlflow_client.search_experiments(max_results=1)  # forces the store (and its migration) now
+    return mlflow_client
+
+
+def _store_lock(uri: str):
+    import contextlib
+
+    if not uri.startswith("sqlite:///"):
+        return contextlib.nullcontext()
+    from filelock import FileLock
+
+    return FileLock(uri.removeprefix("sqlite:///") + ".lock", timeout=300)
 
 
 def ensure_experiment(mlflow_client, name: str) -> str:
-    """Get or create the experiment (and, first, the store).
-
-    Processes that open a fresh SQLite store at once race on its schema migration, and two that
-    create one experiment race on a UNIQUE constraint: for a SQLite store the first open and the
-    creation happen under a file lock beside the database; the loser of any remaining race reads
-    what the winner made.
-    """
-    uri = mlflow_client.tracking_uri
-    if uri.startswith("sqlite:///"):
-        from filelock import FileLock
-
-        with FileLock(uri.removeprefix("sqlite:///") + ".lock", timeout=120):
-            return _get_or_create(mlflow_client, name)
-    return _get_or_create(mlflow_client, name)
+    """Get or create the experiment. Two processes creating one experiment race on a UNIQUE
+    constraint: for SQLite the creation happens under the store's lock; against a server, the
+    loser of the race reads what the winner made."""
+    with _store_lock(mlflow_client.tracking_uri):
+        return _get_or_create(mlflow_client, name)
 
 
 def _get_or_create(mlflow_client, name: str) -> str:

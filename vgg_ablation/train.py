@@ -456,4 +456,8 @@ def _print_summary(r: CellResult) -> None:
 register()
 
 if __name__ == "__main__":
-    main()
+    # Run the task through its importable name: parallel launchers (joblib, submitit) pickle the
+    # task function, by reference only when it does not live in __main__.
+    from vgg_ablation.train import main as task
+
+    task()
