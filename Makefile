@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed-stamp
 
-.PHONY: study test test-fast lint bench ui clean
+.PHONY: study test test-fast lint bench gpu-check ui clean
 
 $(INSTALLED): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -26,6 +26,9 @@ lint: $(INSTALLED)
 
 bench: $(INSTALLED)  ## training throughput against plain PyTorch, written to reports/bench-<device>.md
 	$(VENV)/bin/vgg-ablation bench $(ARGS)
+
+gpu-check:  ## on a GPU machine (see the script's header for the wheels it needs there)
+	bash .ci/gpu-check.sh
 
 ui: $(INSTALLED)  ## the MLflow dashboard on this folder's runs, on 127.0.0.1:5000
 	$(VENV)/bin/vgg-ablation ui $(ARGS)

@@ -29,7 +29,7 @@ from omegaconf import DictConfig
 from vgg_ablation.errors import UserError
 from vgg_ablation.models import PAPER_STEPS, build_model
 
-BENCH_KEYS = {"steps": 30, "warmup": 5, "rounds": 3, "archs": "all"}
+BENCH_KEYS = {"steps": 30, "warmup": 5, "rounds": 3, "archs": "all", "name": ""}  # name: file suffix
 # bf16 dense tensor-core peaks, TFLOP/s (vendor datasheets), for model FLOPs utilisation.
 PEAK_BF16_TFLOPS = {"H100 SXM": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}
 
@@ -169,7 +169,7 @@ def parse_args(args: list[str]) -> tuple[dict, list[str]]:
     for arg in args:
         key, _, value = arg.partition("=")
         if key in BENCH_KEYS:
-            if key == "archs":
+            if key in ("archs", "name"):
                 options[key] = value
                 continue
             try:
@@ -263,6 +263,8 @@ def write_bench(cfg, device_name, precision, options, results, med, ratios, per_
     import pandas as pd
 
     slug = "cpu" if device_name.startswith("cpu") else device_name.lower().replace(" ", "-")
+    if options["name"]:
+        slug += "-" + options["name"]
     out = Path("reports")
     out.mkdir(exist_ok=True)
     record = {

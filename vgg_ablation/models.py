@@ -152,8 +152,8 @@ class AlexNetLRN(nn.Module):
 
     Written out rather than `torch.nn.LocalResponseNorm`, which divides alpha by n (the trap in
     facts.md: it equals this layer only with alpha * n passed in) and, on CPU, spends twice as long
-    in its avg_pool3d-based window sum as these shifted adds (measured: 53 vs 29 ms per forward +
-    backward at 128x16x32x32).
+    in its avg_pool3d window sum as this 1x1 conv with a band matrix (measured: 53 vs 24 ms per
+    forward + backward at 128x16x32x32 on 2 cores).
     """
 
     def __init__(self, n: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 2.0):
@@ -161,13 +161,10 @@ class AlexNetLRN(nn.Module):
         self.n, self.alpha, self.beta, self.k = n, alpha, beta, k
 
     def forward(self, a: torch.Tensor) -> torch.Tensor:
-        channels = a.shape[1]
-        squares = nn.functional.pad(
-            (a * a).unsqueeze(1), (0, 0, 0, 0, self.n // 2, (self.n - 1) // 2)
-        ).squeeze(1)
-        window = squares[:, :channels]
-        for shift in range(1, self.n):
-            window = window + squares[:, shift : shift + channels]
+        channels, reach = a.shape[1], self.n // 2
+        # band[i, j] = 1 where channel j is in channel i's window (|i - j| <= n // 2)
+        band = torch.ones(channels, channels, dtype=a.dtype, device=a.device).triu(-reach).tril(reach)
+        window = nn.functional.conv2d(a * a, band[:, :, None, None])
         return a * (self.k + self.alpha * window).pow(-self.beta)
 
     def extra_repr(self) -> str:

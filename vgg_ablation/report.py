@@ -151,7 +151,7 @@ def _arch_table(summary: pd.DataFrame) -> str:
                 "learned?": "**at chance**" if r["at_chance"] else "yes",
             }
         )
-    return pd.DataFrame(rows).to_markdown(index=False)
+    return pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)
 
 
 def _conclusion_table(concl: pd.DataFrame) -> str:
@@ -180,7 +180,7 @@ def _conclusion_table(concl: pd.DataFrame) -> str:
         }
         for _, r in concl.iterrows()
     ]
-    return pd.DataFrame(rows).to_markdown(index=False)
+    return pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)
 
 
 def budget_caveat(cfg: DictConfig, concl: pd.DataFrame, summary: pd.DataFrame) -> str:

@@ -91,13 +91,15 @@ def cell_states(cfg: DictConfig) -> pd.DataFrame:
             finished = [r for r in runs if r.info.status == "FINISHED"]
             run = (finished or runs or [None])[0]
             if run is None:
-                status, reason, acc = "MISSING", "", None
+                status, reason, acc, fit, started = "MISSING", "", None, None, None
             else:
                 status = run.info.status
                 if tracking.is_orphaned(run):
                     status = "RUNNING (orphaned)"
                 reason = run.data.tags.get("failure_reason", "")
                 acc = run.data.metrics.get("test/acc1")
+                fit = run.data.metrics.get("time/fit_seconds")
+                started = run.info.start_time / 1000
             rows.append(
                 {
                     "arch": arch,
@@ -106,6 +108,8 @@ def cell_states(cfg: DictConfig) -> pd.DataFrame:
                     "test top-1": acc,
                     "runs recorded": len(runs),
                     "reason": reason,
+                    "fit_seconds": fit,
+                    "started": started,
                 }
             )
     return pd.DataFrame(rows)
@@ -169,7 +173,14 @@ def run_study(args: list[str]) -> int:
     states = cell_states(cfg)
     elapsed = time.time() - started
     print(f"\nstudy {cfg.study.name}: {elapsed:.0f} s wall time")
-    print(states.drop(columns="reason").to_markdown(index=False, floatfmt=".3f"))
+    print(states.drop(columns=["reason", "fit_seconds", "started"]).to_markdown(index=False, floatfmt=".3f"))
+    trained_now = states[states["started"].fillna(0) >= started]
+    if len(trained_now):
+        fit = trained_now["fit_seconds"].fillna(0).sum()
+        print(
+            f"training (fit) {fit:.0f} s of {elapsed:.0f} s wall for the {len(trained_now)} runs of this launch: "
+            f"fixed costs (start-up, data, tracking, testing, checkpoints) {(elapsed - fit) / elapsed:.0%}"
+        )
     failed = states[states["status"] != "FINISHED"]
     for _, row in failed.iterrows():
         print(f"  {row['arch']} seed={row['seed']}: {row['status']} {row['reason']}".rstrip())
