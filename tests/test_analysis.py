@@ -118,3 +118,13 @@ def test_claim_directions_follow_the_paper():
     assert by_pair[("E", "D")] == "no better"
     assert by_pair[("B", "B-5x5")] == "better"
     assert isinstance(analysis.CLAIMS[0], Claim)
+
+
+def test_markdown_escaping_of_run_supplied_text():
+    from vgg_ablation.report import md_escape
+
+    hostile = "boom | <script>alert(1)</script> *bold* [link](http://x) `code`\nnext"
+    escaped = md_escape(hostile)
+    assert "\n" not in escaped and "|" not in escaped.replace("\\|", "")
+    assert "<script>" not in escaped and "\\<script\\>" in escaped
+    assert "\\*bold\\*" in escaped and "\\[link\\]" in escaped and "\\`code\\`" in escaped

@@ -40,8 +40,10 @@ def popen_cli(args, cwd: Path, env: dict | None = None) -> subprocess.Popen:
     )
 
 
-def wait_for_checkpointed_running_run(client: MlflowClient, proc: subprocess.Popen, timeout: float = 180):
-    """A run that is RUNNING and has written at least one epoch's checkpoint."""
+def wait_for_checkpointed_running_run(
+    client: MlflowClient, proc: subprocess.Popen, timeout: float = 180, arch=None
+):
+    """A run (of `arch`, if given) that is RUNNING and has written at least one epoch's checkpoint."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         assert proc.poll() is None, proc.stdout.read()[-3000:]
@@ -49,7 +51,8 @@ def wait_for_checkpointed_running_run(client: MlflowClient, proc: subprocess.Pop
             for exp in client.search_experiments():
                 for run in client.search_runs([exp.experiment_id]):
                     ckpt = Path(run.data.tags.get("checkpoint_dir", "/none")) / "last.ckpt"
-                    if run.info.status == "RUNNING" and ckpt.is_file():
+                    wanted = arch is None or run.data.tags.get("arch") == arch
+                    if wanted and run.info.status == "RUNNING" and ckpt.is_file():
                         return run
         except Exception:  # the store is being created or migrated
             pass
@@ -67,10 +70,15 @@ def by_cell(runs):
 def test_sigkill_mid_run_then_rerun_resumes_the_same_run(workdir):
     study = ["study", "experiment=smoke", *LONGER]
     proc = popen_cli(study, workdir)
-    victim = wait_for_checkpointed_running_run(MlflowClient(store_uri(workdir)), proc)
+    victim = wait_for_checkpointed_running_run(MlflowClient(store_uri(workdir)), proc, arch="B")
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(30)
     assert MlflowClient(store_uri(workdir)).get_run(victim.info.run_id).info.status == "RUNNING"
+    # Left RUNNING by a dead process: shown as such, never counted as a result.
+    report = run_cli(["report", "experiment=smoke", *LONGER], workdir)
+    assert report.returncode == 0, report.stderr[-2000:]
+    text = (workdir / "reports" / "smoke.md").read_text()
+    assert f"`{victim.info.run_id[:8]}` | B | " in text and "RUNNING (orphaned: its process is gone)" in text
 
     again = run_cli(study, workdir)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]

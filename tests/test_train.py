@@ -1,5 +1,7 @@
 """One real training run through the CLI into a temporary MLflow store, read back with MLflow."""
 
+from pathlib import Path
+
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -40,7 +42,7 @@ def test_tiny_run_is_fully_recorded(workdir):
         assert key in run.data.metrics
     assert run.data.metrics["test/images"] == 64
     config = client.download_artifacts(run.info.run_id, "config.yaml", str(workdir))
-    assert "arch: C" in open(config).read()
+    assert "arch: C" in Path(config).read_text()
 
 
 def test_same_seed_same_metrics_on_cpu(workdir):
@@ -109,6 +111,7 @@ def _broken_folder(workdir, kind):
         (["data.input_size=16"], "A needs inputs of at least 32x32"),
         (["trainer.max_epoch=3"], "Key 'max_epoch' not in 'TrainerConfig'"),
         (["logger.tracking_uri=http://127.0.0.1:9"], "MLflow tracking server unreachable"),
+        (["data=cifar10", "data.root={tmp}/cifar"], "could not get cifar10 into"),
     ],
 )
 def test_bad_input_one_line_nonzero_exit_nothing_recorded(workdir, args, message):

@@ -72,7 +72,7 @@ def tidy(raw: pd.DataFrame) -> pd.DataFrame:
     """MLflow's search_runs frame -> one typed row per run."""
     df = pd.DataFrame({"run_id": raw.get("run_id", pd.Series(dtype=str)), "status": raw.get("status")})
     for source, name in RUN_COLUMNS.items():
-        df[name] = raw[source] if source in raw else np.nan
+        df[name] = raw.get(source, np.nan)
     for name in ("seed", "depth", "params", "epochs", "num_classes", "train_images", "test_images"):
         df[name] = pd.to_numeric(df[name], errors="coerce")
     df["start_time"] = raw.get("start_time")
