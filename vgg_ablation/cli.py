@@ -116,11 +116,14 @@ def cmd_summary(args: list[str]) -> int:
 
 
 def cmd_train(args: list[str]) -> int:
+    from vgg_ablation import tracking
     from vgg_ablation.train import prepare
 
     _split_sweep_values(args)
     cfg = compose(args)
     prepare(cfg)  # bad data, shapes, numbers: refused here, before Hydra opens an output folder
+    if cfg.logger.enabled:
+        tracking.check_reachable(tracking.tracking_uri(cfg.logger.tracking_uri))
     from vgg_ablation import train
 
     sys.argv = [sys.argv[0], *args]

@@ -186,7 +186,9 @@ def _conclusion_table(concl: pd.DataFrame) -> str:
 def budget_caveat(cfg: DictConfig, concl: pd.DataFrame, summary: pd.DataFrame) -> str:
     """Small budgets are honest budgets: a depth claim that fails without the paper's remedies is
     a statement about the budget, not about the paper."""
-    depth_rows = concl[concl["about_depth"]] if not concl.empty else concl
+    if concl.empty:
+        return ""
+    depth_rows = concl[concl["about_depth"]]
     troubled = depth_rows[
         depth_rows["verdict"].str.startswith(("contradicted", "no verdict", "inconclusive"))
     ]
