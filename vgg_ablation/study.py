@@ -154,7 +154,10 @@ def run_study(args: list[str]) -> int:
 
     archs, seeds = list(cfg.study.archs), list(cfg.study.seeds)
     phases = [archs]
-    if cfg.model.init == "from_A" and archs != ["A"]:
+    parallel = any(a.startswith("hydra/launcher=") for a in args)
+    if cfg.model.init == "from_A" and archs != ["A"] and parallel:
+        # The basic launcher runs the cells in order, A's seeds first (archs are swept
+        # slowest): one sweep will do. A parallel launcher gets A's cells as a sweep of their own.
         phases = [["A"], [a for a in archs if a != "A"]]
     folder = sweep_dir(cfg)
     started = time.time()

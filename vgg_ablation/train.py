@@ -233,8 +233,9 @@ def _open_run(mlflow_client, experiment_id: str, cfg: DictConfig, key: str, para
     ).info.run_id
     ckpt_dir = Path(cfg.logger.checkpoint_root).resolve() / run_id
     mlflow_client.set_tag(run_id, "checkpoint_dir", str(ckpt_dir))
-    for name, value in params.items():
-        mlflow_client.log_param(run_id, name, value)
+    from mlflow.entities import Param
+
+    mlflow_client.log_batch(run_id, params=[Param(name, str(value)) for name, value in params.items()])
     mlflow_client.log_text(run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
     return "run", run_id, None
 
