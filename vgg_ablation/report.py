@@ -70,20 +70,18 @@ def _plots(
         names.append(name)
 
     vgg = summary[summary.index.isin([*PAPER_STEPS, "B-5x5"])]
+    # Nets of equal depth (A and A-LRN at 11, C and D at 16) side by side, not on top of each other.
+    rank = vgg.groupby("depth").cumcount()
+    size = vgg.groupby("depth")["depth"].transform("size")
+    x = vgg["depth"] + 0.3 * (rank - (size - 1) / 2)
     fig, ax = plt.subplots(figsize=(6, 4))
     for arch, row in vgg.iterrows():
         seeds = res.loc[res["arch"] == arch, "test_err1"] * 100
-        ax.scatter([row["depth"]] * len(seeds), seeds, s=12, alpha=0.4, color="grey")
+        ax.scatter([x[arch]] * len(seeds), seeds, s=12, alpha=0.4, color="grey")
         ax.errorbar(
-            row["depth"],
-            row["top1_err_mean"] * 100,
-            yerr=(row["top1_err_std"] or 0) * 100,
-            fmt="o",
-            capsize=4,
+            x[arch], row["top1_err_mean"] * 100, yerr=(row["top1_err_std"] or 0) * 100, fmt="o", capsize=4
         )
-        ax.annotate(
-            arch, (row["depth"], row["top1_err_mean"] * 100), textcoords="offset points", xytext=(6, 4)
-        )
+        ax.annotate(arch, (x[arch], row["top1_err_mean"] * 100), textcoords="offset points", xytext=(6, 4))
     ax.set(
         xlabel="weight layers",
         ylabel="test top-1 error (%)",
