@@ -24,13 +24,20 @@ TINY = [
 ]
 
 
-def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: float = 600):
+CLI = [sys.executable, "-m", "vgg_ablation"]
+
+
+def cli_env(extra: dict | None = None) -> dict:
+    """The caller's environment without any MLflow setting (each test picks its own store)."""
     environment = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    environment.update({"PYTHONUNBUFFERED": "1", **(env or {})})
+    return {**environment, "PYTHONUNBUFFERED": "1", **(extra or {})}
+
+
+def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: float = 600):
     return subprocess.run(
-        [sys.executable, "-m", "vgg_ablation", *args],
+        [*CLI, *args],
         cwd=cwd,
-        env=environment,
+        env=cli_env(env),
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -15,7 +15,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from .conftest import TINY, all_runs, run_cli, store_uri
+from .conftest import CLI, TINY, all_runs, cli_env, run_cli, store_uri
 
 pytestmark = pytest.mark.slow
 
@@ -27,12 +27,10 @@ LONGER = [a for a in TINY if not a.startswith(("trainer.max_epochs", "trainer.li
 
 
 def popen_cli(args, cwd: Path, env: dict | None = None) -> subprocess.Popen:
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    environment.update({"PYTHONUNBUFFERED": "1", **(env or {})})
     return subprocess.Popen(
-        [sys.executable, "-m", "vgg_ablation", *args],
+        [*CLI, *args],
         cwd=cwd,
-        env=environment,
+        env=cli_env(env),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -250,16 +248,7 @@ def test_checkpoints_load_weights_only(workdir):
 
 def test_dashboard_binds_to_loopback_by_default(workdir):
     port = free_port()
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vgg_ablation", "ui", f"port={port}"],
-        cwd=workdir,
-        env=environment,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    proc = popen_cli(["ui", f"port={port}"], workdir)
     try:
         deadline = time.time() + 90
         while time.time() < deadline:
