@@ -96,7 +96,10 @@ def plain_loop(
 ) -> float:
     """Images/s of the textbook loop: forward, cross-entropy, backward, SGD step."""
     torch.manual_seed(0)
-    torch.use_deterministic_algorithms(cfg.trainer.deterministic)  # as the Lightning path sets it
+    from vgg_ablation.train import is_deterministic
+
+    # the same algorithm choice as the Lightning path makes
+    torch.use_deterministic_algorithms(is_deterministic(cfg, "gpu" if device.type == "cuda" else "cpu"))
     model = _model(cfg, arch, 10).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)

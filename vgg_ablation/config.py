@@ -58,7 +58,8 @@ class TrainerConfig:
     limit_train_batches: Any = 1.0  # float fraction or int batches (tests use a few)
     limit_val_batches: Any = 1.0
     limit_test_batches: Any = 1.0
-    deterministic: bool = True  # same seed, same metrics (on CPU)
+    deterministic: bool | None = None  # None: on for CPU (same seed, same metrics), off on a GPU
+    # (cuDNN autotuning picks the fastest kernels, not always the same ones)
     compile: bool = False  # torch.compile the model (GPU)
     channels_last: str = "auto"  # auto: on for a GPU
     progress_bar: bool = True

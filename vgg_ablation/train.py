@@ -343,10 +343,17 @@ def _load_model_from(ckpt_path: str, cfg: DictConfig, datamodule):
     return model
 
 
+def is_deterministic(cfg: DictConfig, accelerator: str) -> bool:
+    """Repeatable by default on CPU; on a GPU only when asked (it turns cuDNN autotuning off)."""
+    if cfg.trainer.deterministic is None:
+        return accelerator != "gpu"
+    return bool(cfg.trainer.deterministic)
+
+
 def make_module(cfg: DictConfig, model, accelerator: str, channels_last: bool) -> Classifier:
     """The LightningModule around `model`, with the device's speed settings applied."""
     if accelerator == "gpu":
-        torch.backends.cudnn.benchmark = not cfg.trainer.deterministic  # autotune unless pinned
+        torch.backends.cudnn.benchmark = not is_deterministic(cfg, accelerator)  # autotune unless pinned
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if channels_last:
@@ -367,7 +374,7 @@ def make_trainer(
     **overrides,
 ) -> pl.Trainer:
     """The project's Trainer: best + last checkpoints, MLflow logger, heartbeat, progress bar."""
-    deterministic = cfg.trainer.deterministic
+    deterministic = is_deterministic(cfg, accelerator)
     if deterministic and accelerator == "gpu":
         deterministic = "warn"  # some CUDA backward kernels have no deterministic version
     # Set explicitly every time: Trainer(deterministic=True) leaves it on for later trainers.
