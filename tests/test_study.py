@@ -58,3 +58,19 @@ def test_bad_study_refused_before_any_job(workdir, args, message):
     assert out.returncode == 2, out.stderr
     assert out.stderr.strip().splitlines() == [out.stderr.strip()] and message in out.stderr
     assert all_runs(workdir) == [] and not (workdir / "multirun").exists()
+
+
+def test_deeper_nets_start_from_the_trained_a_of_their_seed(workdir):
+    out = run_cli(
+        ["study", *STUDY, "model.init=from_A", "study.seeds=[0]", "study.archs=[A,A-LRN,B]"], workdir
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    runs = {r.data.params["arch"]: r for r in all_runs(workdir)}
+    assert runs["B"].data.params["init"] == "from_A"  # deeper than A: warm-started
+    assert runs["A-LRN"].data.params["init"] == "kaiming"  # as deep as A: from scratch, a fair test
+    assert runs["A"].info.end_time <= runs["B"].info.start_time  # A trained first
+    # A's first four convs land on B's block-1 conv 1, block-2 conv 1, block-3 convs 1 and 2, and the FCs
+    assert (
+        "init from A: copied features.0, features.5, features.10, features.12, classifier.0"
+        in out.stdout + out.stderr
+    )

@@ -327,8 +327,7 @@ def _fits_on_device(cfg: DictConfig, datamodule) -> bool:
 
 
 def _load_model_from(ckpt_path: str, cfg: DictConfig, datamodule):
-    a_cfg = cfg.copy()
-    a_cfg.arch = "A"
+    """The trained A of this cell's study and seed, from its best checkpoint (weights only)."""
     model = build_model(
         "A",
         num_classes=datamodule.num_classes,
