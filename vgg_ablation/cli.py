@@ -70,7 +70,7 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(parts)
 
 
-def _split_sweep_values(overrides: list[str]) -> None:
+def _require_key_value(overrides: list[str]) -> None:
     for o in overrides:
         if "=" not in o and not o.startswith("-"):
             raise UserError(f"expected key=value, got {o!r}")
@@ -119,7 +119,7 @@ def cmd_train(args: list[str]) -> int:
     from vgg_ablation import tracking
     from vgg_ablation.train import prepare
 
-    _split_sweep_values(args)
+    _require_key_value(args)
     cfg = compose(args)
     prepare(cfg)  # bad data, shapes, numbers: refused here, before Hydra opens an output folder
     if cfg.logger.enabled:
@@ -134,14 +134,14 @@ def cmd_train(args: list[str]) -> int:
 def cmd_study(args: list[str]) -> int:
     from vgg_ablation.study import run_study
 
-    _split_sweep_values(args)
+    _require_key_value(args)
     return run_study(args)
 
 
 def cmd_report(args: list[str]) -> int:
     from vgg_ablation.report import write_report
 
-    _split_sweep_values(args)
+    _require_key_value(args)
     path = write_report(compose(args))
     print(f"wrote {path}")
     return 0
@@ -150,7 +150,7 @@ def cmd_report(args: list[str]) -> int:
 def cmd_bench(args: list[str]) -> int:
     from vgg_ablation.bench import run_bench
 
-    _split_sweep_values(args)
+    _require_key_value(args)
     return run_bench(args)
 
 

@@ -12,7 +12,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from vgg_ablation.models import ARCHS, PAPER_STEPS, Arch, Conv, Pool, build_model, count_params
+from vgg_ablation.models import ARCHS, Arch, Conv, Pool
 
 
 def blocks(arch: Arch) -> list[list[Conv]]:
@@ -121,13 +121,3 @@ def layer_table(model: nn.Module, input_shape: tuple[int, int, int]) -> pd.DataF
     df = pd.DataFrame(rows)
     df["total"] = df["params"].cumsum()
     return df
-
-
-def zoo_table(input_size: int = 224, num_classes: int = 1000) -> pd.DataFrame:
-    """Depth and parameter count of the paper's networks (Table 2)."""
-    rows = []
-    for name in (*PAPER_STEPS, "B-5x5"):
-        with torch.device("meta"):
-            model = build_model(name, num_classes=num_classes, input_size=input_size)
-        rows.append({"arch": name, "depth": ARCHS[name].depth, "params": count_params(model)})
-    return pd.DataFrame(rows)

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
 from vgg_ablation import tracking
 from vgg_ablation.errors import UserError
@@ -69,13 +69,6 @@ def check_study(cfg: DictConfig) -> None:
             raise UserError(str(exc)) from None
 
 
-def cell_cfg(cfg: DictConfig, arch: str, seed: int) -> DictConfig:
-    cell = cfg.copy()
-    with open_dict(cell):
-        cell.arch, cell.seed = arch, seed
-    return cell
-
-
 def cell_states(cfg: DictConfig) -> pd.DataFrame:
     """One row per (arch, seed) of the study: its latest run's status, or MISSING."""
     uri = tracking.tracking_uri(cfg.logger.tracking_uri)
@@ -86,7 +79,7 @@ def cell_states(cfg: DictConfig) -> pd.DataFrame:
         for seed in cfg.study.seeds:
             runs = []
             if experiment is not None:
-                key = tracking.cell_key(cell_cfg(cfg, arch, seed))
+                key = tracking.cell_key(tracking.cell_cfg(cfg, arch, seed))
                 runs = tracking.runs_of_cell(client, experiment.experiment_id, key)
             finished = [r for r in runs if r.info.status == "FINISHED"]
             run = (finished or runs or [None])[0]

@@ -19,7 +19,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vgg_ablation.errors import UserError
 
@@ -78,6 +78,14 @@ def fingerprint(cfg: DictConfig) -> str:
 
     walk(OmegaConf.to_container(cfg, resolve=True), "")
     return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def cell_cfg(cfg: DictConfig, arch: str, seed: int) -> DictConfig:
+    """The config of another cell (arch, seed) of the same study."""
+    cell = cfg.copy()
+    with open_dict(cell):
+        cell.arch, cell.seed = arch, seed
+    return cell
 
 
 def cell_key(cfg: DictConfig) -> str:

@@ -184,9 +184,8 @@ def starts_from_a(cfg: DictConfig) -> bool:
 
 
 def _trained_a_checkpoint(mlflow_client, experiment_id: str, cfg: DictConfig) -> str:
-    a_cfg = cfg.copy()
-    a_cfg.arch = "A"
-    for run in tracking.runs_of_cell(mlflow_client, experiment_id, tracking.cell_key(a_cfg)):
+    a_cell = tracking.cell_key(tracking.cell_cfg(cfg, "A", cfg.seed))
+    for run in tracking.runs_of_cell(mlflow_client, experiment_id, a_cell):
         ckpt = run.data.tags.get("best_checkpoint")
         if run.info.status == "FINISHED" and ckpt and Path(ckpt).is_file():
             return ckpt
