@@ -18,6 +18,10 @@ class ModelConfig:
     head: str = "auto"  # paper (flatten, FC-4096 x2) | compact (avg-pool, 3 narrow FCs) | auto
     dropout: float = 0.5  # on the first two FCs, as in the paper
     init: str = "kaiming"  # kaiming | glorot | paper (N(0, 1e-2)) | from_A (section 3.1)
+    # LRN's constants (k=2, alpha=1e-4) assume the activations that 0-255 inputs give. "paper"
+    # makes LRN see activations of that size whatever the normalisation (see models.AlexNetLRN);
+    # a number sets the factor by hand (1: LRN on the activations as they are).
+    lrn_scale: Any = "paper"
 
 
 @dataclass
@@ -34,13 +38,20 @@ class OptimConfig:
 @dataclass
 class DataConfig:
     name: str = "sample"  # sample | cifar10 | cifar100 | imagefolder | synthetic
-    root: str | None = None  # dataset folder (imagefolder) or download folder (cifar)
+    root: str | None = None  # the folder (imagefolder), or the one holding cifar-10-batches-py/ (cifar)
     batch_size: int = 128
     val_fraction: float = 0.1  # carved from the training split, deterministically; never from test
-    input_size: int = 32  # crop size fed to the net (224 for ImageNet)
-    train_scale: int = 256  # imagefolder: S, the training scale (smallest side)
-    train_scale_max: int | None = None  # imagefolder: jitter S in [train_scale, train_scale_max]
-    test_scale: int = 256  # imagefolder: Q, the test scale
+    test_fraction: float = 0.1  # a folder with train/ only: the share carved off as the test set
+    # Sizes: None follows from the data (small images keep their size; >= 256 px gets S=Q=256, 224
+    # crops, the paper's). Set any of them to override.
+    input_size: int | None = None  # crop size fed to the net
+    train_scale: int | None = None  # S: training images rescaled so their shorter side is S
+    train_scale_max: int | None = None  # jitter S in [train_scale, train_scale_max] (section 3.1)
+    test_scale: int | None = None  # Q: the test scale
+    # standard: per-channel mean/std of the training split (what Kaiming init expects);
+    # paper: mean RGB subtracted, 0-255 scale (section 3.1, the scale LRN's constants assume).
+    normalize: str = "standard"
+    in_memory: str = "auto"  # decode a folder once and hold it as tensors: auto (when it fits) | on | off
     augment: bool = True
     train_subset: int | None = None  # use only this many training images (a smaller budget)
     num_workers: int = 0  # DataLoader workers (file-backed data only)

@@ -154,21 +154,60 @@ class AlexNetLRN(nn.Module):
     facts.md: it equals this layer only with alpha * n passed in) and, on CPU, spends twice as long
     in its avg_pool3d window sum as this 1x1 conv with a band matrix (measured: 53 vs 24 ms per
     forward + backward at 128x16x32x32 on 2 cores).
+
+    `scale` makes the layer act on activations `scale` times larger than it is given, and return
+    its output in the given units: LRN(scale * a) / scale, i.e. alpha multiplied by scale**2. The
+    constants were set for the activations that 0-255 inputs give; a net fed standardised inputs
+    (or with batch norm before the LRN) has activations about 255 x pixel-std (~64) times smaller,
+    where the denominator is 1.0001 and the layer does nothing. With scale = that factor the layer
+    normalises as it would at the paper's scale (exact for a conv-ReLU-LRN stem: conv and ReLU
+    are positively homogeneous), while the rest of the net trains at the scale its init suits.
     """
 
-    def __init__(self, n: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 2.0):
+    def __init__(self, n: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 2.0, scale: float = 1.0):
         super().__init__()
-        self.n, self.alpha, self.beta, self.k = n, alpha, beta, k
+        self.n, self.alpha, self.beta, self.k, self.scale = n, alpha, beta, k, float(scale)
 
-    def forward(self, a: torch.Tensor) -> torch.Tensor:
+    def denominator(self, a: torch.Tensor) -> torch.Tensor:
+        """k + alpha * scale^2 * (sum of squares over each channel's window)."""
         channels, reach = a.shape[1], self.n // 2
         # band[i, j] = 1 where channel j is in channel i's window (|i - j| <= n // 2)
         band = torch.ones(channels, channels, dtype=a.dtype, device=a.device).triu(-reach).tril(reach)
         window = nn.functional.conv2d(a * a, band[:, :, None, None])
-        return a * (self.k + self.alpha * window).pow(-self.beta)
+        return self.k + (self.alpha * self.scale**2) * window
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        return a * self.denominator(a).pow(-self.beta)
 
     def extra_repr(self) -> str:
-        return f"n={self.n}, alpha={self.alpha}, beta={self.beta}, k={self.k}"
+        return f"n={self.n}, alpha={self.alpha}, beta={self.beta}, k={self.k}, scale={self.scale:g}"
+
+
+@torch.no_grad()
+def lrn_activity(model: nn.Module, batches, max_images: int = 1024) -> dict[str, float] | None:
+    """How much the model's LRN layers did on these images: the mean and 99th percentile of
+    their denominator over k (1.0 = LRN passes activations through unchanged). None without LRN."""
+    layers = [m for m in model.modules() if isinstance(m, AlexNetLRN)]
+    if not layers:
+        return None
+    seen: list[torch.Tensor] = []
+    hooks = [m.register_forward_hook(lambda m, inp, out: seen.append((m.denominator(inp[0]) / m.k).flatten().float().cpu())) for m in layers]
+    was_training = model.training
+    model.eval()
+    try:
+        n = 0
+        for x, _ in batches:
+            model(x.to(next(model.parameters()).device))
+            n += len(x)
+            if n >= max_images:
+                break
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    values = torch.cat(seen)
+    step = max(1, values.numel() // 4_000_000)  # quantile() has a size limit; a strided subset is plenty
+    return {"mean": float(values.mean()), "p99": float(values[::step].quantile(0.99))}
 
 
 class Net(nn.Module):
@@ -240,6 +279,7 @@ def build_model(
     head: str = "auto",
     dropout: float | None = None,
     init: str = "kaiming",
+    lrn_scale: float = 1.0,
 ) -> Net:
     """Build one network of the zoo.
 
@@ -284,7 +324,7 @@ def build_model(
         elif isinstance(token, Pool):
             layers.append(nn.MaxPool2d(token.k, token.stride))
         elif token == LRN:
-            layers.append(AlexNetLRN())
+            layers.append(AlexNetLRN(scale=lrn_scale))
         else:  # pragma: no cover - the table above is the only source of tokens
             raise AssertionError(f"unknown token {token!r}")
 

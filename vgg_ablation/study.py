@@ -61,7 +61,7 @@ def check_study(cfg: DictConfig) -> None:
                 build_model(
                     name,
                     num_classes=datamodule.num_classes,
-                    input_size=cfg.data.input_size,
+                    input_size=datamodule.input_size,
                     width=cfg.model.width,
                     head=cfg.model.head,
                 )
@@ -113,16 +113,18 @@ def sweep_dir(cfg: DictConfig) -> Path:
     return Path("multirun") / cfg.study.name / f"{stamp}-{secrets.token_hex(3)}"
 
 
-def launch(args: list[str], archs: list[str], seeds: list[int], folder: Path) -> int:
-    """One Hydra multirun over archs x seeds (arch-major, the paper's order) in a subprocess."""
+def launch(args: list[str], archs: list[str], seeds: list[int], folder: Path, seed_major: bool = False) -> int:
+    """One Hydra multirun over archs x seeds in a subprocess: arch-major (the paper's order, and
+    the trained A first for init=from_A), or seed-major, so that a study stopped early still holds
+    complete paired blocks (every arch of seeds 0..k)."""
+    sweep = ["arch=" + ",".join(archs), "seed=" + ",".join(str(s) for s in seeds)]
     command = [
         sys.executable,
         "-m",
         "vgg_ablation.train",
         "--multirun",
         *args,
-        "arch=" + ",".join(archs),
-        "seed=" + ",".join(str(s) for s in seeds),
+        *(sweep[::-1] if seed_major else sweep),
         f"hydra.sweep.dir={folder}",
     ]
     print("$ " + " ".join(command[1:]), flush=True)
@@ -161,7 +163,7 @@ def run_study(args: list[str]) -> int:
     )
     exit_codes = []
     for phase in phases:
-        code = launch(pinned, phase, seeds, folder)
+        code = launch(pinned, phase, seeds, folder, seed_major=cfg.model.init != "from_A")
         exit_codes.append(code)
         if code not in (0, 1):  # killed or interrupted: stop, do not start the next phase
             break

@@ -64,8 +64,12 @@ def experiment_name(cfg: DictConfig) -> str:
 
 
 def fingerprint(cfg: DictConfig) -> str:
-    """Short hash of everything that changes what a cell computes (not arch, seed, logging)."""
-    flat: dict[str, Any] = {}
+    """Short hash of everything that changes what a cell computes (not arch, seed, logging).
+    The data enters by its digest (file list and sizes), not its path: a moved folder keeps its
+    cells, different images under the same name get new ones."""
+    from vgg_ablation.data import identify
+
+    flat: dict[str, Any] = {"data.digest": identify(cfg.data).digest}
 
     def walk(node: Any, prefix: str) -> None:
         if prefix in NON_SEMANTIC:

@@ -29,7 +29,7 @@ from vgg_ablation import tracking
 from vgg_ablation.config import register
 from vgg_ablation.data import make_datamodule
 from vgg_ablation.errors import UserError
-from vgg_ablation.models import ARCHS, INITS, build_model, count_params, get_arch, transfer_from_a
+from vgg_ablation.models import ARCHS, INITS, build_model, count_params, get_arch, lrn_activity, transfer_from_a
 from vgg_ablation.module import SCHEDULES, Classifier
 
 log = logging.getLogger("vgg_ablation")
@@ -54,6 +54,8 @@ class CellResult:
     status: str  # FINISHED | FAILED | KILLED | SKIPPED (already FINISHED)
     run_id: str | None = None
     test_acc1: float | None = None
+    val_acc1: float | None = None  # best validation top-1: what a sweeper may optimise
+    learned: bool | None = None  # test accuracy significantly above chance
     reason: str = ""
     seconds: float = 0.0
 
@@ -87,14 +89,17 @@ def validate(cfg: DictConfig) -> None:
     get_arch_or_error(cfg.arch)
     positive = {
         "data.batch_size": cfg.data.batch_size,
-        "data.input_size": cfg.data.input_size,
         "optim.lr": cfg.optim.lr,
         "trainer.max_epochs": cfg.trainer.max_epochs,
         "model.width": cfg.model.width,
     }
+    for key in ("input_size", "train_scale", "test_scale", "train_scale_max"):
+        if cfg.data[key] is not None:
+            positive[f"data.{key}"] = cfg.data[key]
     for key, value in positive.items():
         if value is None or value <= 0:
             raise UserError(f"{key} must be positive, got {value}")
+    lrn_scale_value(cfg, pixel_std=1.0)  # the setting is valid
     if not 0 <= cfg.data.val_fraction < 1:
         raise UserError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}")
     if cfg.optim.schedule not in SCHEDULES:
@@ -105,6 +110,24 @@ def validate(cfg: DictConfig) -> None:
         raise UserError(f"unknown model.init {cfg.model.init!r}; choose one of: {', '.join(INITS)}, from_A")
     if cfg.data.train_subset is not None and cfg.data.train_subset <= 0:
         raise UserError(f"data.train_subset must be positive, got {cfg.data.train_subset}")
+
+
+def lrn_scale_value(cfg: DictConfig, pixel_std: float) -> float:
+    """The factor LRN applies to the activations it normalises (models.AlexNetLRN). "paper": 1
+    when the net already sees the paper's 0-255 inputs with no batch norm in front of its LRN;
+    otherwise 255 x the training images' pixel std, the factor by which those inputs would enlarge
+    the activations of the first conv."""
+    value = cfg.model.lrn_scale
+    if value == "paper":
+        at_paper_scale = cfg.data.normalize == "paper" and not cfg.model.batch_norm
+        return 1.0 if at_paper_scale else round(255 * pixel_std, 2)
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = -1.0
+    if not number > 0:
+        raise UserError(f"model.lrn_scale must be 'paper' or a positive number, got {value!r}")
+    return number
 
 
 def get_arch_or_error(name: str):
@@ -134,21 +157,28 @@ def prepare(cfg: DictConfig):
         torch.set_num_threads(cfg.trainer.threads)
     datamodule = make_datamodule(cfg.data, cfg.seed)
     datamodule.setup("fit")
+    model = model_for(cfg, cfg.arch, datamodule)
+    return datamodule, model
+
+
+def model_for(cfg: DictConfig, arch: str, datamodule, init: str | None = None):
+    """`arch` built for this config and this data (classes, input size, LRN scale)."""
+    init = init or ("kaiming" if cfg.model.init == "from_A" else cfg.model.init)
     try:
-        model = build_model(
-            cfg.arch,
+        return build_model(
+            arch,
             num_classes=datamodule.num_classes,
             in_channels=3,
-            input_size=cfg.data.input_size,
+            input_size=datamodule.input_size,
             width=cfg.model.width,
             batch_norm=cfg.model.batch_norm,
             head=cfg.model.head,
             dropout=cfg.model.dropout,
-            init="kaiming" if cfg.model.init == "from_A" else cfg.model.init,
+            init=init,
+            lrn_scale=lrn_scale_value(cfg, datamodule.pixel_std),
         )
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    return datamodule, model
 
 
 def curated_params(cfg: DictConfig, model, datamodule, precision: str) -> dict[str, str]:
@@ -162,7 +192,13 @@ def curated_params(cfg: DictConfig, model, datamodule, precision: str) -> dict[s
         "head": cfg.model.head,
         "init": cfg.model.init if starts_from_a(cfg) or cfg.model.init != "from_A" else "kaiming",
         "data": cfg.data.name,
-        "input_size": cfg.data.input_size,
+        "input_size": datamodule.input_size,
+        "train_scale": datamodule.sizes.train_scale,
+        "test_scale": datamodule.sizes.test_scale,
+        "normalize": cfg.data.normalize,
+        "data_digest": datamodule.dataset.digest,
+        "val_images": datamodule.split_counts()["val"],
+        "lrn_scale": lrn_scale_value(cfg, datamodule.pixel_std),
         "train_images": datamodule.num_train,
         "num_classes": datamodule.num_classes,
         "batch_size": cfg.data.batch_size,
@@ -192,7 +228,7 @@ def _trained_a_checkpoint(mlflow_client, experiment_id: str, cfg: DictConfig) ->
     raise UserError(f"init=from_A needs a FINISHED A run for seed {cfg.seed} in this study; run arch=A first")
 
 
-def _open_run(mlflow_client, experiment_id: str, cfg: DictConfig, key: str, params: dict, device_name: str):
+def _open_run(mlflow_client, experiment_id: str, cfg: DictConfig, key: str, params: dict, device_name: str, datamodule):
     """The MLflow run this attempt writes to, and the checkpoint to resume from.
 
     Returns ("skip", run) when the cell already FINISHED, ("busy", run) when a live process is
@@ -225,6 +261,7 @@ def _open_run(mlflow_client, experiment_id: str, cfg: DictConfig, key: str, para
         "arch": cfg.arch,
         "seed": str(cfg.seed),
         "fingerprint": tracking.fingerprint(cfg),
+        "data_digest": datamodule.dataset.digest,
         **tracking.environment_tags(device_name),
     }
     run_id = mlflow_client.create_run(
@@ -236,13 +273,31 @@ def _open_run(mlflow_client, experiment_id: str, cfg: DictConfig, key: str, para
 
     mlflow_client.log_batch(run_id, params=[Param(name, str(value)) for name, value in params.items()])
     mlflow_client.log_text(run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+    log_dataset(mlflow_client, run_id, datamodule)
     return "run", run_id, None
+
+
+def log_dataset(mlflow_client, run_id: str, datamodule) -> None:
+    """The dataset as an MLflow dataset input (the dashboard's Dataset column): name, digest of
+    its file list and sizes, source, and images per split and class as its profile."""
+    import json
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    ds = datamodule.dataset
+    profile = {**ds.profile(), "used": datamodule.split_counts(), "sizes": datamodule.describe()}
+    dataset = Dataset(
+        name=ds.name, digest=ds.digest, source_type="local", source=json.dumps({"uri": ds.source}),
+        profile=json.dumps(profile),
+    )  # fmt: skip
+    mlflow_client.log_inputs(run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", "training")])])
 
 
 def run_cell(cfg: DictConfig) -> CellResult:
     """Train, validate and test one cell; record it in MLflow. Raises UserError on bad input."""
     start = time.time()
     datamodule, model = prepare(cfg)
+    print(datamodule.describe(), flush=True)
     key = tracking.cell_key(cfg)
     accelerator, precision, channels_last = device_choice(cfg)
     device_name = torch.cuda.get_device_name() if accelerator == "gpu" else "cpu"
@@ -260,11 +315,12 @@ def run_cell(cfg: DictConfig) -> CellResult:
             )
             log.info("init from A: copied %s", ", ".join(transfer_from_a(model, trained_a)))
         params = curated_params(cfg, model, datamodule, precision)
-        opened = _open_run(mlflow_client, experiment_id, cfg, key, params, device_name)
+        opened = _open_run(mlflow_client, experiment_id, cfg, key, params, device_name, datamodule)
         if opened[0] != "run":
             run = opened[1]
             result.status = "SKIPPED" if opened[0] == "skip" else "BUSY"
             result.run_id, result.test_acc1 = run.info.run_id, run.data.metrics.get("test/acc1")
+            result.val_acc1 = _best_val(mlflow_client, run.info.run_id)
             return result
         _, run_id, resume_from = opened
         result.run_id = run_id
@@ -283,9 +339,27 @@ def run_cell(cfg: DictConfig) -> CellResult:
         best = trainer.checkpoint_callback.best_model_path or None
         trainer.test(module, datamodule=datamodule, ckpt_path=best, weights_only=True, verbose=False)
         result.test_acc1 = float(trainer.callback_metrics["test/acc1"])
+        result.val_acc1 = float(trainer.checkpoint_callback.best_model_score or trainer.callback_metrics.get("val/acc1", float("nan")))
+        test_images = int(trainer.callback_metrics["test/images"])
+        result.learned, chance_p = learned(result.test_acc1, test_images, datamodule.num_classes)
+        activity = lrn_activity(module.model, datamodule.val_dataloader())
+        if not result.learned:
+            print(
+                f"warning: {cfg.arch} seed={cfg.seed} learned nothing: test top-1 {result.test_acc1:.1%} is not "
+                f"above chance ({1 / datamodule.num_classes:.1%}; binomial p={chance_p:.2f} on {test_images} images)",
+                file=sys.stderr,
+                flush=True,
+            )
         if mlflow_client is not None:
             if best:
                 mlflow_client.set_tag(run_id, "best_checkpoint", best)
+            mlflow_client.set_tag(run_id, "learned", str(result.learned).lower())
+            mlflow_client.log_metric(run_id, "test/chance_p", chance_p)
+            mlflow_client.log_metric(run_id, "images_seen", trainer.global_step * cfg.data.batch_size)
+            mlflow_client.log_metric(run_id, "flops_per_image", forward_flops(module.model, datamodule.input_size))
+            if activity:
+                mlflow_client.log_metric(run_id, "lrn/denominator_mean", activity["mean"])
+                mlflow_client.log_metric(run_id, "lrn/denominator_p99", activity["p99"])
             mlflow_client.log_metric(run_id, "time/fit_seconds", fit_seconds)
             mlflow_client.log_metric(run_id, "time/seconds", time.time() - start)
             mlflow_client.set_terminated(run_id, "FINISHED")
@@ -308,6 +382,33 @@ def run_cell(cfg: DictConfig) -> CellResult:
     return result
 
 
+def learned(acc1: float, test_images: int, num_classes: int, alpha: float = 0.01) -> tuple[bool, float]:
+    """Is test top-1 accuracy above chance (1/classes)? One-sided binomial test; (verdict, p)."""
+    from scipy.stats import binomtest
+
+    correct = int(round(acc1 * test_images))
+    p = binomtest(correct, test_images, 1 / num_classes, alternative="greater").pvalue
+    return bool(p < alpha), float(p)
+
+
+def forward_flops(model, input_size: int) -> int:
+    """FLOPs (2 x multiply-adds) of one image's forward pass, counted by torch."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    param = next(model.parameters())
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, 3, input_size, input_size, device=param.device, dtype=param.dtype))
+    model.train(was_training)
+    return int(counter.get_total_flops())
+
+
+def _best_val(mlflow_client, run_id: str) -> float | None:
+    history = mlflow_client.get_metric_history(run_id, "val/acc1")
+    return max((m.value for m in history), default=None)
+
+
 def _reason(exc: BaseException) -> str:
     name = type(exc).__name__
     if name == "SIGTERMException":
@@ -327,15 +428,7 @@ def _fits_on_device(cfg: DictConfig, datamodule) -> bool:
 
 def _load_model_from(ckpt_path: str, cfg: DictConfig, datamodule):
     """The trained A of this cell's study and seed, from its best checkpoint (weights only)."""
-    model = build_model(
-        "A",
-        num_classes=datamodule.num_classes,
-        input_size=cfg.data.input_size,
-        width=cfg.model.width,
-        batch_norm=cfg.model.batch_norm,
-        head=cfg.model.head,
-        dropout=cfg.model.dropout,
-    )
+    model = model_for(cfg, "A", datamodule, init="kaiming")
     state = torch.load(ckpt_path, map_location="cpu", weights_only=True)["state_dict"]
     model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
     return model
@@ -440,7 +533,8 @@ def main(cfg: DictConfig) -> float | None:
     _print_summary(result)
     if result.status not in ("FINISHED", "SKIPPED", "BUSY") and not multirun:
         sys.exit(1)
-    return result.test_acc1
+    # What a sweeper (Optuna, Ax) optimises: validation accuracy, never a test figure.
+    return result.val_acc1
 
 
 def _print_summary(r: CellResult) -> None:
