@@ -84,6 +84,9 @@ def test_imagefolder_with_paper_preprocessing(tmp_path):
         ("corrupt", "corrupt image:"),
         ("classes", "have different classes"),
         ("no_images", "dataset folder has no images"),
+        ("only_text", "dataset folder has no images"),
+        ("zero_bytes", "empty image file (0 bytes)"),
+        ("val_class_not_in_train", "only in val: ['horse']"),
     ],
 )
 def test_bad_folders_fail_with_one_clear_line(tmp_path, breakage, message):
@@ -94,12 +97,21 @@ def test_bad_folders_fail_with_one_clear_line(tmp_path, breakage, message):
     elif breakage == "no_images":
         for split in ("train", "val"):
             (root / split / "cat").mkdir(parents=True)
-    elif breakage != "missing":
+    elif breakage not in ("missing", "only_text"):
         make_imagefolder(root)
     if breakage == "corrupt":
         (root / "train" / "cat" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
     if breakage == "classes":
         (root / "val" / "dog").rename(root / "val" / "horse")
+    if breakage == "only_text":
+        for split in ("train", "val"):
+            (root / split / "cat").mkdir(parents=True)
+            (root / split / "cat" / "notes.txt").write_text("not an image")
+    if breakage == "zero_bytes":
+        (root / "train" / "cat" / "empty.png").write_bytes(b"")
+    if breakage == "val_class_not_in_train":
+        (root / "val" / "horse").mkdir()
+        (root / "val" / "dog" / next(iter(sorted((root / "val" / "dog").iterdir()))).name).rename(root / "val" / "horse" / "x.jpg")
     cfg = DataConfig(name="imagefolder", root=str(root), input_size=32, train_scale=36, test_scale=36)
     with pytest.raises(UserError) as err:
         make_datamodule(cfg, seed=0).setup()
@@ -111,3 +123,135 @@ def test_bad_folders_fail_with_one_clear_line(tmp_path, breakage, message):
 def test_unknown_dataset_lists_the_valid_ones():
     with pytest.raises(UserError, match="choose one of: sample, cifar10, cifar100, imagefolder, synthetic"):
         make_datamodule(DataConfig(name="mnist"), seed=0)
+
+
+def _folder(root, splits, classes=("airplane", "frog"), per_class=10, mode="RGB", size=(32, 32)):
+    """A folder of real sample images, converted to `mode` and resized to `size`."""
+    from PIL import Image
+
+    from vgg_ablation.data import SAMPLE_ROOT
+
+    for split in splits:
+        for cls in classes:
+            (root / split / cls).mkdir(parents=True, exist_ok=True)
+            for src in sorted((SAMPLE_ROOT / "train" / cls).glob("*.jpg"))[:per_class]:
+                with Image.open(src) as im:
+                    im.convert(mode).resize(size).save(root / split / cls / (src.stem + ".png"))
+    return root
+
+
+def test_sizes_follow_the_data_when_unset(tmp_path):
+    root = _folder(tmp_path / "gray40", ("train", "val"), mode="L", size=(40, 40))
+    dm = make_datamodule(DataConfig(name="imagefolder", root=str(root)), seed=0)
+    dm.setup()
+    assert (dm.sizes.train_scale, dm.sizes.test_scale, dm.sizes.crop, dm.sizes.pad) == (40, 40, 40, 5)
+    x, _ = next(iter(dm.train_dataloader()))
+    assert x.shape[1:] == (3, 40, 40)  # grayscale converted to RGB, not blown up to 224
+    assert "median shorter side 40 px -> S=40, Q=40, crop 40" in dm.describe() and dm.mode == "in memory"
+
+
+def test_non_square_large_images_get_the_paper_sizes_and_file_decoding(tmp_path):
+    root = _folder(tmp_path / "big", ("train", "val"), per_class=3, size=(300, 260))
+    cfg = DataConfig(name="imagefolder", root=str(root), in_memory="off", batch_size=2)
+    dm = make_datamodule(cfg, seed=0)
+    dm.setup()
+    assert (dm.sizes.train_scale, dm.sizes.test_scale, dm.sizes.crop) == (256, 256, 224)
+    x, _ = next(iter(dm.test_dataloader()))
+    assert x.shape == (2, 3, 224, 224)
+
+
+def test_palette_and_rgba_images_become_rgb(tmp_path):
+    from vgg_ablation.data import load_rgb
+
+    root = _folder(tmp_path / "p", ("train",), per_class=1, mode="P")
+    rgba = _folder(tmp_path / "a", ("train",), per_class=1, mode="RGBA")
+    for folder in (root, rgba):
+        path = next((folder / "train" / "frog").iterdir())
+        assert load_rgb(path).mode == "RGB"
+
+
+def test_test_folder_naming_and_ignored_files(tmp_path):
+    root = _folder(tmp_path / "t", ("train", "test"))
+    (root / "train" / "frog" / "README.txt").write_text("notes")
+    (root / "train" / "frog" / ".DS_Store").write_bytes(b"x")
+    dm = make_datamodule(DataConfig(name="imagefolder", root=str(root)), seed=0)
+    dm.setup()
+    assert dm.split_counts() == {"train": 18, "val": 2, "test": 20}
+    assert dm.dataset.ignored == 2 and "2 non-image files ignored" in dm.describe()
+
+
+def test_train_only_folder_carves_validation_and_test(tmp_path):
+    root = _folder(tmp_path / "only", ("train",), per_class=50)
+    cfg = DataConfig(name="imagefolder", root=str(root))
+    dm = make_datamodule(cfg, seed=0)
+    dm.setup()
+    counts = dm.split_counts()
+    assert counts == {"train": 81, "val": 9, "test": 10}
+    assert "carved from train/" in dm.describe() and "train/ only" in dm.dataset.layout
+    again = make_datamodule(cfg, seed=5)  # the carve does not depend on the run's seed
+    again.setup()
+    assert torch.equal(dm.splits["test"][0], again.splits["test"][0])
+
+
+def test_digest_follows_the_files_not_the_path(tmp_path):
+    from vgg_ablation.data import identify_folder
+
+    root = _folder(tmp_path / "a", ("train", "val"))
+    digest = identify_folder(root, "x").digest
+    moved = root.rename(tmp_path / "elsewhere")
+    assert identify_folder(moved, "x").digest == digest
+    next((moved / "train" / "frog").iterdir()).unlink()
+    assert identify_folder(moved, "x").digest != digest
+
+
+def test_paper_normalisation_keeps_the_0_255_scale():
+    dm = make_datamodule(DataConfig(name="sample", normalize="paper", augment=False), seed=0)
+    dm.setup()
+    x, _ = next(iter(dm.test_dataloader()))
+    assert 50 < float(x.std()) < 80 and abs(float(x.mean())) < 10  # mean subtracted, 0-255 units
+    std = make_datamodule(DataConfig(name="sample"), seed=0)
+    std.setup()
+    x, _ = next(iter(std.test_dataloader()))
+    assert 0.8 < float(x.std()) < 1.2
+    assert dm.pixel_std == pytest.approx(std.pixel_std)
+
+
+def test_cifar_batches_from_a_local_folder(tmp_path):
+    """torchvision's extracted cifar-10-batches-py/ read offline (a small one, built here in the
+    documented pickle format from the sample's images)."""
+    import pickle
+
+    from vgg_ablation.data import SAMPLE_ROOT
+
+    sample = make_datamodule(DataConfig(name="sample", augment=False), seed=0)
+    sample.setup()
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    x, y = sample.splits["train"]
+    for i in range(1, 6):
+        part = slice((i - 1) * 100, i * 100)
+        batch = {b"data": x[part].reshape(100, -1).numpy(), b"labels": y[part].tolist()}
+        (folder / f"data_batch_{i}").write_bytes(pickle.dumps(batch))
+    tx, ty = sample.splits["test"]
+    (folder / "test_batch").write_bytes(pickle.dumps({b"data": tx[:200].reshape(200, -1).numpy(), b"labels": ty[:200].tolist()}))
+    names = sorted(p.name for p in (SAMPLE_ROOT / "train").iterdir())
+    (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": [n.encode() for n in names]}))
+    dm = make_datamodule(DataConfig(name="cifar10", root=str(tmp_path)), seed=0)
+    dm.setup()
+    assert dm.split_counts() == {"train": 450, "val": 50, "test": 200} and dm.classes == names
+    assert torch.equal(dm.splits["train"][0][0], x[carve_validation(500, 0.1)[0][0]])
+
+
+def test_cifar_missing_offline_says_what_to_put_where(tmp_path, monkeypatch):
+    import socket
+
+    def offline(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", offline)
+    monkeypatch.setattr(socket.socket, "connect", offline)
+    with pytest.raises(UserError) as err:
+        make_datamodule(DataConfig(name="cifar10", root=str(tmp_path / "nothing")), seed=0)
+    text = str(err.value)
+    assert "put the folder cifar-10-batches-py/" in text and str(tmp_path / "nothing") in text
+    assert "cifar-10-python.tar.gz" in text and "\n" not in text

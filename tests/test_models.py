@@ -174,3 +174,31 @@ def test_layer_table_totals_like_the_lecture():
     assert list(convs["params"]) == [156, 2416]
     assert list(convs["output shape"]) == [(6, 28, 28), (16, 14, 14)]
     assert table["total"].iloc[-1] == 107_786
+
+
+def test_lrn_scale_is_lrn_on_scaled_activations():
+    a = torch.rand(2, 16, 5, 5)
+    scaled_layer = AlexNetLRN(scale=64.0)
+    torch.testing.assert_close(scaled_layer(a), AlexNetLRN()(64.0 * a) / 64.0)
+
+
+def test_lrn_activity_near_1_standardised_and_clearly_above_at_the_paper_scale():
+    from vgg_ablation.config import DataConfig
+    from vgg_ablation.data import make_datamodule
+    from vgg_ablation.models import lrn_activity
+
+    torch.manual_seed(0)
+    net = build_model("A-LRN", num_classes=10, input_size=32, width=0.125)
+    standard = make_datamodule(DataConfig(name="sample", augment=False), seed=0)
+    paper = make_datamodule(DataConfig(name="sample", augment=False, normalize="paper"), seed=0)
+    for dm in (standard, paper):
+        dm.setup()
+    on_standard = lrn_activity(net, standard.val_dataloader(), max_images=256)
+    on_paper = lrn_activity(net, paper.val_dataloader(), max_images=256)
+    assert on_standard["mean"] < 1.01 and on_standard["p99"] < 1.05
+    assert on_paper["mean"] > 1.15 and on_paper["p99"] > 2
+    # lrn_scale at the paper's factor (255 x pixel std) brings LRN to that activity on standardised inputs
+    net.features[2].scale = 255 * standard.pixel_std
+    emulated = lrn_activity(net, standard.val_dataloader(), max_images=256)
+    assert emulated["mean"] > 1.15
+    assert lrn_activity(build_model("A", num_classes=10, input_size=32, width=0.125), standard.val_dataloader()) is None

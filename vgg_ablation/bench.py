@@ -24,7 +24,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from vgg_ablation.errors import UserError
 from vgg_ablation.models import PAPER_STEPS, build_model
@@ -212,6 +212,8 @@ def run_bench(args: list[str]) -> int:
     device = torch.device("cuda" if accelerator == "gpu" else "cpu")
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
     datamodule, _ = prepare(cfg)
+    with open_dict(cfg):  # sizes the data chose (a folder's own size when none was set)
+        cfg.data.input_size = datamodule.input_size
     if device.type == "cuda" and hasattr(datamodule, "move_to"):
         datamodule.move_to(device)
     synthetic = synthetic_batches(cfg, device)

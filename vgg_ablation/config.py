@@ -91,6 +91,14 @@ class StudyConfig:
     archs: list[str] = field(default_factory=lambda: ["A", "A-LRN", "B", "C", "D", "E"])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     description: str = ""
+    # Fixed before the runs (the report's tests use them; they change no run):
+    # margin: points of top-1 error within which two nets count as equivalent ("no better"
+    # claims, TOST). 0.5: under the smallest gain the paper reports as real (C over B, 0.6 points
+    # in Table 3), and about 1.5 standard errors of a 10,000-image test error near 25%.
+    margin: float = 0.5
+    # min_effect: the smallest gain worth detecting, in points, for planning seeds: 1 point, the
+    # size of the paper's depth steps (A->B 0.9, B->D 1.7 points).
+    min_effect: float = 1.0
 
 
 @dataclass

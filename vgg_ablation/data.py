@@ -127,7 +127,7 @@ def _list_split(split_dir: Path) -> tuple[dict[str, list[Path]], int]:
     if not by_class:
         raise UserError(f"dataset folder is empty (no class folders): {split_dir}")
     if not any(by_class.values()):
-        raise UserError(f"no images in {split_dir} ({ignored} non-image files ignored; images end in .jpg, .png, ...)")
+        raise UserError(f"dataset folder has no images: {split_dir} ({ignored} non-image files ignored; images end in .jpg, .png, ...)")
     return by_class, ignored
 
 

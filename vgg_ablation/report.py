@@ -49,7 +49,7 @@ def _histories(client, runs: pd.DataFrame, metric: str = "val/err1") -> pd.DataF
         seen = {}
         for m in client.get_metric_history(run["run_id"], metric):
             seen[m.step] = m.value  # a resumed run re-logs some epochs: the last value wins
-        rows += [{"arch": run["arch"], "seed": run["seed"], "epoch": s, metric: v} for s, v in seen.items()]
+        rows += [{"net": run["net"], "seed": run["seed"], "epoch": s, metric: v} for s, v in seen.items()]
     return pd.DataFrame(rows)
 
 
@@ -69,14 +69,14 @@ def _plots(
         plt.close(fig)
         names.append(name)
 
-    vgg = summary[summary.index.isin([*PAPER_STEPS, "B-5x5"])]
+    vgg = summary[summary["arch"].isin([*PAPER_STEPS, "B-5x5"])]
     # Nets of equal depth (A and A-LRN at 11, C and D at 16) side by side, not on top of each other.
     rank = vgg.groupby("depth").cumcount()
     size = vgg.groupby("depth")["depth"].transform("size")
     x = vgg["depth"] + 0.3 * (rank - (size - 1) / 2)
     fig, ax = plt.subplots(figsize=(6, 4))
     for arch, row in vgg.iterrows():
-        seeds = res.loc[res["arch"] == arch, "test_err1"] * 100
+        seeds = res.loc[res["net"] == arch, "test_err1"] * 100
         ax.scatter([x[arch]] * len(seeds), seeds, s=12, alpha=0.4, color="grey")
         ax.errorbar(
             x[arch], row["top1_err_mean"] * 100, yerr=(row["top1_err_std"] or 0) * 100, fmt="o", capsize=4
@@ -93,7 +93,7 @@ def _plots(
     if not curves.empty:
         fig, ax = plt.subplots(figsize=(6, 4))
         for arch in summary.index:
-            c = curves[curves["arch"] == arch].groupby("epoch")["val/err1"].agg(["mean", "std"])
+            c = curves[curves["net"] == arch].groupby("epoch")["val/err1"].agg(["mean", "std"])
             if c.empty:
                 continue
             line = ax.plot(c.index + 1, c["mean"] * 100, label=arch)[0]
@@ -127,17 +127,18 @@ def _plots(
     return names
 
 
-def _arch_table(summary: pd.DataFrame) -> str:
+def _arch_table(summary: pd.DataFrame, improving: pd.Series) -> str:
     rows = []
-    for arch, r in summary.iterrows():
-        paper = PAPER_TABLE3.get(arch)
-        if arch == "B-5x5":
+    for net, r in summary.iterrows():
+        paper = PAPER_TABLE3.get(net)
+        if net == "B-5x5":
             paper_text = "B + ~7 (sec. 4.1)"
         else:
             paper_text = f"{paper[0]} / {paper[1]}" if paper else ""
+        collapsed = r["not_learned"]
         rows.append(
             {
-                "arch": md_escape(arch),
+                "net": md_escape(net),
                 "depth": int(r["depth"]),
                 "params": f"{int(r['params']):,}",
                 "seeds": int(r["seeds"]),
@@ -146,68 +147,135 @@ def _arch_table(summary: pd.DataFrame) -> str:
                 "paper top-1 / top-5 % (ImageNet, S=256)": paper_text,
                 "epochs": int(r["epochs"]),
                 "s / run": f"{r['seconds_mean']:.0f}" if not math.isnan(r["seconds_mean"]) else "",
-                "learned?": "**at chance**" if r["at_chance"] else "yes",
+                "learned": "**no: seeds " + ", ".join(map(str, collapsed)) + "**" if collapsed else "every seed",
+                "still improving at the end": "yes" if improving.get(net, False) else "no",
             }
         )
     return pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)
 
 
+def _seed_table(res: pd.DataFrame, order: list[str]) -> str:
+    """Test top-1 error per net and seed: the paired design, visible."""
+    table = res.pivot_table(index="seed", columns="net", values="test_err1", aggfunc="first")
+    table = table[[n for n in order if n in table.columns]]
+    shown = table.map(lambda v: pct(v, 2))
+    for _, r in res[~res["learned"].astype(bool)].iterrows():
+        shown.loc[r["seed"], r["net"]] += " (not above chance)"
+    shown.index = pd.Index([int(i) for i in shown.index], name="seed")
+    shown.columns = [md_escape(c) for c in shown.columns]
+    return shown.to_markdown(disable_numparse=True)
+
+
+def _p(value: float) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return "<0.001" if value < 0.001 else f"{value:.3f}"
+
+
 def _conclusion_table(concl: pd.DataFrame) -> str:
     def ci(r) -> str:
-        if math.isnan(r["ci_low"]):
-            return "n/a (one seed)"
-        return f"[{100 * r['ci_low']:+.1f}, {100 * r['ci_high']:+.1f}]"
+        if pd.isna(r.get("ci_low")):
+            return "n/a" if r["test"] else ""
+        return f"[{100 * r['ci_low']:+.2f}, {100 * r['ci_high']:+.2f}]"
 
     rows = [
         {
             "#": r["claim"],
-            "paper's claim": r["statement"],
-            "seeds": r["seeds"],
-            "Δ top-1 err (pts)": f"{100 * r['diff_top1_err']:+.1f}",
+            "paper's claim": md_escape(r["statement"]),
+            "test": r["test"] + (f", {r['n']}" if r["n"] else ""),
+            "Δ top-1 err (pts)": "" if pd.isna(r.get("diff")) else f"{100 * r['diff']:+.2f}",
             "95% CI": ci(r),
-            "p (Welch)": "" if math.isnan(r["p"]) else f"{r['p']:.3f}",
-            "Hedges' g": "" if math.isnan(r["hedges_g"]) else f"{r['hedges_g']:+.2f}",
-            "verdict": f"**{r['verdict']}**",
-            "seeds to decide": (
-                ""
-                if math.isnan(r["seeds_needed"])
-                else "no effect to detect"
-                if math.isinf(r["seeds_needed"])
-                else f"~{int(r['seeds_needed'])} per arch"
-            ),
+            "p": _p(r.get("p")),
+            "p (Holm)": _p(r.get("p_holm")),
+            "outcome": f"**{md_escape(r['outcome'])}**",
+            "caveat": md_escape(r.get("caveat") or ""),
         }
         for _, r in concl.iterrows()
     ]
     return pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)
 
 
-def budget_caveat(cfg: DictConfig, concl: pd.DataFrame, summary: pd.DataFrame) -> str:
-    """Small budgets are honest budgets: a depth claim that fails without the paper's remedies is
-    a statement about the budget, not about the paper."""
-    if concl.empty:
-        return ""
-    depth_rows = concl[concl["about_depth"]]
-    troubled = depth_rows[
-        depth_rows["verdict"].str.startswith(("contradicted", "no verdict", "inconclusive"))
-    ]
-    if troubled.empty:
-        return ""
-    remedies = []
-    if cfg.model.init != "from_A":
-        remedies.append(
-            "the deeper nets start from random weights, not from a trained A (the paper's section 3.1)"
+def _plan_table(concl: pd.DataFrame, margin: float, min_effect: float) -> str:
+    rows = []
+    for _, r in concl.iterrows():
+        if pd.isna(r.get("sd")):
+            continue
+        target = (
+            f"a {min_effect:g}-point gain" if r["kind"] == "better" else f"equivalence within ±{margin:g} points"
         )
-    if not cfg.model.batch_norm:
-        remedies.append("there is no normalisation (deep plain nets learn slowly)")
-    epochs = int(summary["epochs"].max())
-    remedies.append(f"each net trains {epochs} epochs (the paper: 74 epochs of 1.3M ImageNet images)")
+        needed = r["seeds_needed"]
+        rows.append(
+            {
+                "#": r["claim"],
+                "comparison": f"{md_escape(r['first'])} vs {md_escape(r['second'])}",
+                "sd of one difference (pts)": f"{100 * r['sd']:.2f}",
+                "to detect": target,
+                "paired seeds per net (plan)": "" if pd.isna(needed) else f"{int(needed)}",
+            }
+        )
+    return pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True) if rows else ""
+
+
+def _lrn_section(summary: pd.DataFrame, runs_res: pd.DataFrame) -> list[str]:
+    activity = analysis.lrn_activity(summary)
+    if activity.empty:
+        return []
+    lines = [
+        "## How active was LRN?",
+        "",
+        "LRN's constants (k=2, alpha=1e-4, n=5, beta=0.75) were set for the activations that 0-255 "
+        "inputs give. Measured on 1,024 validation images in each trained net: the denominator over "
+        "k (1.00 = the layer passes activations through unchanged).",
+        "",
+        "| net | LRN scale | denominator / k, mean | 99th percentile | at this input scale |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for net, r in activity.iterrows():
+        scale = runs_res.loc[runs_res["net"] == net, "lrn_scale"].dropna().unique()
+        lines.append(
+            f"| {md_escape(net)} | {md_escape(', '.join(map(str, scale)))} | {r['denominator_mean']:.3f} | "
+            f"{r['denominator_p99']:.3f} | {'active' if r['active'] else '**LRN inactive at this input scale**'} |"
+        )
+    if not activity["active"].all():
+        lines += [
+            "",
+            "An inactive LRN makes claim 1 true by construction: rerun with `model.lrn_scale=paper` "
+            "(the default) or `data.normalize=paper` to test it as the paper had it.",
+        ]
+    return [*lines, ""]
+
+
+def budget_caveat(cfg: DictConfig, concl: pd.DataFrame, improving: pd.Series) -> str:
+    """The budget caveat, exactly where a compared net had not converged, whatever the outcome."""
+    if concl.empty or not concl["not_converged"].map(len).any():
+        return ""
+    nets = sorted({n for ns in concl["not_converged"] for n in ns})
+    claims = [str(r["claim"]) + " (" + f"{r['first']} vs {r['second']}" + ")" for _, r in concl.iterrows() if r["not_converged"]]
     return (
-        "> **The depth comparison is limited by this budget.** "
-        + "; ".join(remedies)[0].upper()
-        + "; ".join(remedies)[1:]
-        + ". Deeper plain nets need more updates to catch up, so at this budget a depth claim that is "
-        "not supported says that the budget is too small to test it, not that the paper is wrong. "
-        "Run `vgg-ablation study experiment=cifar10` on a GPU, or raise `trainer.max_epochs`, to test it."
+        f"> **Budget caveat.** {md_escape(', '.join(nets))} {'was' if len(nets) == 1 else 'were'} still improving "
+        f"at the end ({cfg.trainer.max_epochs} epochs: validation error fell over the last 3 epochs by more than "
+        f"twice its noise), so the outcomes of claims {md_escape(', '.join(claims))} describe this budget; "
+        "a longer one may change them. Raise `trainer.max_epochs`, or run on a GPU."
+    )
+
+
+def study_fingerprints(cfg: DictConfig) -> list[str]:
+    from vgg_ablation.study import needs_scratch_b, scratch_config
+
+    fps = [tracking.fingerprint(cfg)]
+    if needs_scratch_b(cfg):
+        fps.append(tracking.fingerprint(scratch_config(cfg)))
+    return fps
+
+
+def _dataset_line(res: pd.DataFrame, cfg: DictConfig) -> str:
+    digests = ", ".join(f"`{d}`" for d in sorted(res["data_digest"].dropna().unique())) or "not recorded"
+    counts = res.iloc[0]
+    val = f"{int(counts['val_images']):,} validation, " if not pd.isna(counts.get("val_images")) else ""
+    return (
+        f"| data | `{md_escape(cfg.data.name)}`, digest {digests}: {int(counts['train_images']):,} training, "
+        f"{val}{int(counts['test_images']):,} test images, {int(counts['num_classes'])} classes; "
+        f"normalize `{cfg.data.normalize}` |"
     )
 
 
@@ -222,8 +290,8 @@ def write_report(cfg: DictConfig, out_dir: Path = REPORTS_DIR) -> Path:
             f"run `vgg-ablation study experiment={cfg.study.name}` first (or set MLFLOW_TRACKING_URI)"
         )
     experiment = tracking.experiment_name(cfg)
-    fp = tracking.fingerprint(cfg)
-    runs = analysis.load_runs(uri, experiment, fp)
+    fps = study_fingerprints(cfg)
+    runs = analysis.load_runs(uri, experiment, fps)
     if runs.empty:
         raise UserError(
             f"no runs recorded for study {cfg.study.name!r} (this config) in {uri}; "
@@ -232,17 +300,25 @@ def write_report(cfg: DictConfig, out_dir: Path = REPORTS_DIR) -> Path:
     res = analysis.results(runs)
     if res.empty:
         raise UserError(f"study {cfg.study.name!r} has runs in {uri} but none FINISHED yet")
-    summary = analysis.per_arch(res, order=[*cfg.study.archs])
-    concl = analysis.test_conclusions(res, summary)
+    order = [*cfg.study.archs, f"B{analysis.SCRATCH}"]
+    summary = analysis.per_arch(res, order=order)
     client = tracking.client(uri)
     curves = _histories(client, res)
+    val_images = float(res["val_images"].dropna().iloc[0]) if res["val_images"].notna().any() else 5000.0
+    improving = analysis.still_improving(curves, val_images)
+    margin, min_effect = cfg.study.margin, cfg.study.min_effect
+    concl = analysis.test_conclusions(
+        res, summary, margin=margin / 100, min_effect=min_effect / 100, improving=improving
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = _plots(cfg.study.name, summary, res, curves, out_dir)
+    compute = analysis.compute_table(summary, cfg.model.init)
 
     orphaned = [r for _, r in runs.iterrows() if r["status"] == "RUNNING" and _orphaned(client, r["run_id"])]
     not_results = runs[~runs["run_id"].isin(res["run_id"])]
     wall = (res["end_time"].max() - res["start_time"].min()).total_seconds()
     exp = client.get_experiment_by_name(experiment)
+    decided = concl[concl["outcome"].str.startswith(("supported", "contradicted"))] if not concl.empty else concl
     lines = [
         f"# Study `{md_escape(cfg.study.name)}`: do the VGG conclusions hold here?",
         "",
@@ -250,44 +326,78 @@ def write_report(cfg: DictConfig, out_dir: Path = REPORTS_DIR) -> Path:
         "",
         "| | |",
         "|---|---|",
-        f"| data | `{cfg.data.name}`, {int(res['train_images'].iloc[0]):,} "
-        f"training images (10% of the training split held out for validation), input {cfg.data.input_size}px |",
+        _dataset_line(res, cfg),
         f"| budget | {cfg.trainer.max_epochs} epochs, batch {cfg.data.batch_size}, width x{cfg.model.width}, "
         f"batch norm {'on' if cfg.model.batch_norm else 'off'}, init `{cfg.model.init}`, "
-        f"lr {cfg.optim.lr} ({cfg.optim.schedule}), dropout {cfg.model.dropout} |",
-        f"| archs x seeds | {', '.join(cfg.study.archs)} x seeds {', '.join(map(str, cfg.study.seeds))} |",
+        f"lr {cfg.optim.lr} ({cfg.optim.schedule}), dropout {cfg.model.dropout}, LRN scale `{cfg.model.lrn_scale}` |",
+        f"| nets x seeds | {', '.join(md_escape(n) for n in summary.index)} x seeds {', '.join(map(str, cfg.study.seeds))} |",
+        f"| tests | margin ±{margin:g} points (equivalence), smallest effect of interest {min_effect:g} points "
+        f"(planning); one-sided tests at {analysis.ALPHA} (95% intervals), Holm across {len(concl)} claims |",
         f"| hardware | {md_escape(', '.join(sorted(res['device'].dropna().unique())))}, "
         f"{os.cpu_count()} CPU cores where this report was written |",
         f"| versions | torch {md_escape(', '.join(sorted(res['torch_version'].dropna().unique())))}, "
         f"Lightning {md_escape(', '.join(sorted(res['lightning_version'].dropna().unique())))}, "
         f"MLflow {mlflow.__version__} |",
         f"| git commit | {md_escape(', '.join(sorted(res['git_commit'].dropna().unique())))} |",
-        f"| runs | {len(res)} results (one FINISHED run per arch and seed) of {len(runs)} recorded; "
+        f"| runs | {len(res)} results (one FINISHED run per net and seed) of {len(runs)} recorded; "
         f"{len(not_results)} not counted |",
         f"| wall time | {wall / 60:.1f} min ({wall:.0f} s, first run's start to last run's end) |",
         f"| written | {time.strftime('%Y-%m-%d %H:%M %Z')} from MLflow experiment `{md_escape(experiment)}` "
-        f"(id {exp.experiment_id if exp else '?'}), config fingerprint `{fp}` |",
+        f"(id {exp.experiment_id if exp else '?'}), config fingerprint{'s' if len(fps) > 1 else ''} "
+        f"{', '.join(f'`{f}`' for f in fps)} |",
         "",
-        "## Results per architecture",
+        f"**{len(decided)} of {len(concl)} claims decided**"
+        + (": " + "; ".join(f"claim {r['claim']} ({md_escape(r['first'])} vs {md_escape(r['second'])}) {r['outcome']}" for _, r in decided.iterrows()) if len(decided) else "")
+        + ".",
+        "",
+        "## Results per network",
         "",
         "Test top-1/top-5 error on this data, mean ± standard deviation over seeds, beside the paper's "
         "ImageNet errors (Table 3). The absolute numbers are not comparable across datasets; the "
         "ordering is what the paper's conclusions are about.",
         "",
-        _arch_table(summary),
+        _arch_table(summary, improving),
         "",
         "## The paper's conclusions, tested",
         "",
-        "Δ is the first net's test top-1 error minus the second's (negative: the first is better), "
-        "with a 95% Welch confidence interval, Welch's t-test p and Hedges' g over seeds. "
-        f"'Better' claims need the whole interval below 0; 'no better' claims need any gain to stay "
-        f"under {100 * analysis.MARGIN:.0f} point. Seeds to decide: per arch, for 80% power at the "
-        "observed spread.",
+        "Δ is the first net's test top-1 error minus the second's, in points (negative: the first is "
+        "better), with its 95% interval. Nets run on the same seeds are compared seed by seed (paired "
+        "t: a seed fixes the validation split, data order, augmentation and initial weights); "
+        "otherwise Welch's t. 'Better' claims are supported when the first net's error is "
+        f"significantly lower; 'no better' claims when the two are equivalent within ±{margin:g} points "
+        "(two one-sided tests), contradicted when the first net is better, or worse ('it degrades'), by "
+        "more than the margin. p is the deciding outcome's one-sided p; verdicts use Holm's "
+        f"adjustment across the claims below, at {analysis.ALPHA}.",
         "",
         _conclusion_table(concl) if not concl.empty else "_No claim has both of its nets in this study._",
         "",
-        budget_caveat(cfg, concl, summary),
+        budget_caveat(cfg, concl, improving),
         "",
+        "### Seeds per network and seed (test top-1 error, %)",
+        "",
+        _seed_table(res, order),
+        "",
+        "### Planning the next study",
+        "",
+        "Not post-hoc power: paired seeds per net that a study needs for 80% power to decide each "
+        f"comparison at the strictest Holm level ({analysis.ALPHA}/{len(concl)}), given the spread of "
+        "the per-seed differences measured here.",
+        "",
+        _plan_table(concl, margin, min_effect),
+        "",
+        *_lrn_section(summary, res),
+    ]
+    if not compute.empty:
+        lines += [
+            "## Compute",
+            "",
+            "Forward FLOPs per image (torch's FlopCounterMode, multiply-add = 2) and images seen in "
+            "training; nets that start from the trained A also count A's training.",
+            "",
+            compute.to_markdown(floatfmt=",.4g"),
+            "",
+        ]
+    lines += [
         "### From the designs themselves (no training; computed from the model definitions)",
         "",
         design.stack_comparison()
@@ -307,7 +417,7 @@ def write_report(cfg: DictConfig, out_dir: Path = REPORTS_DIR) -> Path:
         lines += [
             "## Runs not counted",
             "",
-            "| run | arch | seed | status | reason |",
+            "| run | net | seed | status | reason |",
             "|---|---|---|---|---|",
         ]
         for _, r in not_results.iterrows():
@@ -318,7 +428,7 @@ def write_report(cfg: DictConfig, out_dir: Path = REPORTS_DIR) -> Path:
             )
             reason = r["failure_reason"] if isinstance(r["failure_reason"], str) else ""
             lines.append(
-                f"| `{r['run_id'][:8]}` | {md_escape(r['arch'])} | {r['seed']:.0f} | {status} | {md_escape(reason)} |"
+                f"| `{r['run_id'][:8]}` | {md_escape(r['net'])} | {r['seed']:.0f} | {status} | {md_escape(reason)} |"
             )
         lines.append("")
     lines += [

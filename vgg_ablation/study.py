@@ -69,17 +69,47 @@ def check_study(cfg: DictConfig) -> None:
             raise UserError(str(exc)) from None
 
 
+SCRATCH_CONTROL = ["model.init=kaiming"]
+
+
+def needs_scratch_b(cfg: DictConfig) -> bool:
+    """B-5x5 trains from scratch (nothing of A fits its 5x5 convs): in a study whose deeper nets
+    start from A, claim 4 needs a B trained from scratch too, or it compares starts, not filters."""
+    archs = list(cfg.study.archs)
+    return cfg.model.init == "from_A" and "B-5x5" in archs and "B" in archs
+
+
+def cell_configs(cfg: DictConfig) -> list[tuple[str, DictConfig]]:
+    """(label, config) of every net the study trains: its archs, plus 'B (scratch)' when needed."""
+    from vgg_ablation.analysis import SCRATCH
+
+    nets = [(arch, cfg) for arch in cfg.study.archs]
+    if needs_scratch_b(cfg):
+        nets.append((f"B{SCRATCH}", scratch_config(cfg)))
+    return nets
+
+
+def scratch_config(cfg: DictConfig) -> DictConfig:
+    from omegaconf import open_dict
+
+    scratch = cfg.copy()
+    with open_dict(scratch):
+        scratch.model.init = "kaiming"
+    return scratch
+
+
 def cell_states(cfg: DictConfig) -> pd.DataFrame:
-    """One row per (arch, seed) of the study: its latest run's status, or MISSING."""
+    """One row per (net, seed) of the study: its latest run's status, or MISSING."""
     uri = tracking.tracking_uri(cfg.logger.tracking_uri)
     client = tracking.client(uri)
     experiment = client.get_experiment_by_name(tracking.experiment_name(cfg))
     rows = []
-    for arch in cfg.study.archs:
+    for label, net_cfg in cell_configs(cfg):
+        arch = label.split(" ")[0]
         for seed in cfg.study.seeds:
             runs = []
             if experiment is not None:
-                key = tracking.cell_key(tracking.cell_cfg(cfg, arch, seed))
+                key = tracking.cell_key(tracking.cell_cfg(net_cfg, arch, seed))
                 runs = tracking.runs_of_cell(client, experiment.experiment_id, key)
             finished = [r for r in runs if r.info.status == "FINISHED"]
             run = (finished or runs or [None])[0]
@@ -95,7 +125,7 @@ def cell_states(cfg: DictConfig) -> pd.DataFrame:
                 started = run.info.start_time / 1000
             rows.append(
                 {
-                    "arch": arch,
+                    "arch": label,
                     "seed": seed,
                     "status": status,
                     "test top-1": acc,
@@ -162,8 +192,9 @@ def run_study(args: list[str]) -> int:
         flush=True,
     )
     exit_codes = []
-    for phase in phases:
-        code = launch(pinned, phase, seeds, folder, seed_major=cfg.model.init != "from_A")
+    extra = [SCRATCH_CONTROL] if needs_scratch_b(cfg) else []
+    for phase, overrides in [(p, []) for p in phases] + [(["B"], e) for e in extra]:
+        code = launch(pinned + overrides, phase, seeds, folder, seed_major=cfg.model.init != "from_A")
         exit_codes.append(code)
         if code not in (0, 1):  # killed or interrupted: stop, do not start the next phase
             break

@@ -31,6 +31,8 @@ NON_SEMANTIC = {
     "study.archs",
     "study.seeds",
     "study.description",
+    "study.margin",
+    "study.min_effect",
     "logger",
     "trainer.progress_bar",
     "trainer.threads",
