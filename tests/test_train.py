@@ -1,5 +1,6 @@
 """One real training run through the CLI into a temporary MLflow store, read back with MLflow."""
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -90,6 +91,17 @@ def _broken_folder(workdir, kind):
         (root / "train" / "dog" / "0000-bad.jpg").write_bytes(b"garbage")
     if kind == "classes":
         (root / "val" / "cat").rename(root / "val" / "bird")
+    if kind == "valonly":  # a class in val/ that train/ lacks
+        (root / "val" / "bird").mkdir()
+        next((root / "val" / "cat").iterdir()).rename(root / "val" / "bird" / "x.jpg")
+    if kind == "zerobyte":
+        (root / "train" / "cat" / "empty.jpg").write_bytes(b"")
+    if kind == "textonly":
+        for split in ("train", "val"):
+            for cls in ("cat", "dog"):
+                for image in (root / split / cls).iterdir():
+                    image.unlink()
+                (root / split / cls / "labels.csv").write_text("file,label\n")
     return root
 
 
@@ -105,18 +117,21 @@ def _broken_folder(workdir, kind):
         (["data=imagefolder", "data.root={empty}"], "dataset folder is empty"),
         (["data=imagefolder", "data.root={corrupt}", "data.input_size=32"], "corrupt image: "),
         (["data=imagefolder", "data.root={classes}", "data.input_size=32"], "have different classes"),
+        (["data=imagefolder", "data.root={valonly}"], "only in val: ['bird']"),
+        (["data=imagefolder", "data.root={zerobyte}"], "empty image file (0 bytes): "),
+        (["data=imagefolder", "data.root={textonly}"], "dataset folder has no images: "),
         (["data.batch_size=0"], "data.batch_size must be positive, got 0"),
         (["optim.lr=-0.1"], "optim.lr must be positive, got -0.1"),
         (["trainer.max_epochs=0"], "trainer.max_epochs must be positive, got 0"),
         (["data.input_size=16"], "A needs inputs of at least 32x32"),
         (["trainer.max_epoch=3"], "Key 'max_epoch' not in 'TrainerConfig'"),
         (["logger.tracking_uri=http://127.0.0.1:9"], "MLflow tracking server unreachable"),
-        (["data=cifar10", "data.root={tmp}/cifar"], "could not get cifar10 into"),
+        (["data=cifar10", "data.root={tmp}/cifar"], "cifar10 not found in"),
     ],
 )
 def test_bad_input_one_line_nonzero_exit_nothing_recorded(workdir, args, message):
     paths = {"tmp": workdir}
-    for kind in ("empty", "corrupt", "classes"):
+    for kind in ("empty", "corrupt", "classes", "valonly", "zerobyte", "textonly"):
         if any("{" + kind + "}" in a for a in args):
             paths[kind] = _broken_folder(workdir / kind, kind)
     args = [a.format(**paths) for a in args]
@@ -128,3 +143,76 @@ def test_bad_input_one_line_nonzero_exit_nothing_recorded(workdir, args, message
     assert "Traceback" not in out.stderr
     assert all_runs(workdir) == []
     assert not (workdir / "outputs").exists()
+
+
+def _sample_as_folder(root: Path, classes=None, per_class=None, mode="RGB", size=None, val_per_class=None) -> Path:
+    """The embedded sample laid out as a user's folder: train/ = its train, val/ = its test."""
+    from PIL import Image
+
+    from vgg_ablation.data import SAMPLE_ROOT
+
+    for split, target, limit in (("train", "train", per_class), ("test", "val", val_per_class)):
+        for cls_dir in sorted((SAMPLE_ROOT / split).iterdir()):
+            if classes and cls_dir.name not in classes:
+                continue
+            out = root / target / cls_dir.name
+            out.mkdir(parents=True)
+            for src in sorted(cls_dir.glob("*.jpg"))[:limit]:
+                if mode == "RGB" and size is None:
+                    shutil.copy(src, out / src.name)
+                else:
+                    with Image.open(src) as im:
+                        im.convert(mode).resize(size, Image.BICUBIC).save(out / (src.stem + ".png"))
+    return root
+
+
+def _test_acc(folder: Path) -> float:
+    (run,) = all_runs(folder)
+    assert run.info.status == "FINISHED"
+    return run.data.metrics["test/acc1"]
+
+
+def test_the_sample_as_a_folder_learns_as_well_as_data_sample(workdir):
+    budget = ["trainer.max_epochs=2", "trainer.progress_bar=false"]  # the default net and recipe
+    root = _sample_as_folder(workdir / "sample-folder")
+    (workdir / "a").mkdir()
+    (workdir / "b").mkdir()
+    folder = run_cli(["train", "data=imagefolder", f"data.root={root}", *budget], workdir / "a")
+    assert folder.returncode == 0, folder.stderr[-3000:]
+    assert "S=32, Q=32, crop 32" in folder.stdout and "in memory" in folder.stdout
+    sample = run_cli(["train", "data=sample", *budget], workdir / "b")
+    assert sample.returncode == 0, sample.stderr[-3000:]
+    acc_folder, acc_sample = _test_acc(workdir / "a"), _test_acc(workdir / "b")
+    assert abs(acc_folder - acc_sample) <= 0.03, (acc_folder, acc_sample)
+    assert all(r.data.tags["learned"] == "true" for f in ("a", "b") for r in all_runs(workdir / f))
+
+
+def test_a_grayscale_40px_folder_trains_with_nothing_but_its_root(workdir):
+    classes = ("airplane", "automobile", "frog", "horse")
+    root = _sample_as_folder(workdir / "gray", classes, per_class=200, mode="L", size=(40, 40), val_per_class=50)
+    out = run_cli(["train", "data=imagefolder", f"data.root={root}", "trainer.progress_bar=false"], workdir)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "800 train" not in out.stdout  # validation carved from train/, val/ is the test set
+    assert "720 train / 80 val / 200 test images, 4 classes; median shorter side 40 px -> S=40, Q=40, crop 40" in out.stdout
+    assert "learned nothing" not in out.stderr
+    (run,) = all_runs(workdir)
+    assert run.data.tags["learned"] == "true" and run.data.metrics["test/acc1"] > 0.35
+    assert run.data.params["input_size"] == "40" and run.data.params["train_scale"] == "40"
+    (dataset,) = run.inputs.dataset_inputs
+    assert dataset.dataset.name == "gray" and dataset.dataset.digest == run.data.params["data_digest"]
+
+
+def test_a_moved_folder_keeps_its_cells_and_other_data_gets_new_ones(workdir):
+    root = make_imagefolder(workdir / "imgs", per_class=8)
+    args = ["train", "data=imagefolder", "study.name=mine", *TINY]
+    first = run_cli([*args, f"data.root={root}"], workdir)
+    assert first.returncode == 0, first.stderr[-3000:]
+    moved = root.rename(workdir / "moved")
+    again = run_cli([*args, f"data.root={moved}"], workdir)
+    assert again.returncode == 0 and "already FINISHED" in again.stdout, again.stdout[-2000:]
+    assert len(all_runs(workdir)) == 1
+    next((moved / "train" / "cat").iterdir()).unlink()  # different data, same study name
+    other = run_cli([*args, f"data.root={moved}"], workdir)
+    assert other.returncode == 0 and "FINISHED in" in other.stdout, other.stdout[-2000:]
+    runs = all_runs(workdir)
+    assert len(runs) == 2 and len({r.data.tags["data_digest"] for r in runs}) == 2
