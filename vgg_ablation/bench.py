@@ -29,7 +29,7 @@ from omegaconf import DictConfig, open_dict
 from vgg_ablation.errors import UserError
 from vgg_ablation.models import PAPER_STEPS, build_model
 
-BENCH_KEYS = {"steps": 30, "warmup": 5, "rounds": 3, "archs": "all", "name": ""}  # name: file suffix
+BENCH_KEYS = {"steps": 30, "warmup": 5, "rounds": 3, "archs": "all", "name": "", "folders": 0}  # name: file suffix
 # bf16 dense tensor-core peaks, TFLOP/s (vendor datasheets), for model FLOPs utilisation.
 PEAK_BF16_TFLOPS = {"H100 SXM": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}
 
@@ -184,7 +184,7 @@ def parse_args(args: list[str]) -> tuple[dict, list[str]]:
                 options[key] = int(value)
             except ValueError:
                 raise UserError(f"{key} must be an integer, got {value!r}") from None
-            if options[key] <= 0:
+            if options[key] < (0 if key == "folders" else 1):
                 raise UserError(f"{key} must be positive, got {value}")
         else:
             rest.append(arg)
@@ -269,11 +269,88 @@ def run_bench(args: list[str]) -> int:
             for real, syn in zip(results["lightning_real"], results["lightning_synthetic"], strict=True)
         ),
     }
-    write_bench(cfg, device_name, precision, options, results, med, ratios, per_arch, args)
+    folders = folder_paths(cfg, overrides, options) if options["folders"] else None
+    write_bench(cfg, device_name, precision, options, results, med, ratios, per_arch, args, folders)
     return 0
 
 
-def write_bench(cfg, device_name, precision, options, results, med, ratios, per_arch, args) -> Path:
+def _images_per_s(cfg: DictConfig, datamodule, steps: int, warmup: int) -> float:
+    import tempfile
+
+    with open_dict(cfg):
+        cfg.data.input_size = datamodule.input_size
+    with tempfile.TemporaryDirectory() as tmp:
+        return lightning_path(cfg, cfg.arch, datamodule.train_dataloader(), steps, warmup, Path(tmp))
+
+
+def _write_folder(root: Path, side: int | None, per_class: int | None = None) -> Path:
+    """The embedded sample as a user's folder (train/ = its train, val/ = its test), copied as
+    is, or re-encoded as side x side JPEGs (what a folder of photos looks like to the loader)."""
+    import shutil
+
+    from PIL import Image
+
+    from vgg_ablation.data import SAMPLE_ROOT
+
+    for split, target in (("train", "train"), ("test", "val")):
+        for cls_dir in sorted((SAMPLE_ROOT / split).iterdir()):
+            out = root / target / cls_dir.name
+            out.mkdir(parents=True)
+            for src in sorted(cls_dir.glob("*.jpg"))[:per_class]:
+                if side is None:
+                    shutil.copy(src, out / src.name)
+                else:
+                    with Image.open(src) as im:
+                        im.resize((side, side), Image.BICUBIC).save(out / src.name, quality=90)
+    return root
+
+
+def folder_paths(cfg: DictConfig, overrides: list[str], options: dict) -> dict:
+    """Two data-path ratios, interleaved rounds of the Lightning path, same net and batch:
+    - 32 px: the sample laid out as a folder (data=imagefolder, decoded once into memory) vs
+      data=sample;
+    - 224 px: a folder of 256 px JPEGs decoded per image by DataLoader workers (the ImageNet
+      path) vs the same images pre-decoded in memory."""
+    import tempfile
+
+    from vgg_ablation.cli import compose
+    from vgg_ablation.train import prepare
+
+    base = [o for o in overrides if not o.startswith(("data=", "data.root=", "data.input_size="))]
+    base = ["optim.schedule=none", *base, "trainer.progress_bar=false"]
+    steps, warmup, rounds = options["steps"], options["warmup"], options["rounds"]
+    out: dict = {"32px": {"folder": [], "sample": []}, "224px": {"files": [], "in_memory": []}}
+    with tempfile.TemporaryDirectory() as tmp:
+        small = _write_folder(Path(tmp) / "small", None)
+        large = _write_folder(Path(tmp) / "large", 256, per_class=40)
+        workers = min(8, os.cpu_count() or 1)
+        paths = {
+            ("32px", "sample"): compose(["data=sample", *base]),
+            ("32px", "folder"): compose(["data=imagefolder", f"data.root={small}", *base]),
+            ("224px", "files"): compose(
+                ["data=imagefolder", f"data.root={large}", "data.in_memory=off", f"data.num_workers={workers}", "data.batch_size=32", *base]
+            ),
+            ("224px", "in_memory"): compose(["data=imagefolder", f"data.root={large}", "data.in_memory=on", "data.batch_size=32", *base]),
+        }
+        modules = {key: prepare(c)[0] for key, c in paths.items()}
+        print(f"data paths: {rounds} rounds; 224 px with {workers} DataLoader workers", flush=True)
+        for r in range(rounds):
+            for (size, path), c in paths.items():
+                # 224 px steps cost ~50x a 32 px step on a CPU: fewer of them
+                n = steps if size == "32px" else max(4, steps // 6)
+                out[size][path].append(_images_per_s(c, modules[(size, path)], n, min(warmup, 2) if size == "224px" else warmup))
+            print("  round " + str(r + 1) + ": " + ", ".join(f"{s} {p} {v[-1]:.0f} img/s" for s, d in out.items() for p, v in d.items()), flush=True)
+    out["ratios"] = {
+        "32 px folder / data=sample": statistics.median(f / s for f, s in zip(out["32px"]["folder"], out["32px"]["sample"], strict=True)),
+        "224 px files (workers) / pre-decoded": statistics.median(
+            f / m for f, m in zip(out["224px"]["files"], out["224px"]["in_memory"], strict=True)
+        ),
+    }
+    out["workers"] = workers
+    return out
+
+
+def write_bench(cfg, device_name, precision, options, results, med, ratios, per_arch, args, folders=None) -> Path:
     import pandas as pd
 
     slug = "cpu" if device_name.startswith("cpu") else device_name.lower().replace(" ", "-")
@@ -299,6 +376,7 @@ def write_bench(cfg, device_name, precision, options, results, med, ratios, per_
         "median_img_per_s": med,
         "ratios": ratios,
         "per_arch": per_arch,
+        "data_paths": folders,
         "written": time.strftime("%Y-%m-%d %H:%M %Z"),
     }
     (out / f"bench-{slug}.json").write_text(json.dumps(record, indent=2))
@@ -330,6 +408,25 @@ def write_bench(cfg, device_name, precision, options, results, med, ratios, per_
         "MFU needs a GPU (bf16 dense peak of the device).",
         "",
     ]
+    if folders:
+        targets = {"32 px folder / data=sample": "≥ 0.90", "224 px files (workers) / pre-decoded": "keeps the net fed"}
+        lines += [
+            "## Data paths (Lightning path, same net; interleaved rounds)",
+            "",
+            "32 px: the embedded sample laid out as a user's folder (`data=imagefolder`, decoded once and held "
+            "in memory) against `data=sample`. 224 px: a folder of 256 px JPEGs (the sample's images, "
+            f"re-encoded) decoded per image by {folders['workers']} DataLoader workers (S=256, 224 crops, the "
+            "ImageNet path) against the same images pre-decoded in memory, batch 32.",
+            "",
+            "| path | images/s per round |",
+            "|---|---|",
+            *[f"| {size} {path} | {', '.join(f'{v:.0f}' for v in vals)} |" for size in ("32px", "224px") for path, vals in folders[size].items()],
+            "",
+            "| ratio | measured (median of rounds) | target |",
+            "|---|---:|---|",
+            *[f"| {k} | {v:.3f} | {targets[k]} |" for k, v in folders["ratios"].items()],
+            "",
+        ]
     path = out / f"bench-{slug}.md"
     path.write_text("\n".join(lines))
     print("\n".join(lines[6:14]))

@@ -113,6 +113,7 @@ def cell_states(cfg: DictConfig) -> pd.DataFrame:
                 runs = tracking.runs_of_cell(client, experiment.experiment_id, key)
             finished = [r for r in runs if r.info.status == "FINISHED"]
             run = (finished or runs or [None])[0]
+            learned = ""
             if run is None:
                 status, reason, acc, fit, started = "MISSING", "", None, None, None
             else:
@@ -123,12 +124,14 @@ def cell_states(cfg: DictConfig) -> pd.DataFrame:
                 acc = run.data.metrics.get("test/acc1")
                 fit = run.data.metrics.get("time/fit_seconds")
                 started = run.info.start_time / 1000
+                learned = {"true": "yes", "false": "NO (at chance)"}.get(run.data.tags.get("learned", ""), "")
             rows.append(
                 {
                     "arch": label,
                     "seed": seed,
                     "status": status,
                     "test top-1": acc,
+                    "learned": learned,
                     "runs recorded": len(runs),
                     "reason": reason,
                     "fit_seconds": fit,
