@@ -24,8 +24,10 @@ def test_tiny_study_then_rerun_skips_finished_cells(workdir):
     assert "summary: 4 FINISHED" in first.stdout
 
     report = (workdir / "reports" / "smoke.md").read_text()
-    assert "## Results per architecture" in report and "## The paper's conclusions, tested" in report
-    assert "Depth helps: B (13 layers) beats A (11)" in report
+    assert "## Results per network" in report and "## The paper's conclusions, tested" in report
+    assert "Depth helps: B (13 layers) beats A (11)" in report and "paired t, 2 paired seeds" in report
+    assert "p (Holm)" in report and "not tested here (needs D and B in the study)" in report
+    assert "digest `" in report and "### Planning the next study" in report
     assert "| A " in report and "| B " in report
     for plot in ("error-vs-depth", "learning-curves", "params-vs-error"):
         assert (workdir / "reports" / f"smoke-{plot}.png").stat().st_size > 1000
@@ -48,7 +50,7 @@ def test_report_for_a_study_with_no_runs_is_refused(workdir):
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["experiment=nope"], "unknown study 'nope'; choose one of: cifar10, imagenet, sample, smoke"),
+        (["experiment=nope"], "unknown study 'nope'; choose one of: cifar10, cifar10-cpu, imagenet, sample, smoke"),
         (["experiment=smoke", "study.seeds=[]"], "study.seeds is empty"),
         (["experiment=smoke", "study.archs=[A,Z]"], "unknown arch 'Z'"),
     ],
@@ -62,11 +64,18 @@ def test_bad_study_refused_before_any_job(workdir, args, message):
 
 def test_deeper_nets_start_from_the_trained_a_of_their_seed(workdir):
     out = run_cli(
-        ["study", *STUDY, "model.init=from_A", "study.seeds=[0]", "study.archs=[A,A-LRN,B]"], workdir
+        ["study", *STUDY, "model.init=from_A", "study.seeds=[0]", "study.archs=[A,A-LRN,B,B-5x5]"], workdir
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    runs = {r.data.params["arch"]: r for r in all_runs(workdir)}
+    all_b = [r for r in all_runs(workdir) if r.data.params["arch"] == "B"]
+    runs = {r.data.params["arch"]: r for r in all_runs(workdir) if r.data.params["init"] != "kaiming" or r.data.params["arch"] != "B"}
     assert runs["B"].data.params["init"] == "from_A"  # deeper than A: warm-started
+    # B-5x5 trains from scratch, so the study adds a B from scratch for claim 4 (like with like)
+    assert sorted(r.data.params["init"] for r in all_b) == ["from_A", "kaiming"]
+    assert "| B (scratch) " in out.stdout
+    report = (workdir / "reports" / "smoke.md").read_text()
+    claim4 = next(line for line in report.splitlines() if line.startswith("| 4 "))
+    assert "not tested" not in claim4 and ("paired" in claim4 or "Welch" in claim4), claim4
     assert runs["A-LRN"].data.params["init"] == "kaiming"  # as deep as A: from scratch, a fair test
     assert runs["A"].info.end_time <= runs["B"].info.start_time  # A trained first
     # A's first four convs land on B's block-1 conv 1, block-2 conv 1, block-3 convs 1 and 2, and the FCs

@@ -216,3 +216,17 @@ def test_a_moved_folder_keeps_its_cells_and_other_data_gets_new_ones(workdir):
     assert other.returncode == 0 and "FINISHED in" in other.stdout, other.stdout[-2000:]
     runs = all_runs(workdir)
     assert len(runs) == 2 and len({r.data.tags["data_digest"] for r in runs}) == 2
+
+
+def test_the_task_returns_validation_accuracy_never_test(workdir, monkeypatch):
+    """What a sweeper (Optuna, Ax) optimises is the task's return value."""
+    from vgg_ablation.cli import compose
+    from vgg_ablation.train import task
+
+    monkeypatch.chdir(workdir)
+    cfg = compose(["arch=A", *TINY, "trainer.limit_val_batches=4", f"logger.tracking_uri={store_uri(workdir)}"])
+    value = task(cfg, multirun=True)
+    (run,) = all_runs(workdir)
+    best_val = max(m.value for m in MlflowClient(store_uri(workdir)).get_metric_history(run.info.run_id, "val/acc1"))
+    assert value == pytest.approx(best_val)
+    assert task(cfg, multirun=True) == pytest.approx(best_val)  # a skipped (finished) cell too

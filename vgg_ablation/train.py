@@ -516,7 +516,12 @@ def make_trainer(
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Hydra task: one cell. A failed cell in a sweep is recorded and the sweep goes on."""
-    multirun = HydraConfig.get().mode.name == "MULTIRUN"
+    return task(cfg, multirun=HydraConfig.get().mode.name == "MULTIRUN")
+
+
+def task(cfg: DictConfig, multirun: bool) -> float | None:
+    """One cell, with the CLI's exits; returns what a sweeper may optimise: the best validation
+    top-1 accuracy (never a test figure: tuning on it would leak the test set into the study)."""
     try:
         result = run_cell(cfg)
     except UserError as exc:
@@ -533,7 +538,6 @@ def main(cfg: DictConfig) -> float | None:
     _print_summary(result)
     if result.status not in ("FINISHED", "SKIPPED", "BUSY") and not multirun:
         sys.exit(1)
-    # What a sweeper (Optuna, Ax) optimises: validation accuracy, never a test figure.
     return result.val_acc1
 
 
