@@ -104,7 +104,10 @@ def test_holm_changes_a_borderline_verdict():
     assert row["p"] < analysis.ALPHA and row["outcome"] == "supported"
     # Alongside a second claim with a larger p, Holm multiplies the smaller p by 2.
     lrn = [x + 0.0 for x in a]
-    both, _ = conclude({"A": a, "B": b, "A-LRN": [x + 0.03 * (-1) ** i for i, x in enumerate(lrn)]}, [BETTER_B_A, NO_BETTER_LRN])
+    both, _ = conclude(
+        {"A": a, "B": b, "A-LRN": [x + 0.03 * (-1) ** i for i, x in enumerate(lrn)]},
+        [BETTER_B_A, NO_BETTER_LRN],
+    )
     row = both.loc[BETTER_B_A.text]
     assert row["p"] == pytest.approx(alone.loc[BETTER_B_A.text, "p"])
     assert row["p_holm"] == pytest.approx(2 * row["p"]) and row["p_holm"] > analysis.ALPHA
@@ -137,7 +140,9 @@ def test_a_missing_arch_lists_its_claim_as_not_tested():
     table, _ = conclude({"A": [0.4, 0.41], "B": [0.3, 0.31]})
     assert table.loc[BETTER_B_A.text, "outcome"] in ("supported", "inconclusive")
     assert table.loc[BETTER_D_B.text, "outcome"] == "not tested here (needs D and B in the study)"
-    assert table.loc[SMALL_FILTERS.text, "outcome"].startswith("not tested here (needs B and B-5x5 from the same start")
+    assert table.loc[SMALL_FILTERS.text, "outcome"].startswith(
+        "not tested here (needs B and B-5x5 from the same start"
+    )
     assert len(table) == len(analysis.CLAIMS)
 
 
@@ -192,7 +197,11 @@ def test_budget_caveat_names_the_nets_still_improving_whatever_the_outcome():
     assert improving.to_dict() == {"A": False, "B": True}
     table, _ = conclude({"A": [0.40, 0.41, 0.42], "B": [0.30, 0.31, 0.32]}, [BETTER_B_A], improving=improving)
     row = table.iloc[0]
-    assert row["outcome"] == "supported" and row["not_converged"] == ["B"] and "B still improving" in row["caveat"]
+    assert (
+        row["outcome"] == "supported"
+        and row["not_converged"] == ["B"]
+        and "B still improving" in row["caveat"]
+    )
 
 
 def test_one_seed_is_inconclusive_not_a_crash():
@@ -219,12 +228,19 @@ def test_per_arch_in_paper_order_with_spread():
 
 def test_compute_counts_a_s_training_for_nets_that_start_from_it():
     summary = pd.DataFrame(
-        {"depth": [11, 13], "flops_per_image": [1e6, 2e6], "images_seen": [100, 50], "init": ["kaiming", "from_A"]},
+        {
+            "depth": [11, 13],
+            "flops_per_image": [1e6, 2e6],
+            "images_seen": [100, 50],
+            "init": ["kaiming", "from_A"],
+        },
         index=["A", "B"],
     )
     table = analysis.compute_table(summary, "from_A")
     assert table.loc["B", "images seen incl. A's"] == 150
-    assert table.loc["B", "training PFLOPs (3x fwd, incl. A's)"] == pytest.approx(3 * (2e6 * 50 + 1e6 * 100) / 1e15)
+    assert table.loc["B", "training PFLOPs (3x fwd, incl. A's)"] == pytest.approx(
+        3 * (2e6 * 50 + 1e6 * 100) / 1e15
+    )
 
 
 def test_claim_directions_follow_the_paper():

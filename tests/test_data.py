@@ -111,7 +111,9 @@ def test_bad_folders_fail_with_one_clear_line(tmp_path, breakage, message):
         (root / "train" / "cat" / "empty.png").write_bytes(b"")
     if breakage == "val_class_not_in_train":
         (root / "val" / "horse").mkdir()
-        (root / "val" / "dog" / next(iter(sorted((root / "val" / "dog").iterdir()))).name).rename(root / "val" / "horse" / "x.jpg")
+        (root / "val" / "dog" / next(iter(sorted((root / "val" / "dog").iterdir()))).name).rename(
+            root / "val" / "horse" / "x.jpg"
+        )
     cfg = DataConfig(name="imagefolder", root=str(root), input_size=32, train_scale=36, test_scale=36)
     with pytest.raises(UserError) as err:
         make_datamodule(cfg, seed=0).setup()
@@ -233,7 +235,9 @@ def test_cifar_batches_from_a_local_folder(tmp_path):
         batch = {b"data": x[part].reshape(100, -1).numpy(), b"labels": y[part].tolist()}
         (folder / f"data_batch_{i}").write_bytes(pickle.dumps(batch))
     tx, ty = sample.splits["test"]
-    (folder / "test_batch").write_bytes(pickle.dumps({b"data": tx[:200].reshape(200, -1).numpy(), b"labels": ty[:200].tolist()}))
+    (folder / "test_batch").write_bytes(
+        pickle.dumps({b"data": tx[:200].reshape(200, -1).numpy(), b"labels": ty[:200].tolist()})
+    )
     names = sorted(p.name for p in (SAMPLE_ROOT / "train").iterdir())
     (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": [n.encode() for n in names]}))
     dm = make_datamodule(DataConfig(name="cifar10", root=str(tmp_path)), seed=0)

@@ -201,4 +201,7 @@ def test_lrn_activity_near_1_standardised_and_clearly_above_at_the_paper_scale()
     net.features[2].scale = 255 * standard.pixel_std
     emulated = lrn_activity(net, standard.val_dataloader(), max_images=256)
     assert emulated["mean"] > 1.15
-    assert lrn_activity(build_model("A", num_classes=10, input_size=32, width=0.125), standard.val_dataloader()) is None
+    assert (
+        lrn_activity(build_model("A", num_classes=10, input_size=32, width=0.125), standard.val_dataloader())
+        is None
+    )

@@ -50,7 +50,10 @@ def test_report_for_a_study_with_no_runs_is_refused(workdir):
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["experiment=nope"], "unknown study 'nope'; choose one of: cifar10, cifar10-cpu, imagenet, sample, smoke"),
+        (
+            ["experiment=nope"],
+            "unknown study 'nope'; choose one of: cifar10, cifar10-cpu, imagenet, sample, smoke",
+        ),
         (["experiment=smoke", "study.seeds=[]"], "study.seeds is empty"),
         (["experiment=smoke", "study.archs=[A,Z]"], "unknown arch 'Z'"),
     ],
@@ -68,7 +71,11 @@ def test_deeper_nets_start_from_the_trained_a_of_their_seed(workdir):
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     all_b = [r for r in all_runs(workdir) if r.data.params["arch"] == "B"]
-    runs = {r.data.params["arch"]: r for r in all_runs(workdir) if r.data.params["init"] != "kaiming" or r.data.params["arch"] != "B"}
+    runs = {
+        r.data.params["arch"]: r
+        for r in all_runs(workdir)
+        if r.data.params["init"] != "kaiming" or r.data.params["arch"] != "B"
+    }
     assert runs["B"].data.params["init"] == "from_A"  # deeper than A: warm-started
     # B-5x5 trains from scratch, so the study adds a B from scratch for claim 4 (like with like)
     assert sorted(r.data.params["init"] for r in all_b) == ["from_A", "kaiming"]

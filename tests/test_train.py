@@ -145,7 +145,9 @@ def test_bad_input_one_line_nonzero_exit_nothing_recorded(workdir, args, message
     assert not (workdir / "outputs").exists()
 
 
-def _sample_as_folder(root: Path, classes=None, per_class=None, mode="RGB", size=None, val_per_class=None) -> Path:
+def _sample_as_folder(
+    root: Path, classes=None, per_class=None, mode="RGB", size=None, val_per_class=None
+) -> Path:
     """The embedded sample laid out as a user's folder: train/ = its train, val/ = its test."""
     from PIL import Image
 
@@ -189,11 +191,16 @@ def test_the_sample_as_a_folder_learns_as_well_as_data_sample(workdir):
 
 def test_a_grayscale_40px_folder_trains_with_nothing_but_its_root(workdir):
     classes = ("airplane", "automobile", "frog", "horse")
-    root = _sample_as_folder(workdir / "gray", classes, per_class=200, mode="L", size=(40, 40), val_per_class=50)
+    root = _sample_as_folder(
+        workdir / "gray", classes, per_class=200, mode="L", size=(40, 40), val_per_class=50
+    )
     out = run_cli(["train", "data=imagefolder", f"data.root={root}", "trainer.progress_bar=false"], workdir)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "800 train" not in out.stdout  # validation carved from train/, val/ is the test set
-    assert "720 train / 80 val / 200 test images, 4 classes; median shorter side 40 px -> S=40, Q=40, crop 40" in out.stdout
+    assert (
+        "720 train / 80 val / 200 test images, 4 classes; median shorter side 40 px -> S=40, Q=40, crop 40"
+        in out.stdout
+    )
     assert "learned nothing" not in out.stderr
     (run,) = all_runs(workdir)
     assert run.data.tags["learned"] == "true" and run.data.metrics["test/acc1"] > 0.35
@@ -224,9 +231,13 @@ def test_the_task_returns_validation_accuracy_never_test(workdir, monkeypatch):
     from vgg_ablation.train import task
 
     monkeypatch.chdir(workdir)
-    cfg = compose(["arch=A", *TINY, "trainer.limit_val_batches=4", f"logger.tracking_uri={store_uri(workdir)}"])
+    cfg = compose(
+        ["arch=A", *TINY, "trainer.limit_val_batches=4", f"logger.tracking_uri={store_uri(workdir)}"]
+    )
     value = task(cfg, multirun=True)
     (run,) = all_runs(workdir)
-    best_val = max(m.value for m in MlflowClient(store_uri(workdir)).get_metric_history(run.info.run_id, "val/acc1"))
+    best_val = max(
+        m.value for m in MlflowClient(store_uri(workdir)).get_metric_history(run.info.run_id, "val/acc1")
+    )
     assert value == pytest.approx(best_val)
     assert task(cfg, multirun=True) == pytest.approx(best_val)  # a skipped (finished) cell too

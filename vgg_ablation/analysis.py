@@ -142,7 +142,9 @@ def load_runs(tracking_uri: str, experiment: str, fingerprints: list[str] | None
         raw = mlflow.search_runs([found.experiment_id], order_by=order)
     else:  # tags take no IN: one search per fingerprint
         parts = [
-            mlflow.search_runs([found.experiment_id], filter_string=f"tags.fingerprint = '{fp}'", order_by=order)
+            mlflow.search_runs(
+                [found.experiment_id], filter_string=f"tags.fingerprint = '{fp}'", order_by=order
+            )
             for fp in fingerprints
         ]
         raw = pd.concat([p for p in parts if not p.empty] or [parts[0]], ignore_index=True)
@@ -203,7 +205,9 @@ def per_arch(res: pd.DataFrame, order: list[str] | None = None) -> pd.DataFrame:
         if optional in res:
             table[optional] = grouped[optional].first() if optional == "init" else grouped[optional].mean()
     table["at_chance"] = table["not_learned"].map(len) == table["seeds"]
-    order = [a for a in (order or []) if a in table.index] + [a for a in table.index if a not in (order or [])]
+    order = [a for a in (order or []) if a in table.index] + [
+        a for a in table.index if a not in (order or [])
+    ]
     return table.loc[order]
 
 
@@ -214,7 +218,10 @@ def compare(first: pd.Series, second: pd.Series, margin: float) -> dict[str, flo
     one-sided p of each outcome."""
     first, second = first.dropna(), second.dropna()
     paired = len(first) >= 2 and set(first.index) == set(second.index)
-    out: dict[str, float | str] = {"test": "paired t" if paired else "Welch t", "n": f"{len(first)} vs {len(second)}"}
+    out: dict[str, float | str] = {
+        "test": "paired t" if paired else "Welch t",
+        "n": f"{len(first)} vs {len(second)}",
+    }
     if paired:
         d = (first - second.loc[first.index]).to_numpy(float)
         diff, n = float(d.mean()), len(d)
@@ -225,15 +232,29 @@ def compare(first: pd.Series, second: pd.Series, margin: float) -> dict[str, flo
         a, b = first.to_numpy(float), second.to_numpy(float)
         diff = float(a.mean() - b.mean()) if len(a) and len(b) else math.nan
         if len(a) < 2 or len(b) < 2:
-            return {**out, "diff": diff, **dict.fromkeys(("ci_low", "ci_high", "sd", "dof", *OUTCOME_P), math.nan)}
+            return {
+                **out,
+                "diff": diff,
+                **dict.fromkeys(("ci_low", "ci_high", "sd", "dof", *OUTCOME_P), math.nan),
+            }
         va, vb = a.var(ddof=1), b.var(ddof=1)
         se = math.sqrt(va / len(a) + vb / len(b))
-        dof = (va / len(a) + vb / len(b)) ** 2 / ((va / len(a)) ** 2 / (len(a) - 1) + (vb / len(b)) ** 2 / (len(b) - 1)) if se > 0 else len(a) + len(b) - 2
+        dof = (
+            (va / len(a) + vb / len(b)) ** 2
+            / ((va / len(a)) ** 2 / (len(a) - 1) + (vb / len(b)) ** 2 / (len(b) - 1))
+            if se > 0
+            else len(a) + len(b) - 2
+        )
         sd = math.sqrt((va + vb) / 2) * math.sqrt(2)  # spread of a difference of two runs
     out.update(diff=diff, sd=sd, dof=float(dof))
     if se == 0:  # identical differences on every seed: the difference is exact
         out.update(ci_low=diff, ci_high=diff)
-        exact = {"p_lower": diff < 0, "p_higher": diff > 0, "p_below_margin": diff < -margin, "p_above_margin": diff > margin}
+        exact = {
+            "p_lower": diff < 0,
+            "p_higher": diff > 0,
+            "p_below_margin": diff < -margin,
+            "p_above_margin": diff > margin,
+        }
         out.update({k: 0.0 if v else 1.0 for k, v in exact.items()})
         out["p_equivalent"] = 0.0 if abs(diff) < margin else 1.0
         return out
@@ -339,7 +360,13 @@ def test_conclusions(
         first, second = claim.first, claim.second
         if claim.number == 4 and f"B{SCRATCH}" in summary.index:
             first = f"B{SCRATCH}"  # B-5x5 trains from scratch: compare it with the scratch B
-        row = {"claim": claim.number, "statement": claim.text, "kind": claim.kind, "first": first, "second": second}
+        row = {
+            "claim": claim.number,
+            "statement": claim.text,
+            "kind": claim.kind,
+            "first": first,
+            "second": second,
+        }
         missing = [n for n in (first, second) if n not in summary.index]
         if claim.number == 4 and not missing and _init(summary, first) != _init(summary, second):
             missing = ["a B trained from the same kind of start as B-5x5"]

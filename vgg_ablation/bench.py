@@ -29,7 +29,14 @@ from omegaconf import DictConfig, open_dict
 from vgg_ablation.errors import UserError
 from vgg_ablation.models import PAPER_STEPS, build_model
 
-BENCH_KEYS = {"steps": 30, "warmup": 5, "rounds": 3, "archs": "all", "name": "", "folders": 0}  # name: file suffix
+BENCH_KEYS = {
+    "steps": 30,
+    "warmup": 5,
+    "rounds": 3,
+    "archs": "all",
+    "name": "",
+    "folders": 0,
+}  # name: file suffix
 # bf16 dense tensor-core peaks, TFLOP/s (vendor datasheets), for model FLOPs utilisation.
 PEAK_BF16_TFLOPS = {"H100 SXM": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}
 
@@ -328,9 +335,18 @@ def folder_paths(cfg: DictConfig, overrides: list[str], options: dict) -> dict:
             ("32px", "sample"): compose(["data=sample", *base]),
             ("32px", "folder"): compose(["data=imagefolder", f"data.root={small}", *base]),
             ("224px", "files"): compose(
-                ["data=imagefolder", f"data.root={large}", "data.in_memory=off", f"data.num_workers={workers}", "data.batch_size=32", *base]
+                [
+                    "data=imagefolder",
+                    f"data.root={large}",
+                    "data.in_memory=off",
+                    f"data.num_workers={workers}",
+                    "data.batch_size=32",
+                    *base,
+                ]
             ),
-            ("224px", "in_memory"): compose(["data=imagefolder", f"data.root={large}", "data.in_memory=on", "data.batch_size=32", *base]),
+            ("224px", "in_memory"): compose(
+                ["data=imagefolder", f"data.root={large}", "data.in_memory=on", "data.batch_size=32", *base]
+            ),
         }
         modules = {key: prepare(c)[0] for key, c in paths.items()}
         print(f"data paths: {rounds} rounds; 224 px with {workers} DataLoader workers", flush=True)
@@ -338,10 +354,20 @@ def folder_paths(cfg: DictConfig, overrides: list[str], options: dict) -> dict:
             for (size, path), c in paths.items():
                 # 224 px steps cost ~50x a 32 px step on a CPU: fewer of them
                 n = steps if size == "32px" else max(4, steps // 6)
-                out[size][path].append(_images_per_s(c, modules[(size, path)], n, min(warmup, 2) if size == "224px" else warmup))
-            print("  round " + str(r + 1) + ": " + ", ".join(f"{s} {p} {v[-1]:.0f} img/s" for s, d in out.items() for p, v in d.items()), flush=True)
+                out[size][path].append(
+                    _images_per_s(c, modules[(size, path)], n, min(warmup, 2) if size == "224px" else warmup)
+                )
+            print(
+                "  round "
+                + str(r + 1)
+                + ": "
+                + ", ".join(f"{s} {p} {v[-1]:.0f} img/s" for s, d in out.items() for p, v in d.items()),
+                flush=True,
+            )
     out["ratios"] = {
-        "32 px folder / data=sample": statistics.median(f / s for f, s in zip(out["32px"]["folder"], out["32px"]["sample"], strict=True)),
+        "32 px folder / data=sample": statistics.median(
+            f / s for f, s in zip(out["32px"]["folder"], out["32px"]["sample"], strict=True)
+        ),
         "224 px files (workers) / pre-decoded": statistics.median(
             f / m for f, m in zip(out["224px"]["files"], out["224px"]["in_memory"], strict=True)
         ),
@@ -350,7 +376,9 @@ def folder_paths(cfg: DictConfig, overrides: list[str], options: dict) -> dict:
     return out
 
 
-def write_bench(cfg, device_name, precision, options, results, med, ratios, per_arch, args, folders=None) -> Path:
+def write_bench(
+    cfg, device_name, precision, options, results, med, ratios, per_arch, args, folders=None
+) -> Path:
     import pandas as pd
 
     slug = "cpu" if device_name.startswith("cpu") else device_name.lower().replace(" ", "-")
@@ -409,7 +437,10 @@ def write_bench(cfg, device_name, precision, options, results, med, ratios, per_
         "",
     ]
     if folders:
-        targets = {"32 px folder / data=sample": "≥ 0.90", "224 px files (workers) / pre-decoded": "keeps the net fed"}
+        targets = {
+            "32 px folder / data=sample": "≥ 0.90",
+            "224 px files (workers) / pre-decoded": "keeps the net fed",
+        }
         lines += [
             "## Data paths (Lightning path, same net; interleaved rounds)",
             "",
@@ -420,7 +451,11 @@ def write_bench(cfg, device_name, precision, options, results, med, ratios, per_
             "",
             "| path | images/s per round |",
             "|---|---|",
-            *[f"| {size} {path} | {', '.join(f'{v:.0f}' for v in vals)} |" for size in ("32px", "224px") for path, vals in folders[size].items()],
+            *[
+                f"| {size} {path} | {', '.join(f'{v:.0f}' for v in vals)} |"
+                for size in ("32px", "224px")
+                for path, vals in folders[size].items()
+            ],
             "",
             "| ratio | measured (median of rounds) | target |",
             "|---|---:|---|",

@@ -98,7 +98,12 @@ class Dataset:
     layout: str = ""  # how the splits were formed, in words
 
     def profile(self) -> dict:
-        return {"splits": self.counts, "classes": len(self.classes), "layout": self.layout, "ignored_files": self.ignored}
+        return {
+            "splits": self.counts,
+            "classes": len(self.classes),
+            "layout": self.layout,
+            "ignored_files": self.ignored,
+        }
 
 
 def _digest(lines: list[str]) -> str:
@@ -127,7 +132,9 @@ def _list_split(split_dir: Path) -> tuple[dict[str, list[Path]], int]:
     if not by_class:
         raise UserError(f"dataset folder is empty (no class folders): {split_dir}")
     if not any(by_class.values()):
-        raise UserError(f"dataset folder has no images: {split_dir} ({ignored} non-image files ignored; images end in .jpg, .png, ...)")
+        raise UserError(
+            f"dataset folder has no images: {split_dir} ({ignored} non-image files ignored; images end in .jpg, .png, ...)"
+        )
     return by_class, ignored
 
 
@@ -149,7 +156,9 @@ def identify_folder(root: Path, name: str) -> Dataset:
     if not root.is_dir():
         raise UserError(f"dataset folder not found: {root}")
     if not (root / "train").is_dir():
-        raise UserError(f"dataset folder has no train/ folder: {root} (expected train/<class>/..., and val/ or test/)")
+        raise UserError(
+            f"dataset folder has no train/ folder: {root} (expected train/<class>/..., and val/ or test/)"
+        )
     train, ignored = _list_split(root / "train")
     empty = [c for c, files in train.items() if not files]
     if empty:
@@ -191,7 +200,13 @@ def identify_cifar(name: str, root: Path) -> Dataset:
     lines = [f"{p}\t{(folder / p).stat().st_size}" for p in parts]
     meta = _unpickle(folder / spec["meta"][0])
     classes = [c.decode() for c in meta[spec["meta"][1]]]
-    return Dataset(name, _digest(lines), str(folder.resolve()), classes, layout="train + test batches; validation carved from train")
+    return Dataset(
+        name,
+        _digest(lines),
+        str(folder.resolve()),
+        classes,
+        layout="train + test batches; validation carved from train",
+    )
 
 
 def _download_cifar(name: str, root: Path) -> None:
@@ -226,7 +241,9 @@ def _identify_cached(name: str, root: str, synthetic: tuple) -> Dataset:
     if name in CIFAR:
         return identify_cifar(name, Path(root))
     n, k, size = synthetic
-    return Dataset("synthetic", _digest([f"synthetic {n} {k} {size}"]), "generated", [str(i) for i in range(k)])
+    return Dataset(
+        "synthetic", _digest([f"synthetic {n} {k} {size}"]), "generated", [str(i) for i in range(k)]
+    )
 
 
 def identify(cfg: DataConfig) -> Dataset:
@@ -412,7 +429,9 @@ class TensorBatches:
             yield x, self.labels[idx]
 
     @staticmethod
-    def _augment(x: torch.Tensor, gen: torch.Generator, pad: int = 4, crop: int | None = None) -> torch.Tensor:
+    def _augment(
+        x: torch.Tensor, gen: torch.Generator, pad: int = 4, crop: int | None = None
+    ) -> torch.Tensor:
         """Random crop (of the image zero-padded by `pad`) and horizontal flip.
 
         The crops are picked out of an unfold view of every possible window, indexed by one
@@ -509,7 +528,9 @@ class InMemoryData(_Common):
         if cfg.name in CIFAR:
             self.sizes = choose_sizes(cfg, 32)
             if (self.sizes.train_scale, self.sizes.test_scale) != (32, 32):
-                raise UserError(f"{cfg.name} images are 32x32: leave data.input_size/train_scale/test_scale unset or 32")
+                raise UserError(
+                    f"{cfg.name} images are 32x32: leave data.input_size/train_scale/test_scale unset or 32"
+                )
             train_x, train_y, test_x, test_y = _load_cifar(cfg.name, Path(ds.source))
             return {"train": (train_x, train_y), "test": (test_x, test_y)}
         self.sizes = choose_sizes(cfg, _median_side(ds.files["train"]))
@@ -552,7 +573,12 @@ class InMemoryData(_Common):
         q = self.sizes.test_scale
         if x.shape[-1] == q or len(x) == 0:
             return x
-        return torch.nn.functional.interpolate(x.float(), size=(q, q), mode="bilinear", antialias=True).round().clamp(0, 255).to(torch.uint8)
+        return (
+            torch.nn.functional.interpolate(x.float(), size=(q, q), mode="bilinear", antialias=True)
+            .round()
+            .clamp(0, 255)
+            .to(torch.uint8)
+        )
 
     def split_counts(self) -> dict[str, int]:
         return {k: len(y) for k, (_, y) in self.splits.items()}
@@ -647,7 +673,9 @@ class FileData(_Common):
         scales = range(s.train_scale, (s.train_scale_max or s.train_scale) + 1)
         train_tf = transforms.Compose(
             [
-                transforms.RandomChoice([transforms.Resize(v) for v in scales]) if len(scales) > 1 else transforms.Resize(s.train_scale),
+                transforms.RandomChoice([transforms.Resize(v) for v in scales])
+                if len(scales) > 1
+                else transforms.Resize(s.train_scale),
                 transforms.RandomCrop(s.crop, padding=s.pad or None),
                 transforms.RandomHorizontalFlip(),
                 transforms.ToTensor(),
@@ -711,7 +739,9 @@ def fits_in_memory(cfg: DataConfig, ds: Dataset) -> bool:
 
 def make_datamodule(cfg: DataConfig, seed: int) -> InMemoryData | FileData:
     if cfg.normalize not in NORMALIZATIONS:
-        raise UserError(f"unknown data.normalize {cfg.normalize!r}; choose one of: {', '.join(NORMALIZATIONS)}")
+        raise UserError(
+            f"unknown data.normalize {cfg.normalize!r}; choose one of: {', '.join(NORMALIZATIONS)}"
+        )
     if cfg.in_memory not in ("auto", "on", "off"):
         raise UserError(f"data.in_memory must be auto, on or off, got {cfg.in_memory!r}")
     if not 0 < cfg.test_fraction < 1:

@@ -164,7 +164,9 @@ class AlexNetLRN(nn.Module):
     are positively homogeneous), while the rest of the net trains at the scale its init suits.
     """
 
-    def __init__(self, n: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 2.0, scale: float = 1.0):
+    def __init__(
+        self, n: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 2.0, scale: float = 1.0
+    ):
         super().__init__()
         self.n, self.alpha, self.beta, self.k, self.scale = n, alpha, beta, k, float(scale)
 
@@ -191,7 +193,12 @@ def lrn_activity(model: nn.Module, batches, max_images: int = 1024) -> dict[str,
     if not layers:
         return None
     seen: list[torch.Tensor] = []
-    hooks = [m.register_forward_hook(lambda m, inp, out: seen.append((m.denominator(inp[0]) / m.k).flatten().float().cpu())) for m in layers]
+    hooks = [
+        m.register_forward_hook(
+            lambda m, inp, out: seen.append((m.denominator(inp[0]) / m.k).flatten().float().cpu())
+        )
+        for m in layers
+    ]
     was_training = model.training
     model.eval()
     try:

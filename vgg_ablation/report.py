@@ -147,7 +147,9 @@ def _arch_table(summary: pd.DataFrame, improving: pd.Series) -> str:
                 "paper top-1 / top-5 % (ImageNet, S=256)": paper_text,
                 "epochs": int(r["epochs"]),
                 "s / run": f"{r['seconds_mean']:.0f}" if not math.isnan(r["seconds_mean"]) else "",
-                "learned": "**no: seeds " + ", ".join(map(str, collapsed)) + "**" if collapsed else "every seed",
+                "learned": "**no: seeds " + ", ".join(map(str, collapsed)) + "**"
+                if collapsed
+                else "every seed",
                 "still improving at the end": "yes" if improving.get(net, False) else "no",
             }
         )
@@ -201,7 +203,9 @@ def _plan_table(concl: pd.DataFrame, margin: float, min_effect: float) -> str:
         if pd.isna(r.get("sd")):
             continue
         target = (
-            f"a {min_effect:g}-point gain" if r["kind"] == "better" else f"equivalence within ±{margin:g} points"
+            f"a {min_effect:g}-point gain"
+            if r["kind"] == "better"
+            else f"equivalence within ±{margin:g} points"
         )
         needed = r["seeds_needed"]
         rows.append(
@@ -250,7 +254,11 @@ def budget_caveat(cfg: DictConfig, concl: pd.DataFrame, improving: pd.Series) ->
     if concl.empty or not concl["not_converged"].map(len).any():
         return ""
     nets = sorted({n for ns in concl["not_converged"] for n in ns})
-    claims = [str(r["claim"]) + " (" + f"{r['first']} vs {r['second']}" + ")" for _, r in concl.iterrows() if r["not_converged"]]
+    claims = [
+        str(r["claim"]) + " (" + f"{r['first']} vs {r['second']}" + ")"
+        for _, r in concl.iterrows()
+        if r["not_converged"]
+    ]
     return (
         f"> **Budget caveat.** {md_escape(', '.join(nets))} {'was' if len(nets) == 1 else 'were'} still improving "
         f"at the end ({cfg.trainer.max_epochs} epochs: validation error fell over the last 3 epochs by more than "
@@ -318,7 +326,9 @@ def write_report(cfg: DictConfig, out_dir: Path = REPORTS_DIR) -> Path:
     not_results = runs[~runs["run_id"].isin(res["run_id"])]
     wall = (res["end_time"].max() - res["start_time"].min()).total_seconds()
     exp = client.get_experiment_by_name(experiment)
-    decided = concl[concl["outcome"].str.startswith(("supported", "contradicted"))] if not concl.empty else concl
+    decided = (
+        concl[concl["outcome"].str.startswith(("supported", "contradicted"))] if not concl.empty else concl
+    )
     lines = [
         f"# Study `{md_escape(cfg.study.name)}`: do the VGG conclusions hold here?",
         "",
@@ -347,7 +357,15 @@ def write_report(cfg: DictConfig, out_dir: Path = REPORTS_DIR) -> Path:
         f"{', '.join(f'`{f}`' for f in fps)} |",
         "",
         f"**{len(decided)} of {len(concl)} claims decided**"
-        + (": " + "; ".join(f"claim {r['claim']} ({md_escape(r['first'])} vs {md_escape(r['second'])}) {r['outcome']}" for _, r in decided.iterrows()) if len(decided) else "")
+        + (
+            ": "
+            + "; ".join(
+                f"claim {r['claim']} ({md_escape(r['first'])} vs {md_escape(r['second'])}) {r['outcome']}"
+                for _, r in decided.iterrows()
+            )
+            if len(decided)
+            else ""
+        )
         + ".",
         "",
         "## Results per network",

@@ -146,7 +146,9 @@ def sweep_dir(cfg: DictConfig) -> Path:
     return Path("multirun") / cfg.study.name / f"{stamp}-{secrets.token_hex(3)}"
 
 
-def launch(args: list[str], archs: list[str], seeds: list[int], folder: Path, seed_major: bool = False) -> int:
+def launch(
+    args: list[str], archs: list[str], seeds: list[int], folder: Path, seed_major: bool = False
+) -> int:
     """One Hydra multirun over archs x seeds in a subprocess: arch-major (the paper's order, and
     the trained A first for init=from_A), or seed-major, so that a study stopped early still holds
     complete paired blocks (every arch of seeds 0..k)."""

@@ -29,7 +29,15 @@ from vgg_ablation import tracking
 from vgg_ablation.config import register
 from vgg_ablation.data import make_datamodule
 from vgg_ablation.errors import UserError
-from vgg_ablation.models import ARCHS, INITS, build_model, count_params, get_arch, lrn_activity, transfer_from_a
+from vgg_ablation.models import (
+    ARCHS,
+    INITS,
+    build_model,
+    count_params,
+    get_arch,
+    lrn_activity,
+    transfer_from_a,
+)
 from vgg_ablation.module import SCHEDULES, Classifier
 
 log = logging.getLogger("vgg_ablation")
@@ -228,7 +236,9 @@ def _trained_a_checkpoint(mlflow_client, experiment_id: str, cfg: DictConfig) ->
     raise UserError(f"init=from_A needs a FINISHED A run for seed {cfg.seed} in this study; run arch=A first")
 
 
-def _open_run(mlflow_client, experiment_id: str, cfg: DictConfig, key: str, params: dict, device_name: str, datamodule):
+def _open_run(
+    mlflow_client, experiment_id: str, cfg: DictConfig, key: str, params: dict, device_name: str, datamodule
+):
     """The MLflow run this attempt writes to, and the checkpoint to resume from.
 
     Returns ("skip", run) when the cell already FINISHED, ("busy", run) when a live process is
@@ -339,7 +349,10 @@ def run_cell(cfg: DictConfig) -> CellResult:
         best = trainer.checkpoint_callback.best_model_path or None
         trainer.test(module, datamodule=datamodule, ckpt_path=best, weights_only=True, verbose=False)
         result.test_acc1 = float(trainer.callback_metrics["test/acc1"])
-        result.val_acc1 = float(trainer.checkpoint_callback.best_model_score or trainer.callback_metrics.get("val/acc1", float("nan")))
+        result.val_acc1 = float(
+            trainer.checkpoint_callback.best_model_score
+            or trainer.callback_metrics.get("val/acc1", float("nan"))
+        )
         test_images = int(trainer.callback_metrics["test/images"])
         result.learned, chance_p = learned(result.test_acc1, test_images, datamodule.num_classes)
         activity = lrn_activity(module.model, datamodule.val_dataloader())
@@ -356,7 +369,9 @@ def run_cell(cfg: DictConfig) -> CellResult:
             mlflow_client.set_tag(run_id, "learned", str(result.learned).lower())
             mlflow_client.log_metric(run_id, "test/chance_p", chance_p)
             mlflow_client.log_metric(run_id, "images_seen", trainer.global_step * cfg.data.batch_size)
-            mlflow_client.log_metric(run_id, "flops_per_image", forward_flops(module.model, datamodule.input_size))
+            mlflow_client.log_metric(
+                run_id, "flops_per_image", forward_flops(module.model, datamodule.input_size)
+            )
             if activity:
                 mlflow_client.log_metric(run_id, "lrn/denominator_mean", activity["mean"])
                 mlflow_client.log_metric(run_id, "lrn/denominator_p99", activity["p99"])
