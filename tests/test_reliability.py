@@ -38,13 +38,29 @@ def popen_cli(args, cwd: Path, env: dict | None = None) -> subprocess.Popen:
     )
 
 
-def wait_for_checkpointed_running_run(
-    client: MlflowClient, proc: subprocess.Popen, timeout: float = 180, arch=None
-):
+def migrated_client(workdir: Path) -> MlflowClient | None:
+    """A client on the folder's store once the CLI has created it, or None. Opened under the
+    CLI's own store lock: opening a fresh SQLite store while the CLI migrates it races."""
+    from filelock import FileLock
+
+    if not (workdir / "mlflow.db").exists():
+        return None
+    with FileLock(str(workdir / "mlflow.db.lock"), timeout=300):
+        client = MlflowClient(store_uri(workdir))
+        client.search_experiments(max_results=1)
+    return client
+
+
+def wait_for_checkpointed_running_run(workdir: Path, proc: subprocess.Popen, timeout: float = 600, arch=None):
     """A run (of `arch`, if given) that is RUNNING and has written at least one epoch's checkpoint."""
     deadline = time.time() + timeout
+    client = None
     while time.time() < deadline:
         assert proc.poll() is None, proc.stdout.read()[-3000:]
+        client = client or migrated_client(workdir)
+        if client is None:
+            time.sleep(0.2)
+            continue
         try:
             for exp in client.search_experiments():
                 for run in client.search_runs([exp.experiment_id]):
@@ -68,7 +84,7 @@ def by_cell(runs):
 def test_sigkill_mid_run_then_rerun_resumes_the_same_run(workdir):
     study = ["study", "experiment=smoke", *LONGER]
     proc = popen_cli(study, workdir)
-    victim = wait_for_checkpointed_running_run(MlflowClient(store_uri(workdir)), proc, arch="B")
+    victim = wait_for_checkpointed_running_run(workdir, proc, arch="B")
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(30)
     assert MlflowClient(store_uri(workdir)).get_run(victim.info.run_id).info.status == "RUNNING"
@@ -108,7 +124,7 @@ def test_diverging_runs_are_recorded_failed_and_the_sweep_goes_on(workdir):
 def test_sigterm_checkpoints_marks_killed_and_exits_nonzero_then_resumes(workdir):
     study = ["study", "experiment=smoke", *LONGER]
     proc = popen_cli(study, workdir)
-    victim = wait_for_checkpointed_running_run(MlflowClient(store_uri(workdir)), proc)
+    victim = wait_for_checkpointed_running_run(workdir, proc)
     os.kill(int(victim.data.tags["pid"]), signal.SIGTERM)  # what a cluster sends before preempting
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode not in (0, None), output[-2000:]

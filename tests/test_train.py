@@ -192,13 +192,13 @@ def test_the_sample_as_a_folder_learns_as_well_as_data_sample(workdir):
 def test_a_grayscale_40px_folder_trains_with_nothing_but_its_root(workdir):
     classes = ("airplane", "automobile", "frog", "horse")
     root = _sample_as_folder(
-        workdir / "gray", classes, per_class=200, mode="L", size=(40, 40), val_per_class=50
+        workdir / "gray", classes, per_class=450, mode="L", size=(40, 40), val_per_class=100
     )
     out = run_cli(["train", "data=imagefolder", f"data.root={root}", "trainer.progress_bar=false"], workdir)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "800 train" not in out.stdout  # validation carved from train/, val/ is the test set
+    assert "1,800 train" not in out.stdout  # validation carved from train/, val/ is the test set
     assert (
-        "720 train / 80 val / 200 test images, 4 classes; median shorter side 40 px -> S=40, Q=40, crop 40"
+        "1,620 train / 180 val / 400 test images, 4 classes; median shorter side 40 px -> S=40, Q=40, crop 40"
         in out.stdout
     )
     assert "learned nothing" not in out.stderr

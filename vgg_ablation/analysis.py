@@ -382,7 +382,7 @@ def test_conclusions(
         ]
         row.update(c)
         row["not_converged"] = [n for n in (first, second) if bool(improving.get(n, False))]
-        row["seeds_needed"] = seeds_needed(claim.kind, c["sd"], min_effect, margin, len(claims))
+        row["seeds_needed"] = math.nan  # planned below, once the size of the family is known
         if collapsed:
             row["outcome"] = f"no verdict: {', '.join(collapsed)} learned nothing"
         rows.append(row)
@@ -405,6 +405,12 @@ def test_conclusions(
         best_outcome.append(name)
     table["p"] = best_p
     table["p_holm"] = holm(table["p"].where(decidable))
+    family = int(table["p_holm"].notna().sum())  # the claims actually tested here
+    table["seeds_needed"] = [
+        seeds_needed(r["kind"], r["sd"], min_effect, margin, family) if not pd.isna(r["sd"]) else math.nan
+        for _, r in table.iterrows()
+    ]
+    table.attrs["family"] = family
     outcomes = []
     for i, r in table.iterrows():
         if not decidable[i]:

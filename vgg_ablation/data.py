@@ -38,7 +38,6 @@ import math
 import os
 import pickle
 import statistics
-from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -750,8 +749,3 @@ def make_datamodule(cfg: DataConfig, seed: int) -> InMemoryData | FileData:
     if ds.files and not fits_in_memory(cfg, ds):
         return FileData(cfg, seed, ds)
     return InMemoryData(cfg, seed, ds)
-
-
-def class_counts(labels: torch.Tensor, classes: list[str]) -> dict[str, int]:
-    counts = Counter(labels.tolist())
-    return {c: counts.get(i, 0) for i, c in enumerate(classes)}

@@ -267,6 +267,23 @@ def budget_caveat(cfg: DictConfig, concl: pd.DataFrame, improving: pd.Series) ->
     )
 
 
+def _undecided_note(concl: pd.DataFrame) -> str:
+    """For each tested claim left inconclusive: what stopped it, and what budget would decide it."""
+    rows = concl[(concl["outcome"] == "inconclusive") & concl["sd"].notna()] if not concl.empty else concl
+    if rows.empty:
+        return ""
+    parts = []
+    for _, r in rows.iterrows():
+        raw = " (significant alone, not after Holm)" if r["p"] < analysis.ALPHA else ""
+        parts.append(
+            f"claim {r['claim']} ({md_escape(r['first'])} vs {md_escape(r['second'])}): Δ {100 * r['diff']:+.2f} "
+            f"points, 95% CI [{100 * r['ci_low']:+.2f}, {100 * r['ci_high']:+.2f}], p {_p(r['p'])}, Holm "
+            f"{_p(r['p_holm'])}{raw}; the per-seed differences spread by {100 * r['sd']:.2f} points, and "
+            f"deciding it needs about {int(r['seeds_needed'])} paired seeds"
+        )
+    return "Why not decided: " + "; ".join(parts) + " (see *Planning the next study*)."
+
+
 def study_fingerprints(cfg: DictConfig) -> list[str]:
     from vgg_ablation.study import needs_scratch_b, scratch_config
 
@@ -276,12 +293,14 @@ def study_fingerprints(cfg: DictConfig) -> list[str]:
     return fps
 
 
-def _dataset_line(res: pd.DataFrame, cfg: DictConfig) -> str:
+def _dataset_line(res: pd.DataFrame, cfg: DictConfig, client) -> str:
     digests = ", ".join(f"`{d}`" for d in sorted(res["data_digest"].dropna().unique())) or "not recorded"
     counts = res.iloc[0]
+    inputs = client.get_run(counts["run_id"]).inputs.dataset_inputs
+    name = inputs[0].dataset.name if inputs else cfg.data.name
     val = f"{int(counts['val_images']):,} validation, " if not pd.isna(counts.get("val_images")) else ""
     return (
-        f"| data | `{md_escape(cfg.data.name)}`, digest {digests}: {int(counts['train_images']):,} training, "
+        f"| data | {md_escape(name)} (`data={md_escape(cfg.data.name)}`), digest {digests}: {int(counts['train_images']):,} training, "
         f"{val}{int(counts['test_images']):,} test images, {int(counts['num_classes'])} classes; "
         f"normalize `{cfg.data.normalize}` |"
     )
@@ -336,13 +355,15 @@ def write_report(cfg: DictConfig, out_dir: Path = REPORTS_DIR) -> Path:
         "",
         "| | |",
         "|---|---|",
-        _dataset_line(res, cfg),
+        _dataset_line(res, cfg, client),
         f"| budget | {cfg.trainer.max_epochs} epochs, batch {cfg.data.batch_size}, width x{cfg.model.width}, "
         f"batch norm {'on' if cfg.model.batch_norm else 'off'}, init `{cfg.model.init}`, "
         f"lr {cfg.optim.lr} ({cfg.optim.schedule}), dropout {cfg.model.dropout}, LRN scale `{cfg.model.lrn_scale}` |",
         f"| nets x seeds | {', '.join(md_escape(n) for n in summary.index)} x seeds {', '.join(map(str, cfg.study.seeds))} |",
-        f"| tests | margin ±{margin:g} points (equivalence), smallest effect of interest {min_effect:g} points "
-        f"(planning); one-sided tests at {analysis.ALPHA} (95% intervals), Holm across {len(concl)} claims |",
+        f"| tests | margin ±{margin:g} points of top-1 error (equivalence), smallest effect of interest "
+        f"{min_effect:g} {'point' if min_effect == 1 else 'points'} "
+        f"(planning); one-sided tests at {analysis.ALPHA} (95% intervals), Holm across the "
+        f"{concl.attrs.get('family', 0)} claims tested |",
         f"| hardware | {md_escape(', '.join(sorted(res['device'].dropna().unique())))}, "
         f"{os.cpu_count()} CPU cores where this report was written |",
         f"| versions | torch {md_escape(', '.join(sorted(res['torch_version'].dropna().unique())))}, "
@@ -356,7 +377,8 @@ def write_report(cfg: DictConfig, out_dir: Path = REPORTS_DIR) -> Path:
         f"(id {exp.experiment_id if exp else '?'}), config fingerprint{'s' if len(fps) > 1 else ''} "
         f"{', '.join(f'`{f}`' for f in fps)} |",
         "",
-        f"**{len(decided)} of {len(concl)} claims decided**"
+        f"**{len(decided)} of the {concl.attrs.get('family', 0)} claims tested here decided** "
+        f"({len(concl) - concl.attrs.get('family', 0)} of the paper's {len(concl)} not tested)"
         + (
             ": "
             + "; ".join(
@@ -367,6 +389,8 @@ def write_report(cfg: DictConfig, out_dir: Path = REPORTS_DIR) -> Path:
             else ""
         )
         + ".",
+        "",
+        _undecided_note(concl),
         "",
         "## Results per network",
         "",
@@ -398,7 +422,7 @@ def write_report(cfg: DictConfig, out_dir: Path = REPORTS_DIR) -> Path:
         "### Planning the next study",
         "",
         "Not post-hoc power: paired seeds per net that a study needs for 80% power to decide each "
-        f"comparison at the strictest Holm level ({analysis.ALPHA}/{len(concl)}), given the spread of "
+        f"comparison at the strictest Holm level ({analysis.ALPHA}/{concl.attrs.get('family', 0)}), given the spread of "
         "the per-seed differences measured here.",
         "",
         _plan_table(concl, margin, min_effect),
@@ -412,7 +436,7 @@ def write_report(cfg: DictConfig, out_dir: Path = REPORTS_DIR) -> Path:
             "Forward FLOPs per image (torch's FlopCounterMode, multiply-add = 2) and images seen in "
             "training; nets that start from the trained A also count A's training.",
             "",
-            compute.to_markdown(floatfmt=",.4g"),
+            compute.to_markdown(floatfmt=(",.0f", ",.2f", ",.0f", ",.0f", ",.4f")),
             "",
         ]
     lines += [
