@@ -51,13 +51,17 @@ def migrated_client(workdir: Path) -> MlflowClient | None:
     return client
 
 
-def wait_for_checkpointed_running_run(workdir: Path, proc: subprocess.Popen, timeout: float = 600, arch=None):
-    """A run (of `arch`, if given) that is RUNNING and has written at least one epoch's checkpoint."""
+def wait_for_checkpointed_running_run(
+    store: Path | MlflowClient, proc: subprocess.Popen, timeout: float = 600, arch=None
+):
+    """A run (of `arch`, if given) that is RUNNING and has written at least one epoch's checkpoint.
+    `store`: the folder whose default store the CLI creates, or a client on a running server."""
     deadline = time.time() + timeout
-    client = None
+    client = store if isinstance(store, MlflowClient) else None
+    workdir = store if isinstance(store, Path) else None
     while time.time() < deadline:
         assert proc.poll() is None, proc.stdout.read()[-3000:]
-        client = client or migrated_client(workdir)
+        client = client or migrated_client(workdir)  # workdir is set whenever client is None
         if client is None:
             time.sleep(0.2)
             continue
