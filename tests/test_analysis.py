@@ -236,7 +236,7 @@ def test_compute_counts_a_s_training_for_nets_that_start_from_it():
         },
         index=["A", "B"],
     )
-    table = analysis.compute_table(summary, "from_A")
+    table = analysis.compute_table(summary)
     assert table.loc["B", "images seen incl. A's"] == 150
     assert table.loc["B", "training PFLOPs (3x fwd, incl. A's)"] == pytest.approx(
         3 * (2e6 * 50 + 1e6 * 100) / 1e15

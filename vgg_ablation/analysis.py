@@ -447,7 +447,7 @@ def lrn_activity(summary: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-def compute_table(summary: pd.DataFrame, study_init: str) -> pd.DataFrame:
+def compute_table(summary: pd.DataFrame) -> pd.DataFrame:
     """Forward FLOPs per image and images seen per net, counting A's training for nets that start
     from the trained A (their total includes it)."""
     if "flops_per_image" not in summary:

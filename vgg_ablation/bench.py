@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, open_dict
 
 from vgg_ablation.errors import UserError
-from vgg_ablation.models import PAPER_STEPS, build_model
+from vgg_ablation.models import PAPER_STEPS, build_model, forward_flops
 
 BENCH_KEYS = {
     "steps": 30,
@@ -41,16 +41,11 @@ BENCH_KEYS = {
 PEAK_BF16_TFLOPS = {"H100 SXM": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
-def forward_flops(cfg: DictConfig, arch: str, num_classes: int = 10) -> int:
-    """FLOPs (2 x multiply-adds) of one image's forward pass, counted by torch on the meta device."""
-    from torch.utils.flop_counter import FlopCounterMode
-
+def arch_flops(cfg: DictConfig, arch: str, num_classes: int = 10) -> int:
+    """Forward FLOPs per image of `arch` under this config, counted on the meta device."""
     with torch.device("meta"):
         model = _model(cfg, arch, num_classes)
-        x = torch.empty(1, 3, cfg.data.input_size, cfg.data.input_size)
-        with FlopCounterMode(display=False) as counter:
-            model(x)
-    return int(counter.get_total_flops())
+    return forward_flops(model, cfg.data.input_size)
 
 
 def _model(cfg: DictConfig, arch: str, num_classes: int):
@@ -252,7 +247,7 @@ def run_bench(args: list[str]) -> int:
                 plain_loop(cfg, a, synthetic, steps, warmup, device, precision, channels_last)
                 for _ in range(max(1, rounds - 1))
             )
-            flops = forward_flops(cfg, a)
+            flops = arch_flops(cfg, a)
             achieved = 3 * flops * ips  # forward + backward = 3x forward
             peak = peak_tflops(device_name) if device.type == "cuda" else None
             per_arch.append(

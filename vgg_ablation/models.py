@@ -427,5 +427,19 @@ def transfer_from_a(model: Net, trained_a: Net) -> list[str]:
     return copied
 
 
+def forward_flops(model, input_size: int) -> int:
+    """FLOPs (2 x multiply-adds) of one image's forward pass, counted by torch (works on the meta
+    device too: a net built there costs nothing)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    param = next(model.parameters())
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, 3, input_size, input_size, device=param.device, dtype=param.dtype))
+    model.train(was_training)
+    return int(counter.get_total_flops())
+
+
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

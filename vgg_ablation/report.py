@@ -339,7 +339,7 @@ def write_report(cfg: DictConfig, out_dir: Path = REPORTS_DIR) -> Path:
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = _plots(cfg.study.name, summary, res, curves, out_dir)
-    compute = analysis.compute_table(summary, cfg.model.init)
+    compute = analysis.compute_table(summary)
 
     orphaned = [r for _, r in runs.iterrows() if r["status"] == "RUNNING" and _orphaned(client, r["run_id"])]
     not_results = runs[~runs["run_id"].isin(res["run_id"])]

@@ -34,6 +34,7 @@ from vgg_ablation.models import (
     INITS,
     build_model,
     count_params,
+    forward_flops,
     get_arch,
     lrn_activity,
     transfer_from_a,
@@ -404,19 +405,6 @@ def learned(acc1: float, test_images: int, num_classes: int, alpha: float = 0.01
     correct = int(round(acc1 * test_images))
     p = binomtest(correct, test_images, 1 / num_classes, alternative="greater").pvalue
     return bool(p < alpha), float(p)
-
-
-def forward_flops(model, input_size: int) -> int:
-    """FLOPs (2 x multiply-adds) of one image's forward pass, counted by torch."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    param = next(model.parameters())
-    was_training = model.training
-    model.eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(torch.zeros(1, 3, input_size, input_size, device=param.device, dtype=param.dtype))
-    model.train(was_training)
-    return int(counter.get_total_flops())
 
 
 def _best_val(mlflow_client, run_id: str) -> float | None:
