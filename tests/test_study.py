@@ -90,3 +90,25 @@ def test_deeper_nets_start_from_the_trained_a_of_their_seed(workdir):
         "init from A: copied features.0, features.5, features.10, features.12, classifier.0"
         in out.stdout + out.stderr
     )
+
+
+def test_a_compiled_from_a_study_loads_its_checkpoints_and_never_recompiles_for_shapes(workdir):
+    # aot_eager: Dynamo and AOTAutograd for real, without inductor's C++ build (slow on 2 cores)
+    out = run_cli(
+        ["study", *STUDY, "model.init=from_A", "study.seeds=[0]", "study.archs=[A,A-LRN,B]",
+         "trainer.compile=true", "trainer.compile_backend=aot_eager",
+         "trainer.limit_test_batches=1.0"],  # all 1,000 test images: a short last batch, padded
+        workdir,
+        env={"TORCH_LOGS": "recompiles"},
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    runs = {r.data.params["arch"]: r for r in all_runs(workdir)}
+    assert all(r.info.status == "FINISHED" for r in runs.values()) and len(runs) == 3
+    assert runs["B"].data.params["init"] == "from_A"  # A's compiled checkpoint loaded into B
+    assert "init from A: copied features.0" in out.stdout + out.stderr
+    # Guards fail on train/eval and grad mode switches (a graph each), never on a batch's size,
+    # and each cell starts from a reset Dynamo (its first recompile is numbered 0/1 again).
+    reasons = [line for line in out.stderr.splitlines() if "__recompiles" in line and " - " in line]
+    assert reasons and not [r for r in reasons if "size" in r or "stride" in r], reasons
+    assert "recompile_limit" not in out.stderr and "cache_size_limit" not in out.stderr
+    assert sum("[0/1] [__recompiles] Recompiling" in line for line in out.stderr.splitlines()) == 3

@@ -71,7 +71,8 @@ class TrainerConfig:
     limit_test_batches: Any = 1.0
     deterministic: bool | None = None  # None: on for CPU (same seed, same metrics), off on a GPU
     # (cuDNN autotuning picks the fastest kernels, not always the same ones)
-    compile: bool = False  # torch.compile the model (GPU)
+    compile: bool = False  # torch.compile the model (in place; worth it on a GPU)
+    compile_backend: str = "inductor"  # torch.compile backend (tests use a cheap one: aot_eager)
     channels_last: str = "auto"  # auto: on for a GPU
     progress_bar: bool = True
     threads: int | None = None  # CPU threads for torch; None leaves torch's choice

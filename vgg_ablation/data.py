@@ -373,14 +373,22 @@ def carve_validation(n: int, fraction: float) -> tuple[torch.Tensor, torch.Tenso
 
 
 # -- batches ------------------------------------------------------------------------------------
+IGNORE = -100  # label of the padding that fills a short last evaluation batch (cross-entropy's default)
+
+
 class TensorBatches:
     """Batches of an in-memory uint8 dataset, augmented as whole-batch tensor ops.
 
     Training: random crop of `crop` px (after zero-padding by `pad`: CIFAR's translation when the
     crop is the whole image), random horizontal flip. Evaluation: the centre crop. Then the
-    normalisation, as one multiply-add. Random draws come from a generator seeded by
-    (seed, epoch), so a run is repeatable and resuming at epoch k draws what the uninterrupted run
-    drew.
+    normalisation, as one multiply-add.
+
+    Random draws are made for the whole epoch at its start, on a CPU generator seeded by
+    (seed, epoch), and reach the images' device in one copy: the same draws on CPU and GPU (a run
+    is repeatable, and resuming at epoch k draws what the uninterrupted run drew), and no step
+    waits on a host-to-device copy. Evaluation batches all have `batch_size` images: the short
+    last one is padded with blank images labelled IGNORE (the module counts only real labels),
+    so a compiled model sees one shape.
     """
 
     def __init__(
@@ -409,29 +417,56 @@ class TensorBatches:
         n = len(self.labels)
         return n // self.batch_size if self.train and n >= self.batch_size else math.ceil(n / self.batch_size)
 
+    def epoch_draws(self, n: int, gen: torch.Generator) -> torch.Tensor:
+        """One epoch's random draws as one int64 tensor on the CPU, a row each: the image order,
+        then (augmenting) each position's crop offsets dy, dx and flip (0/1)."""
+        if not self.train:
+            return torch.arange(n)[None]
+        order = torch.randperm(n, generator=gen)
+        if not self.augment:
+            return order[None]
+        side = self.images.shape[-1] + 2 * self.pad
+        reach = side - self.crop + 1
+        dy = torch.randint(0, reach, (n,), generator=gen)
+        dx = torch.randint(0, reach, (n,), generator=gen)
+        flip = (torch.rand(n, generator=gen) < 0.5).long()
+        return torch.stack([order, dy, dx, flip])
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.labels)
         gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         self.epoch += 1
-        order = torch.randperm(n, generator=gen) if self.train else torch.arange(n)
-        order = order.to(self.images.device)
+        device = self.images.device
+        draws = self.epoch_draws(n, gen)
+        if device.type == "cuda":
+            draws = draws.pin_memory()
+        draws = draws.to(device, non_blocking=True)  # the epoch's one host-to-device copy
         side = self.images.shape[-1]
         for b in range(len(self)):
-            idx = order[b * self.batch_size : (b + 1) * self.batch_size]
-            x = self.images[idx]
+            rows = draws[:, b * self.batch_size : (b + 1) * self.batch_size]
+            idx = rows[0]
+            x, y = self.images[idx], self.labels[idx]
             if self.train and self.augment:
-                x = self._augment(x, gen, self.pad, self.crop)
+                x = self._augment(x, rows[1], rows[2], rows[3].bool(), self.pad, self.crop)
             elif self.crop != side:
                 top = (side - self.crop) // 2
                 x = x[..., top : top + self.crop, top : top + self.crop]
-            x = torch.addcmul(self.shift, x.float(), self.scale)
-            yield x, self.labels[idx]
+            if len(y) < self.batch_size:  # only the last evaluation batch: pad to the static shape
+                short = self.batch_size - len(y)
+                x = torch.cat([x, x.new_zeros(short, *x.shape[1:])])
+                y = torch.cat([y, y.new_full((short,), IGNORE)])
+            yield torch.addcmul(self.shift, x.float(), self.scale), y
 
     @staticmethod
     def _augment(
-        x: torch.Tensor, gen: torch.Generator, pad: int = 4, crop: int | None = None
+        x: torch.Tensor,
+        dy: torch.Tensor,
+        dx: torch.Tensor,
+        flip: torch.Tensor,
+        pad: int = 4,
+        crop: int | None = None,
     ) -> torch.Tensor:
-        """Random crop (of the image zero-padded by `pad`) and horizontal flip.
+        """Crop at offsets (dy, dx) of the image zero-padded by `pad`, then flip where `flip`.
 
         The crops are picked out of an unfold view of every possible window, indexed by one
         (image, dy, dx) triple per image: 3x faster on CPU than gathering with per-pixel indices
@@ -440,12 +475,8 @@ class TensorBatches:
         b, _, h, w = x.shape
         crop = crop or h
         padded = torch.nn.functional.pad(x, (pad, pad, pad, pad)) if pad else x
-        reach_y, reach_x = padded.shape[2] - crop + 1, padded.shape[3] - crop + 1
         windows = padded.unfold(2, crop, 1).unfold(3, crop, 1)  # B x C x ry x rx x crop x crop, a view
-        dy = torch.randint(0, reach_y, (b,), generator=gen).to(x.device)
-        dx = torch.randint(0, reach_x, (b,), generator=gen).to(x.device)
         out = windows[torch.arange(b, device=x.device), :, dy, dx]
-        flip = (torch.rand(b, generator=gen) < 0.5).to(x.device)
         return torch.where(flip[:, None, None, None], out.flip(3), out)
 
 

@@ -11,6 +11,7 @@ function, `build_model`. References:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -179,7 +180,14 @@ class AlexNetLRN(nn.Module):
         return self.k + (self.alpha * self.scale**2) * window
 
     def forward(self, a: torch.Tensor) -> torch.Tensor:
-        return a * self.denominator(a).pow(-self.beta)
+        # In fp32 whatever autocast says, then back to the input's dtype: in bf16 the step at
+        # k = 2 is 0.0156, so an alpha * window below ~0.008 would round away and the layer would
+        # differ from the CPU's fp32 one.
+        device = a.device.type
+        autocast_on = device in ("cpu", "cuda") and torch.is_autocast_enabled(device)
+        with torch.autocast(device, enabled=False) if autocast_on else contextlib.nullcontext():
+            a32 = a.float()
+            return (a32 * self.denominator(a32).pow(-self.beta)).to(a.dtype)
 
     def extra_repr(self) -> str:
         return f"n={self.n}, alpha={self.alpha}, beta={self.beta}, k={self.k}, scale={self.scale:g}"
@@ -203,11 +211,15 @@ def lrn_activity(model: nn.Module, batches, max_images: int = 1024) -> dict[str,
     model.eval()
     try:
         n = 0
-        for x, _ in batches:
-            model(x.to(next(model.parameters()).device))
-            n += len(x)
-            if n >= max_images:
-                break
+        # eager even when compiled: a compiled graph skips hooks added after it was traced
+        with torch.compiler.set_stance("force_eager"):
+            for x, y in batches:
+                if (y < 0).any():  # evaluation's padded last batch: skipped whole, so that
+                    continue  # its blank padding images count nowhere
+                model(x.to(next(model.parameters()).device))
+                n += len(x)
+                if n >= max_images:
+                    break
     finally:
         for h in hooks:
             h.remove()

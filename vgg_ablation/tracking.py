@@ -36,6 +36,8 @@ NON_SEMANTIC = {
     "logger",
     "trainer.progress_bar",
     "trainer.threads",
+    "trainer.compile",  # speed settings: a study resumed with compile on keeps its finished cells
+    "trainer.compile_backend",
     "data.num_workers",
     "data.root",
 }

@@ -444,16 +444,27 @@ def is_deterministic(cfg: DictConfig, accelerator: str) -> bool:
     return bool(cfg.trainer.deterministic)
 
 
-def make_module(cfg: DictConfig, model, accelerator: str, channels_last: bool) -> Classifier:
-    """The LightningModule around `model`, with the device's speed settings applied."""
+def apply_device_flags(cfg: DictConfig, accelerator: str) -> None:
+    """The GPU's speed settings: cuDNN autotuning (unless runs are pinned) and TF32 matmuls."""
     if accelerator == "gpu":
-        torch.backends.cudnn.benchmark = not is_deterministic(cfg, accelerator)  # autotune unless pinned
+        torch.backends.cudnn.benchmark = not is_deterministic(cfg, accelerator)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+
+
+def make_module(cfg: DictConfig, model, accelerator: str, channels_last: bool) -> Classifier:
+    """The LightningModule around `model`, with the device's speed settings applied."""
+    apply_device_flags(cfg, accelerator)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if cfg.trainer.compile:
-        model = torch.compile(model)
+        # Dynamo's caches hold the previous cell's graphs: a process training many cells would
+        # hit its recompile limit and fall back to eager without a word. Compile in place
+        # (nn.Module.compile), so the state dict keeps its keys (no `_orig_mod.` prefix) and
+        # checkpoints load into plain nets, from-A transfers included; static shapes (every
+        # batch, evaluation's last included, has the same size).
+        torch._dynamo.reset()
+        model.compile(backend=cfg.trainer.compile_backend, dynamic=False)
     return Classifier(model, cfg.optim, channels_last=channels_last)
 
 
