@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed-stamp
 
-.PHONY: study test test-fast lint bench gpu-check ui clean
+.PHONY: study test test-fast lint bench gpu-wheels gpu-check ui clean
 
 $(INSTALLED): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -27,8 +27,11 @@ lint: $(INSTALLED)
 bench: $(INSTALLED)  ## training throughput against plain PyTorch, written to reports/bench-<device>.md
 	$(VENV)/bin/vgg-ablation bench $(ARGS)
 
-gpu-check:  ## on a GPU machine (see the script's header for the wheels it needs there)
-	bash .ci/gpu-check.sh
+gpu-wheels: $(INSTALLED)  ## here: the wheels the GPU check needs on a bare GPU machine, into .whl/
+	bash .ci/gpu-wheels.sh $(PY)
+
+gpu-check:  ## on a lent GPU machine (carry .whl); ARGS=--dry-run runs it CPU-sized anywhere
+	bash .ci/gpu-check.sh $(ARGS)
 
 ui: $(INSTALLED)  ## the MLflow dashboard on this folder's runs, on 127.0.0.1:5000
 	$(VENV)/bin/vgg-ablation ui $(ARGS)

@@ -5,6 +5,8 @@ from the CPU onto it is an op that can be counted."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
@@ -160,3 +162,37 @@ def test_both_benchmark_paths_time_between_the_same_two_syncs(tmp_path):
     lightning = bench.lightning_path(cfg, "A", bench.Cycle(batches, 8), 6, 2, tmp_path)
     lightning_syncs = bench.Stopwatch.syncs - before - plain_syncs
     assert plain_syncs == lightning_syncs == 2 and plain > 0 and lightning > 0
+
+
+@pytest.mark.slow
+def test_the_gpu_check_dry_run_writes_and_prints_every_figure(tmp_path):
+    import os
+    import subprocess
+    import zipfile
+    from pathlib import Path
+
+    repo = Path(__file__).parent.parent
+    env = {
+        **os.environ,
+        "OUT": str(tmp_path / "out"),
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
+    proc = subprocess.run(["bash", ".ci/gpu-check.sh", "--dry-run"], cwd=repo, env=env, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = tmp_path / "out"
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["bench-cpu-d224.json", "bench-cpu-d224.md", "bench-cpu-e32.json", "bench-cpu-e32.md",
+                     "gpu-check.json", "gpu-check.log", "gpu-check.md", "study-report.zip"]  # fmt: skip
+    assert len(names) <= 8  # what the GPU machine sends back
+    summary = (out / "gpu-check.md").read_text()
+    for figure in (
+        "MFU",
+        "Lightning path / plain loop",
+        "host-sync warnings",
+        "8 of 8 FINISHED",
+        "projected",
+    ):
+        assert figure in summary and figure in proc.stdout, figure
+    assert "gpu-check.md" in zipfile.ZipFile(out / "study-report.zip").namelist()
+    assert not (repo / "reports" / "gpu-check").exists()
