@@ -63,7 +63,29 @@ def all_runs(cwd: Path):
     runs = []
     for exp in client.search_experiments():
         runs += client.search_runs([exp.experiment_id])
-    return runs
+    return [r for r in runs if "study_run" not in r.data.tags]  # cells; a study's own run aside
+
+
+def study_runs(cwd: Path):
+    """The studies' own (parent) runs in the folder's default store."""
+    if not (cwd / "mlflow.db").exists():
+        return []
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(store_uri(cwd))
+    return [
+        r for exp in client.search_experiments() for r in client.search_runs([exp.experiment_id])
+        if "study_run" in r.data.tags
+    ]  # fmt: skip
+
+
+def assert_children_of_one_study(cwd: Path, status: str = "FINISHED"):
+    """Exactly one study run, in `status`, and every cell a child of it."""
+    (parent,) = study_runs(cwd)
+    assert parent.info.status == status
+    cells = all_runs(cwd)
+    assert cells and all(r.data.tags.get("mlflow.parentRunId") == parent.info.run_id for r in cells)
+    return parent
 
 
 def make_imagefolder(

@@ -15,7 +15,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from .conftest import CLI, TINY, all_runs, cli_env, run_cli, store_uri
+from .conftest import CLI, TINY, all_runs, assert_children_of_one_study, cli_env, run_cli, store_uri
 
 pytestmark = pytest.mark.slow
 
@@ -111,6 +111,8 @@ def test_sigkill_mid_run_then_rerun_resumes_the_same_run(workdir):
         m.step for m in MlflowClient(store_uri(workdir)).get_metric_history(victim.info.run_id, "val/acc1")
     }
     assert epochs == set(range(6))
+    # the taken-over run keeps its study: one study run, FINISHED with its last cell
+    assert resumed.data.tags["mlflow.parentRunId"] == assert_children_of_one_study(workdir).info.run_id
 
 
 def test_diverging_runs_are_recorded_failed_and_the_sweep_goes_on(workdir):
@@ -123,6 +125,7 @@ def test_diverging_runs_are_recorded_failed_and_the_sweep_goes_on(workdir):
         assert run.data.tags["failure_reason"].startswith("NonFiniteLoss: loss became")
     assert "summary: 4 FAILED" in out.stdout
     assert "A seed=0: FAILED NonFiniteLoss" in out.stdout
+    assert_children_of_one_study(workdir, status="FAILED")  # the study's run follows its cells
 
 
 def test_sigterm_checkpoints_marks_killed_and_exits_nonzero_then_resumes(workdir):

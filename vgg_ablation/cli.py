@@ -155,18 +155,49 @@ def cmd_bench(args: list[str]) -> int:
 
 
 def cmd_ui(args: list[str]) -> int:
+    """The MLflow dashboard on this folder's store; with experiment=..., where that study lives."""
     from vgg_ablation import tracking
 
     options = dict(a.partition("=")[::2] for a in args)
     host, port = options.pop("host", "127.0.0.1"), options.pop("port", "5000")
-    if options:
-        raise UserError(f"ui takes host= and port=; got {', '.join(options)}")
+    study = [
+        f"{k}={v}"
+        for k, v in options.items()
+        if k == "experiment" or k.startswith(("study.", "data", "model", "optim", "trainer"))
+    ]
+    unknown = [k for k in options if f"{k}={options[k]}" not in study]
+    if unknown:
+        raise UserError(
+            f"ui takes host=, port= and a study's overrides (experiment=...); got {', '.join(unknown)}"
+        )
     uri = tracking.tracking_uri(None)
-    print(f"MLflow dashboard for {uri} on http://{host}:{port} (Ctrl-C stops it)", flush=True)
+    base = f"http://{host}:{port}"
+    print(f"MLflow dashboard for {uri} on {base} (Ctrl-C stops it)", flush=True)
+    if study and uri.startswith(("sqlite:///", "postgresql", "mysql")):
+        from vgg_ablation.study import study_overrides
+
+        cfg = compose(study_overrides(study))
+        client = tracking.client(uri)
+        experiment = client.get_experiment_by_name(tracking.experiment_name(cfg))
+        if experiment is None:
+            raise UserError(
+                f"no runs of study {cfg.study.name!r} in {uri}: run `vgg-ablation study {' '.join(study)}` first"
+            )
+        print(f"  study {cfg.study.name}, every run: {tracking.runs_url(base, experiment.experiment_id)}")
+        parent = tracking.find_study_run(client, experiment.experiment_id, cfg)
+        # this config's study run, else every study run of the experiment (other overrides)
+        parents = [parent] if parent is not None else client.search_runs(
+            [experiment.experiment_id], filter_string=f"tags.{tracking.STUDY_RUN_TAG} LIKE '{cfg.study.name}/%'")  # fmt: skip
+        for run in parents:
+            url = tracking.run_url(base, experiment.experiment_id, run.info.run_id)
+            print(f"  the study's run {run.data.tags[tracking.STUDY_RUN_TAG]} (report, verdicts): {url}")
+        sys.stdout.flush()
+    # One worker: the dashboard answers in a few seconds on a small machine (4 by default).
     os.execv(
         sys.executable,
-        [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", port],
-    )
+        [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", port,
+         "--workers", "1"],
+    )  # fmt: skip
     return 0  # pragma: no cover
 
 

@@ -84,6 +84,10 @@ class LoggerConfig:
     tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
     experiment: str = "vgg-ablation"  # a study uses its own name
     checkpoint_root: str = "checkpoints"  # <root>/<experiment>/<cell>/last.ckpt
+    parent_run_id: str | None = None  # set by `vgg-ablation study`: the study's own MLflow run
+    system_metrics: bool = True  # sample CPU, memory, disk, network (and GPU) into each run
+    system_metrics_interval: float = 10.0  # seconds between samples
+    ui_url: str = "http://127.0.0.1:5000"  # where `vgg-ablation ui` serves: reports link into it
 
 
 @dataclass

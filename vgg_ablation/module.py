@@ -119,8 +119,17 @@ class Classifier(pl.LightningModule):
         }
         if split == "test":  # how many images the test figures rest on (for the chance test)
             metrics["test/images"] = n
+        if split == "val":  # best so far beside the last epoch's (what checkpointing selects on)
+            self._best_val = max(getattr(self, "_best_val", 0.0), top1)
+            metrics["val/acc1_best"] = self._best_val
         # Values are already reduced here; Lightning forwards them to the logger once per epoch.
         self.log_dict(metrics, prog_bar=split != "test", sync_dist=True)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["best_val_acc1"] = getattr(self, "_best_val", 0.0)  # a resumed run keeps its best
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._best_val = checkpoint.get("best_val_acc1", 0.0)
 
     def on_train_epoch_end(self) -> None:
         if "train" in self._sums and not torch.isfinite(self._sums["train"][0]):

@@ -127,8 +127,9 @@ def _plots(
     return names
 
 
-def _arch_table(summary: pd.DataFrame, improving: pd.Series) -> str:
+def _arch_table(summary: pd.DataFrame, improving: pd.Series, links: dict[str, str] | None = None) -> str:
     rows = []
+    links = links or {}
     for net, r in summary.iterrows():
         paper = PAPER_TABLE3.get(net)
         if net == "B-5x5":
@@ -138,7 +139,7 @@ def _arch_table(summary: pd.DataFrame, improving: pd.Series) -> str:
         collapsed = r["not_learned"]
         rows.append(
             {
-                "net": md_escape(net),
+                "net": f"[{md_escape(net)}]({links[net]})" if net in links else md_escape(net),
                 "depth": int(r["depth"]),
                 "params": f"{int(r['params']):,}",
                 "seeds": int(r["seeds"]),
@@ -345,6 +346,8 @@ def write_report(cfg: DictConfig, out_dir: Path = REPORTS_DIR) -> Path:
     not_results = runs[~runs["run_id"].isin(res["run_id"])]
     wall = (res["end_time"].max() - res["start_time"].min()).total_seconds()
     exp = client.get_experiment_by_name(experiment)
+    parent = tracking.find_study_run(client, exp.experiment_id, cfg) if exp else None
+    links = _run_links(cfg, exp.experiment_id, summary.index) if exp else {}
     decided = (
         concl[concl["outcome"].str.startswith(("supported", "contradicted"))] if not concl.empty else concl
     )
@@ -376,6 +379,7 @@ def write_report(cfg: DictConfig, out_dir: Path = REPORTS_DIR) -> Path:
         f"| written | {time.strftime('%Y-%m-%d %H:%M %Z')} from MLflow experiment `{md_escape(experiment)}` "
         f"(id {exp.experiment_id if exp else '?'}), config fingerprint{'s' if len(fps) > 1 else ''} "
         f"{', '.join(f'`{f}`' for f in fps)} |",
+        _mlflow_line(cfg, exp, parent),
         "",
         f"**{len(decided)} of the {concl.attrs.get('family', 0)} claims tested here decided** "
         f"({len(concl) - concl.attrs.get('family', 0)} of the paper's {len(concl)} not tested)"
@@ -398,7 +402,7 @@ def write_report(cfg: DictConfig, out_dir: Path = REPORTS_DIR) -> Path:
         "ImageNet errors (Table 3). The absolute numbers are not comparable across datasets; the "
         "ordering is what the paper's conclusions are about.",
         "",
-        _arch_table(summary, improving),
+        _arch_table(summary, improving, links),
         "",
         "## The paper's conclusions, tested",
         "",
@@ -488,7 +492,67 @@ def write_report(cfg: DictConfig, out_dir: Path = REPORTS_DIR) -> Path:
     path = out_dir / f"{cfg.study.name}.md"
     text = "\n".join(line for line in lines)
     _atomic_write(path, lambda p: p.write_text(re.sub(r"\n{3,}", "\n\n", text)))
+    if parent is not None:
+        publish(client, parent.info.run_id, path, [out_dir / name for name in plots], summary, concl)
     return path
+
+
+def _mlflow_line(cfg: DictConfig, exp, parent) -> str:
+    if exp is None:
+        return ""
+    base = cfg.logger.ui_url
+    study_run = (
+        f"[the study's run]({tracking.run_url(base, exp.experiment_id, parent.info.run_id)}) · "
+        if parent
+        else ""
+    )
+    return f"| MLflow (`vgg-ablation ui`) | {study_run}[every run]({tracking.runs_url(base, exp.experiment_id)}) |"
+
+
+def _run_links(cfg: DictConfig, experiment_id: str, nets) -> dict[str, str]:
+    """Each net's runs in the dashboard: the runs page filtered to its config and arch."""
+    from vgg_ablation.study import needs_scratch_b, scratch_config
+
+    links = {}
+    for net in nets:
+        scratch = net == f"B{analysis.SCRATCH}"
+        net_cfg = scratch_config(cfg) if scratch and needs_scratch_b(cfg) else cfg
+        arch = "B" if scratch else net
+        search = f"tags.fingerprint = '{tracking.fingerprint(net_cfg)}' and params.arch = '{arch}'"
+        links[net] = tracking.runs_url(cfg.logger.ui_url, experiment_id, search)
+    return links
+
+
+def publish(
+    client, run_id: str, report: Path, plots: list[Path], summary: pd.DataFrame, concl: pd.DataFrame
+) -> None:
+    """The report onto the study's run: the markdown and its plots as artifacts (report/), the
+    per-net summary and the verdicts as MLflow tables, each claim's verdict as a tag and its Δ
+    and each net's mean error as metrics (comparable across studies in the runs table)."""
+    from mlflow.entities import Metric
+
+    for file in [report, *plots]:
+        client.log_artifact(run_id, str(file), "report")
+    client.log_table(run_id, summary.reset_index().rename(columns={"index": "net"}), "summary.json")
+    now = int(time.time() * 1000)
+    metrics = [
+        Metric(f"test_err1/{_metric_name(net)}", float(100 * r["top1_err_mean"]), now, 0)
+        for net, r in summary.iterrows()
+    ]
+    if not concl.empty:
+        wanted = ["claim", "first", "second", "outcome", "diff", "ci_low", "ci_high", "p", "p_holm", "test"]
+        shown = concl[[c for c in wanted if c in concl]]
+        client.log_table(run_id, shown, "claims.json")
+        for _, r in concl.iterrows():  # a claim may have several comparisons (depth: B-A, D-B, E-D)
+            key = f"claim{r['claim']}/{_metric_name(r['first'])}_vs_{_metric_name(r['second'])}"
+            client.set_tag(run_id, key, str(r["outcome"]))
+            if not pd.isna(r.get("diff")):
+                metrics.append(Metric(f"{key}/delta_err1_points", float(100 * r["diff"]), now, 0))
+    client.log_batch(run_id, metrics=metrics)
+
+
+def _metric_name(net: str) -> str:
+    return re.sub(r"[^\w\-. /]", "", net).strip().replace(" ", "_")
 
 
 def _display_uri(uri: str) -> str:

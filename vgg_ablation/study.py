@@ -32,13 +32,17 @@ DEFAULT_STUDY = "sample"
 
 def study_overrides(args: list[str]) -> list[str]:
     """The user's overrides, with the default study when none is named."""
+    # Inside a study, a line per cell tells the progress; Lightning's per-epoch bars are off
+    # unless asked for (trainer.progress_bar=true, later on the line, wins).
+    quiet = ["trainer.progress_bar=false"]
     if not any(a.split("=", 1)[0].lstrip("+~") == "experiment" for a in args):
-        return [f"experiment={DEFAULT_STUDY}", *args]
-    return list(args)
+        return [f"experiment={DEFAULT_STUDY}", *quiet, *args]
+    experiment = [a for a in args if a.split("=", 1)[0].lstrip("+~") == "experiment"]
+    return [*experiment, *quiet, *[a for a in args if a not in experiment]]
 
 
-def check_study(cfg: DictConfig) -> None:
-    """Refuse a study that cannot run, before any job starts."""
+def check_study(cfg: DictConfig):
+    """Refuse a study that cannot run, before any job starts; returns its data module."""
     from vgg_ablation.train import prepare
 
     if not cfg.study.archs:
@@ -67,6 +71,7 @@ def check_study(cfg: DictConfig) -> None:
                 )
         except ValueError as exc:
             raise UserError(str(exc)) from None
+    return datamodule
 
 
 SCRATCH_CONTROL = ["model.init=kaiming"]
@@ -146,8 +151,16 @@ def sweep_dir(cfg: DictConfig) -> Path:
     return Path("multirun") / cfg.study.name / f"{stamp}-{secrets.token_hex(3)}"
 
 
+PROGRESS_ENV = "VGG_ABLATION_PROGRESS"  # "<cells before this launch>:<cells in the study>:<start time>"
+
+
 def launch(
-    args: list[str], archs: list[str], seeds: list[int], folder: Path, seed_major: bool = False
+    args: list[str],
+    archs: list[str],
+    seeds: list[int],
+    folder: Path,
+    seed_major: bool = False,
+    progress: tuple[int, int, float] | None = None,
 ) -> int:
     """One Hydra multirun over archs x seeds in a subprocess: arch-major (the paper's order, and
     the trained A first for init=from_A), or seed-major, so that a study stopped early still holds
@@ -161,9 +174,12 @@ def launch(
         *args,
         *(sweep[::-1] if seed_major else sweep),
         f"hydra.sweep.dir={folder}",
+        "hydra/hydra_logging=disabled",  # its per-job line repeats every override: ours says k of N
     ]
-    print("$ " + " ".join(command[1:]), flush=True)
-    return subprocess.run(command, env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if progress:
+        env[PROGRESS_ENV] = ":".join(map(str, progress))
+    return subprocess.run(command, env=env).returncode
 
 
 def run_study(args: list[str]) -> int:
@@ -171,16 +187,21 @@ def run_study(args: list[str]) -> int:
 
     args = study_overrides(args)
     cfg = compose(args)
-    check_study(cfg)
+    datamodule = check_study(cfg)
     uri = tracking.tracking_uri(cfg.logger.tracking_uri)
     if not cfg.logger.enabled:
         raise UserError("a study records its runs in MLflow: drop logger=none")
     tracking.check_reachable(uri)
     # Create the store and the experiment once, here: many jobs opening a fresh SQLite store at
     # once race on its schema migration.
-    tracking.ensure_experiment(tracking.client(uri), tracking.experiment_name(cfg))
-    # Pin the store for the jobs, so a relative default cannot drift between processes.
-    pinned = [a for a in args if not a.startswith("logger.tracking_uri=")] + [f"logger.tracking_uri={uri}"]
+    client = tracking.client(uri)
+    experiment_id = tracking.ensure_experiment(client, tracking.experiment_name(cfg))
+    tracking.describe_experiment(client, experiment_id, cfg.study.description)
+    parent = tracking.open_study_run(client, experiment_id, cfg, study_params(cfg))
+    # Pin the store for the jobs, so a relative default cannot drift between processes; every
+    # cell becomes a child of the study's run.
+    pinned = [a for a in args if not a.startswith(("logger.tracking_uri=", "logger.parent_run_id="))]
+    pinned += [f"logger.tracking_uri={uri}", f"logger.parent_run_id={parent}"]
 
     archs, seeds = list(cfg.study.archs), list(cfg.study.seeds)
     phases = [archs]
@@ -191,15 +212,21 @@ def run_study(args: list[str]) -> int:
         phases = [["A"], [a for a in archs if a != "A"]]
     folder = sweep_dir(cfg)
     started = time.time()
+    extra = [SCRATCH_CONTROL] if needs_scratch_b(cfg) else []
+    launches = [(p, []) for p in phases] + [(["B"], e) for e in extra]
+    total = sum(len(p) for p, _ in launches) * len(seeds)
     print(
-        f"study {cfg.study.name}: {len(archs)} archs x {len(seeds)} seeds on {cfg.data.name}, "
-        f"MLflow {uri} (experiment {tracking.experiment_name(cfg)}), sweep folder {folder}",
+        f"study {cfg.study.name}: {len(archs)} archs x {len(seeds)} seeds = {total} cells on {cfg.data.name}, "
+        f"MLflow {uri} (experiment {tracking.experiment_name(cfg)}), sweep folder {folder}\n"
+        f"{datamodule.describe()}\n"
+        f"study run: {tracking.run_url(cfg.logger.ui_url, experiment_id, parent)} (`vgg-ablation ui` serves it)",
         flush=True,
     )
-    exit_codes = []
-    extra = [SCRATCH_CONTROL] if needs_scratch_b(cfg) else []
-    for phase, overrides in [(p, []) for p in phases] + [(["B"], e) for e in extra]:
-        code = launch(pinned + overrides, phase, seeds, folder, seed_major=cfg.model.init != "from_A")
+    exit_codes, before = [], 0
+    for phase, overrides in launches:
+        code = launch(pinned + overrides, phase, seeds, folder, seed_major=cfg.model.init != "from_A",
+                      progress=(before, total, started))  # fmt: skip
+        before += len(phase) * len(seeds)
         exit_codes.append(code)
         if code not in (0, 1):  # killed or interrupted: stop, do not start the next phase
             break
@@ -220,13 +247,38 @@ def run_study(args: list[str]) -> int:
         print(f"  {row['arch']} seed={row['seed']}: {row['status']} {row['reason']}".rstrip())
     counts = states["status"].value_counts().to_dict()
     print("summary: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
+    stopped = any(c not in (0, 1) for c in exit_codes)
     if len(failed) == 0 and all(c == 0 for c in exit_codes):
         from vgg_ablation.report import write_report
 
-        path = write_report(cfg)
+        path = write_report(cfg)  # also onto the study's run: report, plots, tables, verdicts
+        client.set_terminated(parent, "FINISHED")  # only now: every cell FINISHED, report written
         print(f"report: {path}")
         return 0
-    if any(c not in (0, 1) for c in exit_codes):
+    # The study's run follows its cells: KILLED when the sweep was stopped, else FAILED
+    client.set_terminated(parent, "KILLED" if stopped else "FAILED")
+    if stopped:
         print("the sweep was stopped; run the same command again to resume", file=sys.stderr)
         return next(c for c in exit_codes if c not in (0, 1))
     return 1
+
+
+def study_params(cfg: DictConfig) -> dict:
+    """What a user filters studies by, on the study's run (cells carry their own params)."""
+    return {
+        "archs": ",".join(cfg.study.archs),
+        "seeds": ",".join(map(str, cfg.study.seeds)),
+        "data": cfg.data.name,
+        "epochs": cfg.trainer.max_epochs,
+        "width": cfg.model.width,
+        "batch_norm": cfg.model.batch_norm,
+        "init": cfg.model.init,
+        "dropout": cfg.model.dropout,
+        "lr": cfg.optim.lr,
+        "schedule": cfg.optim.schedule,
+        "warmup_epochs": cfg.optim.warmup_epochs,
+        "batch_size": cfg.data.batch_size,
+        "margin_points": cfg.study.margin,
+        "min_effect_points": cfg.study.min_effect,
+        "fingerprint": tracking.fingerprint(cfg),
+    }

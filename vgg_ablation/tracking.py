@@ -223,3 +223,78 @@ def is_orphaned(run) -> bool:
     except ValueError:
         return True
     return time.time() - beat > stale_after_seconds()
+
+
+# -- the study's own run and the dashboard ------------------------------------------------------
+STUDY_RUN_TAG = "study_run"  # on a study's parent run: "<study>/<config fingerprint>"
+PARENT_TAG = "mlflow.parentRunId"  # MLflow's own: the runs table nests a child under its parent
+# MLflow 3's UI opens an experiment in the GenAI view unless told it holds model training runs
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
+def context_tags() -> dict[str, str]:
+    """MLflow's own source, user and git tags (its columns in the runs table)."""
+    from mlflow.tracking.context.registry import resolve_tags
+
+    tags = {k: v for k, v in resolve_tags({}).items() if k.startswith("mlflow.")}
+    commit = git_commit()
+    if commit != "unknown":
+        tags["mlflow.source.git.commit"] = commit.removesuffix("-dirty")
+    return tags
+
+
+def study_run_key(cfg: DictConfig) -> str:
+    return f"{cfg.study.name}/{fingerprint(cfg)}"
+
+
+def describe_experiment(mlflow_client, experiment_id: str, description: str) -> None:
+    """The study's description as the experiment's note, and the model-training view."""
+    for key, value in {**EXPERIMENT_KIND, "mlflow.note.content": description}.items():
+        if value:
+            mlflow_client.set_experiment_tag(experiment_id, key, value)
+
+
+def find_study_run(mlflow_client, experiment_id: str, cfg: DictConfig):
+    found = mlflow_client.search_runs(
+        [experiment_id], filter_string=f"tags.{STUDY_RUN_TAG} = '{study_run_key(cfg)}'",
+        order_by=["attributes.start_time ASC"], max_results=1,
+    )  # fmt: skip
+    return found[0] if found else None
+
+
+def open_study_run(mlflow_client, experiment_id: str, cfg: DictConfig, params: dict) -> str:
+    """The study's parent run (one per study and config fingerprint), RUNNING again if it exists.
+    Created under the store's lock: two launches of one study get one parent."""
+    from mlflow.entities import Param
+
+    with _store_lock(mlflow_client.tracking_uri):
+        run = find_study_run(mlflow_client, experiment_id, cfg)
+        if run is not None:
+            mlflow_client.update_run(run.info.run_id, status="RUNNING")
+            return run.info.run_id
+        tags = {
+            STUDY_RUN_TAG: study_run_key(cfg),
+            "study": cfg.study.name,
+            "mlflow.note.content": cfg.study.description or f"study {cfg.study.name}",
+            **context_tags(),
+        }
+        run_id = mlflow_client.create_run(
+            experiment_id, tags=tags, run_name=f"study {cfg.study.name}"
+        ).info.run_id
+    mlflow_client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
+    mlflow_client.log_text(run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+    return run_id
+
+
+def run_url(base: str, experiment_id: str, run_id: str, tab: str = "") -> str:
+    """A run's page (or one of its tabs: model-metrics, artifacts, ...) in the training view."""
+    page = f"{run_id}/{tab}" if tab else run_id
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{page}?workflowType=machine_learning"
+
+
+def runs_url(base: str, experiment_id: str, search: str | None = None) -> str:
+    """The experiment's runs page, in the model-training view, optionally filtered."""
+    from urllib.parse import quote
+
+    query = "workflowType=machine_learning" + (f"&searchFilter={quote(search)}" if search else "")
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?{query}"

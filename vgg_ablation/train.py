@@ -11,6 +11,7 @@ best checkpoint are recorded; FAILED with the reason otherwise; KILLED on SIGTER
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 import warnings
@@ -37,6 +38,7 @@ from vgg_ablation.models import (
     forward_flops,
     get_arch,
     lrn_activity,
+    resolve_head,
     transfer_from_a,
 )
 from vgg_ablation.module import SCHEDULES, Classifier
@@ -198,7 +200,9 @@ def curated_params(cfg: DictConfig, model, datamodule, precision: str) -> dict[s
         "width": cfg.model.width,
         "params": count_params(model),
         "batch_norm": cfg.model.batch_norm,
-        "head": cfg.model.head,
+        "head": resolve_head(get_arch(cfg.arch), cfg.model.head, datamodule.input_size),  # the one built
+        "dropout": cfg.model.dropout,
+        "warmup_epochs": cfg.optim.warmup_epochs,
         "init": cfg.model.init if starts_from_a(cfg) or cfg.model.init != "from_A" else "kaiming",
         "data": cfg.data.name,
         "input_size": datamodule.input_size,
@@ -248,8 +252,11 @@ def _open_run(
     one, so a cell never gets a second run.
     """
     previous = tracking.runs_of_cell(mlflow_client, experiment_id, key)
+    parent = cfg.logger.parent_run_id
     for run in previous:
         if run.info.status == "FINISHED":
+            if parent and run.data.tags.get(tracking.PARENT_TAG) != parent:
+                mlflow_client.set_tag(run.info.run_id, tracking.PARENT_TAG, parent)  # adopted by this study
             return "skip", run
     for run in previous:
         if run.info.status == "RUNNING" and not tracking.is_orphaned(run):
@@ -262,6 +269,8 @@ def _open_run(
         mlflow_client.update_run(run_id, status="RUNNING")
         for name, value in tracking.environment_tags(device_name).items():
             mlflow_client.set_tag(run_id, name, value)
+        if parent:  # the study's run, also when a dead attempt is taken over
+            mlflow_client.set_tag(run_id, tracking.PARENT_TAG, parent)
         if FAILURE_TAG in run.data.tags:
             mlflow_client.delete_tag(run_id, FAILURE_TAG)
         log.info("resume %s: run %s from %s", key, run_id, resume_from or "the start (no checkpoint)")
@@ -274,6 +283,8 @@ def _open_run(
         "fingerprint": tracking.fingerprint(cfg),
         "data_digest": datamodule.dataset.digest,
         **tracking.environment_tags(device_name),
+        **tracking.context_tags(),
+        **({tracking.PARENT_TAG: parent} if parent else {}),
     }
     run_id = mlflow_client.create_run(
         experiment_id, tags=tags, run_name=f"{cfg.arch}-seed{cfg.seed}"
@@ -304,11 +315,13 @@ def log_dataset(mlflow_client, run_id: str, datamodule) -> None:
     mlflow_client.log_inputs(run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", "training")])])
 
 
-def run_cell(cfg: DictConfig) -> CellResult:
-    """Train, validate and test one cell; record it in MLflow. Raises UserError on bad input."""
+def run_cell(cfg: DictConfig, announce_data: bool = True) -> CellResult:
+    """Train, validate and test one cell; record it in MLflow. Raises UserError on bad input.
+    `announce_data`: print the data line (a study prints it once for all its cells)."""
     start = time.time()
     datamodule, model = prepare(cfg)
-    print(datamodule.describe(), flush=True)
+    if announce_data:
+        print(datamodule.describe(), flush=True)
     key = tracking.cell_key(cfg)
     accelerator, precision, channels_last = device_choice(cfg)
     device_name = torch.cuda.get_device_name() if accelerator == "gpu" else "cpu"
@@ -343,7 +356,12 @@ def run_cell(cfg: DictConfig) -> CellResult:
         if accelerator == "gpu" and _fits_on_device(cfg, datamodule):
             datamodule.move_to(torch.device("cuda"))
         fit_start = time.time()
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
+        monitor = system_metrics(cfg, mlflow_client, run_id, resumed=resume_from is not None)
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
+        finally:
+            if monitor is not None:
+                monitor.finish()
         if trainer.interrupted:
             raise KeyboardInterrupt
         fit_seconds = time.time() - fit_start
@@ -396,6 +414,22 @@ def run_cell(cfg: DictConfig) -> CellResult:
         log.error("run %s failed: %s", key, result.reason)
     result.seconds = time.time() - start
     return result
+
+
+def system_metrics(cfg: DictConfig, mlflow_client, run_id: str | None, resumed: bool):
+    """MLflow's sampler of CPU, memory, disk, network (and GPU, with nvidia-ml-py) into the run's
+    `system/` metrics while it trains; None when off or without a run."""
+    if mlflow_client is None or not cfg.logger.system_metrics:
+        return None
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # its start/stop chatter
+    monitor = SystemMetricsMonitor(
+        run_id, sampling_interval=cfg.logger.system_metrics_interval, resume_logging=resumed,
+        tracking_uri=mlflow_client.tracking_uri,
+    )  # fmt: skip
+    monitor.start()
+    return monitor
 
 
 def learned(acc1: float, test_images: int, num_classes: int, alpha: float = 0.01) -> tuple[bool, float]:
@@ -536,8 +570,14 @@ def main(cfg: DictConfig) -> float | None:
 def task(cfg: DictConfig, multirun: bool) -> float | None:
     """One cell, with the CLI's exits; returns what a sweeper may optimise: the best validation
     top-1 accuracy (never a test figure: tuning on it would leak the test set into the study)."""
+    progress = Progress.from_env(HydraConfig.get().job.num if multirun else 0)
+    if progress:
+        # one line per cell as it starts and one as it ends: Lightning's device banner and
+        # fit-stopped notes would add five more per cell
+        logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
+        print(f"{progress.prefix()} {cfg.arch} seed={cfg.seed}: started", flush=True)
     try:
-        result = run_cell(cfg)
+        result = run_cell(cfg, announce_data=progress is None)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
@@ -549,13 +589,51 @@ def task(cfg: DictConfig, multirun: bool) -> float | None:
             print(f"SIGTERM: {cfg.arch} seed={cfg.seed} marked KILLED; re-run to resume", file=sys.stderr)
             sys.exit(143)
         raise
-    _print_summary(result)
+    _print_summary(result, progress)
     if result.status not in ("FINISHED", "SKIPPED", "BUSY") and not multirun:
         sys.exit(1)
     return result.val_acc1
 
 
-def _print_summary(r: CellResult) -> None:
+@dataclass
+class Progress:
+    """Where a cell stands in its study: k of N, the study's elapsed time, and a projection of
+    the time left from the mean time per cell so far (finished cells skipped on a re-run count
+    as quick ones, so early estimates after a resume run low)."""
+
+    k: int  # this cell, 1-based
+    total: int
+    started: float
+
+    @classmethod
+    def from_env(cls, job_num: int) -> Progress | None:
+        from vgg_ablation.study import PROGRESS_ENV
+
+        value = os.environ.get(PROGRESS_ENV)
+        if not value:
+            return None
+        before, total, started = value.split(":")
+        return cls(int(before) + job_num + 1, int(total), float(started))
+
+    def prefix(self) -> str:
+        return f"[{self.k}/{self.total} · {_clock(time.time() - self.started)}]"
+
+    def left(self) -> str:
+        elapsed = time.time() - self.started
+        remaining = self.total - self.k
+        return f"about {_clock(elapsed / self.k * remaining)} left" if remaining else "last cell"
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return (
+        f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+        if seconds >= 3600
+        else f"{seconds // 60}m{seconds % 60:02d}s"
+    )
+
+
+def _print_summary(r: CellResult, progress: Progress | None = None) -> None:
     if r.status == "SKIPPED":
         line = f"{r.arch} seed={r.seed}: already FINISHED (run {r.run_id}), skipped"
     elif r.status == "BUSY":
@@ -568,6 +646,8 @@ def _print_summary(r: CellResult) -> None:
         )
     else:
         line = f"{r.arch} seed={r.seed}: {r.status}: {r.reason}"
+    if progress:
+        line = f"{progress.prefix()} {line.replace(', MLflow run', '; run')} · {progress.left()}"
     print(line, flush=True)
 
 

@@ -1,0 +1,180 @@
+"""The MLflow dashboard as a study's home: read back through MLflow's client, then in a real browser
+(Debian's chromium driven by playwright, against `vgg-ablation ui` on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from .conftest import CLI, TINY, all_runs, assert_children_of_one_study, cli_env, run_cli, store_uri
+
+pytestmark = pytest.mark.slow
+
+DESCRIPTION = "Two nets, two seeds: the dashboard test study"
+STUDY = ["study", "experiment=smoke", *TINY, f"study.description='{DESCRIPTION}'",
+         "logger.system_metrics_interval=0.2"]  # fmt: skip
+CHROMIUM = os.environ.get("VGG_ABLATION_CHROMIUM", "/usr/bin/chromium")
+# Debian's chromium on a closed network: no background calls home, no sandbox as root
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
+                 "--disable-background-networking", "--disable-component-update"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory) -> tuple[Path, str]:
+    """A tiny real study, run once for this module's tests: its folder and its stdout."""
+    workdir = tmp_path_factory.mktemp("dashboard")
+    out = run_cli(STUDY, workdir)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return workdir, out.stdout
+
+
+def test_a_study_is_one_parent_run_with_its_report_tables_and_verdicts(study):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    workdir, _ = study
+    parent = assert_children_of_one_study(workdir)
+    client = MlflowClient(store_uri(workdir))
+    pid = parent.info.run_id
+    assert len(all_runs(workdir)) == 4
+    assert {a.path for a in client.list_artifacts(pid, "report")} == {
+        "report/smoke.md", "report/smoke-error-vs-depth.png", "report/smoke-learning-curves.png",
+        "report/smoke-params-vs-error.png",
+    }  # fmt: skip
+    mlflow.set_tracking_uri(store_uri(workdir))  # load_table searches through the fluent API's store
+    summary = client.load_table(parent.info.experiment_id, "summary.json", run_ids=[pid])
+    assert sorted(summary["net"]) == ["A", "B"] and "top1_err_mean" in summary
+    claims = client.load_table(parent.info.experiment_id, "claims.json", run_ids=[pid])
+    assert len(claims) == 7  # the paper's conclusions, one row per comparison
+    assert parent.data.tags["claim2/B_vs_A"].startswith(("supported", "contradicted", "inconclusive", "no verdict"))
+    assert parent.data.tags["claim2/E_vs_D"].startswith("not tested here")
+    assert "claim2/B_vs_A/delta_err1_points" in parent.data.metrics
+    mean_a = summary.set_index("net").loc["A", "top1_err_mean"]
+    assert parent.data.metrics["test_err1/A"] == pytest.approx(100 * mean_a)
+    assert parent.data.params["archs"] == "A,B" and parent.data.params["seeds"] == "0,1"
+    assert client.download_artifacts(pid, "config.yaml", str(workdir)).endswith("config.yaml")
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert experiment.tags["mlflow.note.content"] == DESCRIPTION
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the training view
+    # the report links into the dashboard: its header to the study's run, each net to its runs
+    report = (workdir / "reports" / "smoke.md").read_text()
+    assert f"runs/{pid}?workflowType=machine_learning" in report
+    assert re.search(r"\| \[A\]\(http://127\.0\.0\.1:5000/#/experiments/\d+/runs\?.*searchFilter=", report)
+
+
+def test_each_cell_run_carries_what_the_dashboard_columns_expect(study):
+    from mlflow.tracking import MlflowClient
+
+    workdir, _ = study
+    client = MlflowClient(store_uri(workdir))
+    runs = all_runs(workdir)
+    for run in runs:
+        assert run.inputs.dataset_inputs[0].dataset.name == "cifar10-sample"  # the Dataset column
+        tags = run.data.tags
+        assert tags["mlflow.source.name"].endswith("train.py") and tags["mlflow.user"]
+        assert re.fullmatch(r"[0-9a-f]{40}", tags["mlflow.source.git.commit"])
+        assert {"dropout", "warmup_epochs", "head"} <= set(run.data.params)
+        assert run.data.params["head"] == "compact"  # the head built at 32 px, not "auto"
+        val = [
+            m.value
+            for m in sorted(client.get_metric_history(run.info.run_id, "val/acc1"), key=lambda m: m.step)
+        ]
+        best = [
+            m.value
+            for m in sorted(client.get_metric_history(run.info.run_id, "val/acc1_best"), key=lambda m: m.step)
+        ]
+        assert best == [max(val[: i + 1]) for i in range(len(val))]
+    sampled = [r for r in runs if any(k.startswith("system/cpu_utilization") for k in r.data.metrics)]
+    assert sampled, "no run got system metrics"
+    assert "system/system_memory_usage_megabytes" in sampled[0].data.metrics
+
+
+def test_a_study_prints_a_few_lines_per_cell_with_k_of_n_and_time_left(study):
+    _, stdout = study
+    lines = stdout.splitlines()
+    cells = [line for line in lines if re.match(r"\[\d/4 · \d+m\d\ds\] [AB] seed=\d: ", line)]
+    assert len(cells) == 8  # started + ended, per cell
+    assert all(
+        ("FINISHED" in line) == ("left" in line or "last cell" in line)
+        for line in cells
+        if "started" not in line
+    )
+    assert len(lines) <= 8 + 20, stdout  # no progress bars, no per-job Hydra or Lightning banners
+    assert "LOCAL_RANK" not in stdout and "GPU available" not in stdout
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_the_dashboard_in_a_browser_shows_the_study_nested_its_report_and_charts(study, tmp_path):
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("VGG_ABLATION_REQUIRE_BROWSER"):
+            pytest.fail(f"{CHROMIUM} missing: apt-get install chromium")
+        pytest.skip(f"no browser at {CHROMIUM} (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    workdir, _ = study
+    parent = assert_children_of_one_study(workdir)
+    children = {r.info.run_name: r for r in all_runs(workdir)}
+    port = free_port()
+    server = subprocess.Popen([*CLI, "ui", "experiment=smoke", f"port={port}"], cwd=workdir, env=cli_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+    shots = Path(os.environ.get("VGG_ABLATION_SCREENSHOTS", tmp_path))
+    shots.mkdir(parents=True, exist_ok=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        started = time.time()
+        while True:
+            assert server.poll() is None, server.stdout.read()
+            try:
+                urllib.request.urlopen(base + "/health", timeout=2)
+                break
+            except OSError:
+                assert time.time() - started < 90, "the dashboard did not answer in 90 s"
+                time.sleep(0.3)
+        print(f"dashboard answered in {time.time() - started:.1f} s")
+        exp = parent.info.experiment_id
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1440, "height": 900})
+            # 1. the runs page (training view): the study's run, expanded, lists every cell
+            page.goto(f"{base}/#/experiments/{exp}/runs?workflowType=machine_learning")
+            row = page.locator('[role="row"]', has_text="study smoke").first
+            row.wait_for(timeout=60_000)
+            row.locator('button[data-component-id*="runnamecellrenderer"]').click()  # the nesting toggle
+            for name in children:
+                page.get_by_text(name, exact=True).first.wait_for(timeout=20_000)
+            page.screenshot(path=str(shots / "dashboard-runs.png"))
+            # 2. the study's run: its artifacts hold the report
+            page.goto(
+                f"{base}/#/experiments/{exp}/runs/{parent.info.run_id}/artifacts?workflowType=machine_learning"
+            )
+            page.get_by_text("report", exact=True).first.click(timeout=60_000)
+            page.get_by_text("smoke.md", exact=True).first.click(timeout=20_000)
+            page.get_by_text("do the VGG conclusions hold here?").first.wait_for(timeout=20_000)
+            page.screenshot(path=str(shots / "dashboard-report.png"))
+            # 3. a cell's metrics page draws its curves
+            child = children["A-seed0"]
+            page.goto(
+                f"{base}/#/experiments/{exp}/runs/{child.info.run_id}/model-metrics?workflowType=machine_learning"
+            )
+            page.get_by_text("A-seed0 (test/acc1)").first.wait_for(timeout=60_000)
+            page.locator("svg.main-svg").first.wait_for(timeout=30_000)  # plotly has drawn a chart
+            page.screenshot(path=str(shots / "dashboard-metrics.png"))
+            browser.close()
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(10)
+        server.stdout.close()
+    assert all((shots / f"dashboard-{n}.png").stat().st_size > 10_000 for n in ("runs", "report", "metrics"))
