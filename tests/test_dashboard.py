@@ -5,26 +5,17 @@ from __future__ import annotations
 
 import os
 import re
-import signal
-import socket
-import subprocess
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from .conftest import CLI, TINY, all_runs, assert_children_of_one_study, cli_env, run_cli, store_uri
+from .conftest import TINY, all_runs, assert_children_of_one_study, cli_env, run_cli, store_uri
 
 pytestmark = pytest.mark.slow
 
 DESCRIPTION = "Two nets, two seeds: the dashboard test study"
 STUDY = ["study", "experiment=smoke", *TINY, f"study.description='{DESCRIPTION}'",
          "logger.system_metrics_interval=0.2"]  # fmt: skip
-CHROMIUM = os.environ.get("VGG_ABLATION_CHROMIUM", "/usr/bin/chromium")
-# Debian's chromium on a closed network: no background calls home, no sandbox as root
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
-                 "--disable-background-networking", "--disable-component-update"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +45,9 @@ def test_a_study_is_one_parent_run_with_its_report_tables_and_verdicts(study):
     assert sorted(summary["net"]) == ["A", "B"] and "top1_err_mean" in summary
     claims = client.load_table(parent.info.experiment_id, "claims.json", run_ids=[pid])
     assert len(claims) == 7  # the paper's conclusions, one row per comparison
-    assert parent.data.tags["claim2/B_vs_A"].startswith(("supported", "contradicted", "inconclusive", "no verdict"))
+    assert parent.data.tags["claim2/B_vs_A"].startswith(
+        ("supported", "contradicted", "inconclusive", "no verdict")
+    )
     assert parent.data.tags["claim2/E_vs_D"].startswith("not tested here")
     assert "claim2/B_vs_A/delta_err1_points" in parent.data.metrics
     mean_a = summary.set_index("net").loc["A", "top1_err_mean"]
@@ -111,70 +104,20 @@ def test_a_study_prints_a_few_lines_per_cell_with_k_of_n_and_time_left(study):
     assert "LOCAL_RANK" not in stdout and "GPU available" not in stdout
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_the_dashboard_in_a_browser_shows_the_study_nested_its_report_and_charts(study, tmp_path):
+    from vgg_ablation.dashboard import CHROMIUM, Dashboard, walk
+
     if not Path(CHROMIUM).exists():
         if os.environ.get("VGG_ABLATION_REQUIRE_BROWSER"):
             pytest.fail(f"{CHROMIUM} missing: apt-get install chromium")
         pytest.skip(f"no browser at {CHROMIUM} (apt-get install chromium)")
-    from playwright.sync_api import sync_playwright
-
     workdir, _ = study
     parent = assert_children_of_one_study(workdir)
-    children = {r.info.run_name: r for r in all_runs(workdir)}
-    port = free_port()
-    server = subprocess.Popen([*CLI, "ui", "experiment=smoke", f"port={port}"], cwd=workdir, env=cli_env(),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+    cells = {r.info.run_name: r for r in all_runs(workdir)}
     shots = Path(os.environ.get("VGG_ABLATION_SCREENSHOTS", tmp_path))
-    shots.mkdir(parents=True, exist_ok=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        started = time.time()
-        while True:
-            assert server.poll() is None, server.stdout.read()
-            try:
-                urllib.request.urlopen(base + "/health", timeout=2)
-                break
-            except OSError:
-                assert time.time() - started < 90, "the dashboard did not answer in 90 s"
-                time.sleep(0.3)
-        print(f"dashboard answered in {time.time() - started:.1f} s")
-        exp = parent.info.experiment_id
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            page = browser.new_page(viewport={"width": 1440, "height": 900})
-            # 1. the runs page (training view): the study's run, expanded, lists every cell
-            page.goto(f"{base}/#/experiments/{exp}/runs?workflowType=machine_learning")
-            row = page.locator('[role="row"]', has_text="study smoke").first
-            row.wait_for(timeout=60_000)
-            row.locator('button[data-component-id*="runnamecellrenderer"]').click()  # the nesting toggle
-            for name in children:
-                page.get_by_text(name, exact=True).first.wait_for(timeout=20_000)
-            page.screenshot(path=str(shots / "dashboard-runs.png"))
-            # 2. the study's run: its artifacts hold the report
-            page.goto(
-                f"{base}/#/experiments/{exp}/runs/{parent.info.run_id}/artifacts?workflowType=machine_learning"
-            )
-            page.get_by_text("report", exact=True).first.click(timeout=60_000)
-            page.get_by_text("smoke.md", exact=True).first.click(timeout=20_000)
-            page.get_by_text("do the VGG conclusions hold here?").first.wait_for(timeout=20_000)
-            page.screenshot(path=str(shots / "dashboard-report.png"))
-            # 3. a cell's metrics page draws its curves
-            child = children["A-seed0"]
-            page.goto(
-                f"{base}/#/experiments/{exp}/runs/{child.info.run_id}/model-metrics?workflowType=machine_learning"
-            )
-            page.get_by_text("A-seed0 (test/acc1)").first.wait_for(timeout=60_000)
-            page.locator("svg.main-svg").first.wait_for(timeout=30_000)  # plotly has drawn a chart
-            page.screenshot(path=str(shots / "dashboard-metrics.png"))
-            browser.close()
-    finally:
-        os.killpg(server.pid, signal.SIGKILL)
-        server.wait(10)
-        server.stdout.close()
-    assert all((shots / f"dashboard-{n}.png").stat().st_size > 10_000 for n in ("runs", "report", "metrics"))
+    with Dashboard(workdir, ["experiment=smoke"], env=cli_env()) as ui:
+        print(f"dashboard answered in {ui.seconds_to_answer:.1f} s")
+        cell = cells["A-seed0"]
+        paths = walk(ui.base, parent.info.experiment_id, parent.info.run_id, "smoke", cell.info.run_id,
+                     "A-seed0", list(cells), shots)  # fmt: skip
+    assert all(p.stat().st_size > 10_000 for p in paths)  # each waited for what it shows, then saved

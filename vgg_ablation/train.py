@@ -570,7 +570,7 @@ def main(cfg: DictConfig) -> float | None:
 def task(cfg: DictConfig, multirun: bool) -> float | None:
     """One cell, with the CLI's exits; returns what a sweeper may optimise: the best validation
     top-1 accuracy (never a test figure: tuning on it would leak the test set into the study)."""
-    progress = Progress.from_env(HydraConfig.get().job.num if multirun else 0)
+    progress = Progress.from_env(_job_num() if multirun else 0)
     if progress:
         # one line per cell as it starts and one as it ends: Lightning's device banner and
         # fit-stopped notes would add five more per cell
@@ -622,6 +622,14 @@ class Progress:
         elapsed = time.time() - self.started
         remaining = self.total - self.k
         return f"about {_clock(elapsed / self.k * remaining)} left" if remaining else "last cell"
+
+
+def _job_num() -> int:
+    """This job's index in its multirun (0 outside Hydra)."""
+    try:
+        return HydraConfig.get().job.num
+    except ValueError:
+        return 0
 
 
 def _clock(seconds: float) -> str:
