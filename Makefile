@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed-stamp
 
-.PHONY: study test test-fast lint bench gpu-wheels gpu-check ui clean
+.PHONY: study test test-fast lint bench gpu-wheels gpu-check ui dashboard-shots clean
 
 $(INSTALLED): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -35,6 +35,9 @@ gpu-check:  ## on a lent GPU machine (carry .whl); ARGS=--dry-run runs it CPU-si
 
 ui: $(INSTALLED)  ## the MLflow dashboard on this folder's runs, on 127.0.0.1:5000
 	$(VENV)/bin/vgg-ablation ui $(ARGS)
+
+dashboard-shots: $(INSTALLED)  ## screenshots of a study in the dashboard (Debian's chromium), into reports/
+	$(PY) -m vgg_ablation.dashboard $(or $(ARGS),experiment=sample)
 
 clean:
 	rm -rf outputs multirun checkpoints mlruns mlflow.db .pytest_cache
