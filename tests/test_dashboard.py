@@ -86,7 +86,7 @@ def test_each_cell_run_carries_what_the_dashboard_columns_expect(study):
         ]
         assert best == [max(val[: i + 1]) for i in range(len(val))]
     sampled = [r for r in runs if any(k.startswith("system/cpu_utilization") for k in r.data.metrics)]
-    assert sampled, "no run got system metrics"
+    assert len(sampled) == len(runs)  # a last sample as training ends: short runs get one too
     assert "system/system_memory_usage_megabytes" in sampled[0].data.metrics
 
 

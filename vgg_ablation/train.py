@@ -362,6 +362,11 @@ def run_cell(cfg: DictConfig, announce_data: bool = True) -> CellResult:
         finally:
             if monitor is not None:
                 monitor.finish()
+                # and one last sample as training ends: a run shorter than the sampling interval
+                # gets one too (MLflow's loop drops the interval it is stopped in)
+                monitor.collect_metrics()
+                monitor.publish_metrics(monitor.aggregate_metrics())
+                monitor.mlflow_logger.flush()
         if trainer.interrupted:
             raise KeyboardInterrupt
         fit_seconds = time.time() - fit_start
