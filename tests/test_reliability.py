@@ -269,20 +269,24 @@ def test_checkpoints_load_weights_only(workdir):
     )
 
 
-def test_dashboard_binds_to_loopback_by_default(workdir):
+def test_dashboard_binds_to_loopback_by_default_and_stops_with_its_command(workdir):
     port = free_port()
+
+    def listening() -> list[str]:
+        rows = [line.split() for line in Path("/proc/net/tcp").read_text().splitlines()[1:]]
+        return [cols[1] for cols in rows if cols[3] == "0A" and int(cols[1].split(":")[1], 16) == port]
+
     proc = popen_cli(["ui", f"port={port}"], workdir)
     try:
         deadline = time.time() + 90
-        while time.time() < deadline:
-            listening = [line.split() for line in Path("/proc/net/tcp").read_text().splitlines()[1:]]
-            mine = [
-                cols[1] for cols in listening if cols[3] == "0A" and int(cols[1].split(":")[1], 16) == port
-            ]
-            if mine:
-                assert mine == ["0100007F:" + f"{port:04X}"]  # 127.0.0.1 only, not 0.0.0.0
-                return
+        while not listening():
+            assert time.time() < deadline, "the dashboard never listened"
             time.sleep(0.3)
-        raise AssertionError("the dashboard never listened")
+        assert listening() == ["0100007F:" + f"{port:04X}"]  # 127.0.0.1 only, not 0.0.0.0
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        proc.send_signal(signal.SIGTERM)  # `ui` stops the MLflow server it started, then exits
+        code = proc.wait(20)
+        proc.stdout.close()
+    assert code == 128 + signal.SIGTERM
+    time.sleep(1)
+    assert not listening(), "the MLflow server outlived `vgg-ablation ui`"

@@ -7,8 +7,11 @@ impossible value is refused with one line and exit code 2, not a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -172,33 +175,64 @@ def cmd_ui(args: list[str]) -> int:
         )
     uri = tracking.tracking_uri(None)
     base = f"http://{host}:{port}"
-    print(f"MLflow dashboard for {uri} on {base} (Ctrl-C stops it)", flush=True)
-    if study and uri.startswith(("sqlite:///", "postgresql", "mysql")):
-        from vgg_ablation.study import study_overrides
-
-        cfg = compose(study_overrides(study))
-        client = tracking.client(uri)
-        experiment = client.get_experiment_by_name(tracking.experiment_name(cfg))
-        if experiment is None:
-            raise UserError(
-                f"no runs of study {cfg.study.name!r} in {uri}: run `vgg-ablation study {' '.join(study)}` first"
-            )
-        print(f"  study {cfg.study.name}, every run: {tracking.runs_url(base, experiment.experiment_id)}")
-        parent = tracking.find_study_run(client, experiment.experiment_id, cfg)
-        # this config's study run, else every study run of the experiment (other overrides)
-        parents = [parent] if parent is not None else client.search_runs(
-            [experiment.experiment_id], filter_string=f"tags.{tracking.STUDY_RUN_TAG} LIKE '{cfg.study.name}/%'")  # fmt: skip
-        for run in parents:
-            url = tracking.run_url(base, experiment.experiment_id, run.info.run_id)
-            print(f"  the study's run {run.data.tags[tracking.STUDY_RUN_TAG]} (report, verdicts): {url}")
-        sys.stdout.flush()
-    # One worker: the dashboard answers in a few seconds on a small machine (4 by default).
-    os.execv(
-        sys.executable,
+    if uri.startswith("sqlite:///") and not os.path.exists(uri.removeprefix("sqlite:///")):
+        tracking.client(uri)  # a new store is created under our lock, not raced by the server
+    # The server starts first (one worker: it answers in a few seconds); the study's addresses are
+    # looked up while it does.
+    server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", port,
          "--workers", "1"],
+        start_new_session=True,  # its own group: stopping it stops the uvicorn worker it starts
     )  # fmt: skip
-    return 0  # pragma: no cover
+
+    def shutdown() -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+
+    def stop(signum, frame):  # a SIGTERM to this process stops the server too
+        shutdown()
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        print(f"MLflow dashboard for {uri} on {base} (Ctrl-C stops it)", flush=True)
+        if study:
+            _print_study_addresses(study, uri, base)
+        return server.wait()
+    except KeyboardInterrupt:
+        shutdown()
+        return 130
+    except BaseException:
+        shutdown()
+        raise
+
+
+def _print_study_addresses(study: list[str], uri: str, base: str) -> None:
+    from vgg_ablation import tracking
+    from vgg_ablation.study import study_overrides
+
+    cfg = compose(study_overrides(study))
+    client = tracking.client(uri)
+    experiment = client.get_experiment_by_name(tracking.experiment_name(cfg))
+    if experiment is None:
+        print(
+            f"  no runs of study {cfg.study.name!r} in {uri} yet: `vgg-ablation study {' '.join(study)}`",
+            flush=True,
+        )
+        return
+    print(f"  study {cfg.study.name}, every run: {tracking.runs_url(base, experiment.experiment_id)}")
+    parent = tracking.find_study_run(client, experiment.experiment_id, cfg)
+    # this config's study run, else every study run of the experiment (other overrides)
+    parents = [parent] if parent is not None else client.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.{tracking.STUDY_RUN_TAG} LIKE '{cfg.study.name}/%'")  # fmt: skip
+    for run in parents:
+        url = tracking.run_url(base, experiment.experiment_id, run.info.run_id)
+        print(f"  the study's run {run.data.tags[tracking.STUDY_RUN_TAG]} (report, verdicts): {url}")
+    sys.stdout.flush()
 
 
 def main(argv: list[str] | None = None) -> int:

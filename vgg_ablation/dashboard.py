@@ -61,8 +61,12 @@ class Dashboard:
         return self
 
     def __exit__(self, *exc) -> None:
-        os.killpg(self.server.pid, signal.SIGKILL)
-        self.server.wait(10)
+        self.server.send_signal(signal.SIGTERM)  # `ui` stops the MLflow server it started, then exits
+        try:
+            self.server.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.server.pid, signal.SIGKILL)
+            self.server.wait(10)
         self.server.stdout.close()
 
 
@@ -95,7 +99,9 @@ def walk(base: str, experiment_id: str, study_run: str, study_name: str, cell_ru
             page.screenshot(path=str(paths[1]))
             # 3. a cell's metrics: its curves drawn
             page.goto(f"{base}/#/experiments/{experiment_id}/runs/{cell_run}/model-metrics?{view}")
-            page.get_by_placeholder("Search metric charts").fill("val/", timeout=60_000)  # the learning curves
+            page.get_by_placeholder("Search metric charts").fill(
+                "val/", timeout=60_000
+            )  # the learning curves
             page.get_by_text(f"{cell_name} (val/acc1)").first.wait_for(timeout=30_000)
             page.locator("svg.main-svg").first.wait_for(timeout=30_000)  # plotly has drawn a chart
             time.sleep(1)  # the other charts finish drawing
