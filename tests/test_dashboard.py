@@ -52,7 +52,8 @@ def test_a_study_is_one_parent_run_with_its_report_tables_and_verdicts(study):
     assert "claim2/B_vs_A/delta_err1_points" in parent.data.metrics
     mean_a = summary.set_index("net").loc["A", "top1_err_mean"]
     assert parent.data.metrics["test_err1/A"] == pytest.approx(100 * mean_a)
-    assert parent.data.params["archs"] == "A,B" and parent.data.params["seeds"] == "0,1"
+    assert parent.data.tags["archs"] == "A,B" and parent.data.tags["seeds"] == "0,1"
+    assert parent.data.params["epochs"] == "2" and parent.data.params["fingerprint"]
     assert client.download_artifacts(pid, "config.yaml", str(workdir)).endswith("config.yaml")
     experiment = client.get_experiment(parent.info.experiment_id)
     assert experiment.tags["mlflow.note.content"] == DESCRIPTION

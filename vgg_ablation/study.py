@@ -266,8 +266,6 @@ def run_study(args: list[str]) -> int:
 def study_params(cfg: DictConfig) -> dict:
     """What a user filters studies by, on the study's run (cells carry their own params)."""
     return {
-        "archs": ",".join(cfg.study.archs),
-        "seeds": ",".join(map(str, cfg.study.seeds)),
         "data": cfg.data.name,
         "epochs": cfg.trainer.max_epochs,
         "width": cfg.model.width,

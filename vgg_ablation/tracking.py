@@ -267,15 +267,21 @@ def open_study_run(mlflow_client, experiment_id: str, cfg: DictConfig, params: d
     Created under the store's lock: two launches of one study get one parent."""
     from mlflow.entities import Param
 
+    # Nets and seeds are tags, not params: a study grown by a seed keeps its run (they are not
+    # part of the fingerprint), and MLflow refuses a changed param.
+    grid = {"archs": ",".join(cfg.study.archs), "seeds": ",".join(map(str, cfg.study.seeds))}
     with _store_lock(mlflow_client.tracking_uri):
         run = find_study_run(mlflow_client, experiment_id, cfg)
         if run is not None:
             mlflow_client.update_run(run.info.run_id, status="RUNNING")
+            for key, value in grid.items():
+                mlflow_client.set_tag(run.info.run_id, key, value)
             return run.info.run_id
         tags = {
             STUDY_RUN_TAG: study_run_key(cfg),
             "study": cfg.study.name,
             "mlflow.note.content": cfg.study.description or f"study {cfg.study.name}",
+            **grid,
             **context_tags(),
         }
         run_id = mlflow_client.create_run(
