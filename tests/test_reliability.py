@@ -115,6 +115,31 @@ def test_sigkill_mid_run_then_rerun_resumes_the_same_run(workdir):
     assert resumed.data.tags["mlflow.parentRunId"] == assert_children_of_one_study(workdir).info.run_id
 
 
+def test_a_cut_last_checkpoint_never_blocks_its_cell(workdir):
+    study = ["study", "experiment=smoke", *LONGER]
+    proc = popen_cli(study, workdir)
+    victim = wait_for_checkpointed_running_run(workdir, proc, arch="B")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+    proc.stdout.close()
+    last = Path(victim.data.tags["checkpoint_dir"]) / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:1000])  # what a kill or a full disk mid-write leaves
+    again = run_cli(study, workdir)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    cells = by_cell(all_runs(workdir))
+    assert len(cells) == 4 and all(len(r) == 1 for r in cells.values())  # none lost, none doubled
+    resumed = MlflowClient(store_uri(workdir)).get_run(victim.info.run_id)
+    assert resumed.info.status == "FINISHED"  # the same run, finished
+    recovery = resumed.data.tags["checkpoint_recovery"]
+    assert recovery.startswith("last.ckpt does not load") and "last.ckpt.damaged" in recovery
+    assert "resumed from best.ckpt" in recovery or "restarts from epoch 0" in recovery
+    assert f"warning: {victim.data.tags['cell']}: last.ckpt does not load" in again.stderr
+    epochs = {
+        m.step for m in MlflowClient(store_uri(workdir)).get_metric_history(victim.info.run_id, "val/acc1")
+    }
+    assert epochs == set(range(6))
+
+
 def test_diverging_runs_are_recorded_failed_and_the_sweep_goes_on(workdir):
     out = run_cli(["study", "experiment=smoke", "optim.lr=1e12", *TINY], workdir)
     assert out.returncode == 1

@@ -27,6 +27,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.loggers import MLFlowLogger
 
 from vgg_ablation import tracking
+from vgg_ablation.checkpoints import AtomicCheckpointIO, choose_resume
 from vgg_ablation.config import register
 from vgg_ablation.data import make_datamodule
 from vgg_ablation.errors import UserError
@@ -264,8 +265,11 @@ def _open_run(
     if previous:
         run = previous[0]
         run_id = run.info.run_id
-        last = Path(run.data.tags.get("checkpoint_dir", "")) / "last.ckpt"
-        resume_from = str(last) if last.is_file() else None
+        resume = choose_resume(Path(run.data.tags.get("checkpoint_dir", "/nonexistent")))
+        resume_from = resume.path
+        if resume.note:  # a damaged checkpoint never blocks the cell: said, tagged, worked around
+            print(f"warning: {key}: {resume.note}", file=sys.stderr, flush=True)
+            mlflow_client.set_tag(run_id, "checkpoint_recovery", resume.note[:5000])
         mlflow_client.update_run(run_id, status="RUNNING")
         for name, value in tracking.environment_tags(device_name).items():
             mlflow_client.set_tag(run_id, name, value)
@@ -544,6 +548,7 @@ def make_trainer(
     if cfg.trainer.progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=20))
     kwargs = dict(
+        plugins=[AtomicCheckpointIO()],  # a kill or a full disk mid-write keeps the old file whole
         accelerator=accelerator,
         devices=cfg.trainer.devices,
         precision=precision,
