@@ -315,3 +315,41 @@ def test_dashboard_binds_to_loopback_by_default_and_stops_with_its_command(workd
     assert code == 128 + signal.SIGTERM
     time.sleep(1)
     assert not listening(), "the MLflow server outlived `vgg-ablation ui`"
+
+
+def launch_together(args: list[str], cwd: Path, env: dict | None = None) -> list[str]:
+    """Two identical launches started in the same instant; their outputs (both must exit 0)."""
+    procs = [popen_cli(args, cwd, env) for _ in range(2)]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    return outputs
+
+
+def test_two_launches_of_one_cell_at_the_same_instant_make_one_run(workdir):
+    """Twice on SQLite (the store's lock) and twice on one tracking server (create, then settle:
+    the earliest run wins), each time a cell no run exists for yet."""
+    port = free_port()
+    server = start_server(workdir, port)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        for store, seed in (("sqlite", 0), ("sqlite", 1), ("server", 0), ("server", 1)):
+            folder = workdir / f"{store}{seed}"
+            folder.mkdir()
+            # both launches find no run, then wait 2 s before creating one: the race, made certain
+            env = {
+                "VGG_ABLATION_RACE_WINDOW": "2",
+                **({"MLFLOW_TRACKING_URI": uri} if store == "server" else {}),
+            }
+            outputs = launch_together(["train", "arch=A", f"seed={seed}", *TINY], folder, env)
+            client = MlflowClient(uri if store == "server" else store_uri(folder))
+            runs = [
+                r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])
+                if r.data.tags.get("seed") == str(seed)
+            ]  # fmt: skip
+            assert len(runs) == 1 and runs[0].info.status == "FINISHED", (store, seed, outputs)
+            trained = [o for o in outputs if f"A seed={seed}: FINISHED in" in o]
+            stood_down = [o for o in outputs if "by another live process" in o or "already FINISHED" in o]
+            assert len(trained) == 1 and len(stood_down) == 1, outputs
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(10)

@@ -107,13 +107,13 @@ def client(uri: str):
     lock beside the database."""
     from mlflow.tracking import MlflowClient
 
-    with _store_lock(uri):
+    with store_lock(uri):
         mlflow_client = MlflowClient(tracking_uri=uri)
         mlflow_client.search_experiments(max_results=1)  # forces the store (and its migration) now
     return mlflow_client
 
 
-def _store_lock(uri: str):
+def store_lock(uri: str):
     import contextlib
 
     if not uri.startswith("sqlite:///"):
@@ -127,7 +127,7 @@ def ensure_experiment(mlflow_client, name: str) -> str:
     """Get or create the experiment. Two processes creating one experiment race on a UNIQUE
     constraint: for SQLite the creation happens under the store's lock; against a server, the
     loser of the race reads what the winner made."""
-    with _store_lock(mlflow_client.tracking_uri):
+    with store_lock(mlflow_client.tracking_uri):
         return _get_or_create(mlflow_client, name)
 
 
@@ -270,7 +270,7 @@ def open_study_run(mlflow_client, experiment_id: str, cfg: DictConfig, params: d
     # Nets and seeds are tags, not params: a study grown by a seed keeps its run (they are not
     # part of the fingerprint), and MLflow refuses a changed param.
     grid = {"archs": ",".join(cfg.study.archs), "seeds": ",".join(map(str, cfg.study.seeds))}
-    with _store_lock(mlflow_client.tracking_uri):
+    with store_lock(mlflow_client.tracking_uri):
         run = find_study_run(mlflow_client, experiment_id, cfg)
         if run is not None:
             mlflow_client.update_run(run.info.run_id, status="RUNNING")
@@ -287,6 +287,11 @@ def open_study_run(mlflow_client, experiment_id: str, cfg: DictConfig, params: d
         run_id = mlflow_client.create_run(
             experiment_id, tags=tags, run_name=f"study {cfg.study.name}"
         ).info.run_id
+        winner = settle(
+            mlflow_client, experiment_id, f"tags.{STUDY_RUN_TAG} = '{study_run_key(cfg)}'", run_id
+        )
+        if winner.info.run_id != run_id:  # another launch of this study made it a moment earlier
+            return winner.info.run_id
     mlflow_client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
     mlflow_client.log_text(run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
     return run_id
@@ -304,3 +309,16 @@ def runs_url(base: str, experiment_id: str, search: str | None = None) -> str:
 
     query = "workflowType=machine_learning" + (f"&searchFilter={quote(search)}" if search else "")
     return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?{query}"
+
+
+def settle(mlflow_client, experiment_id: str, filter_string: str, mine: str):
+    """After creating run `mine` for something that must have one run (a cell, a study), look:
+    when another process created one too in the same moment, the earliest (start time, then id)
+    wins and the others delete theirs. MLflow has no unique key on a tag, so this is the create
+    made idempotent for any store (a tracking server included); SQLite also serialises it under
+    the store's lock. Returns the winning run."""
+    runs = mlflow_client.search_runs([experiment_id], filter_string=filter_string)
+    winner = min(runs, key=lambda r: (r.info.start_time, r.info.run_id))
+    if winner.info.run_id != mine:
+        mlflow_client.delete_run(mine)
+    return winner

@@ -252,6 +252,13 @@ def _open_run(
     RUNNING with its process gone) is taken over: same run, from its last checkpoint if it wrote
     one, so a cell never gets a second run.
     """
+    # One process at a time per SQLite store decides (two launches of one study in the same
+    # second would otherwise both create, or both take over, a cell's run); any store: settle().
+    with tracking.store_lock(mlflow_client.tracking_uri):
+        return _open_run_locked(mlflow_client, experiment_id, cfg, key, params, device_name, datamodule)
+
+
+def _open_run_locked(mlflow_client, experiment_id, cfg, key, params, device_name, datamodule):
     previous = tracking.runs_of_cell(mlflow_client, experiment_id, key)
     parent = cfg.logger.parent_run_id
     for run in previous:
@@ -279,6 +286,9 @@ def _open_run(
             mlflow_client.delete_tag(run_id, FAILURE_TAG)
         log.info("resume %s: run %s from %s", key, run_id, resume_from or "the start (no checkpoint)")
         return "run", run_id, resume_from
+    # Fault injection for the tests: widen the moment between finding no run and creating one,
+    # where two launches (or two machines on one server) would both find none.
+    time.sleep(float(os.environ.get("VGG_ABLATION_RACE_WINDOW", 0)))
     tags = {
         "cell": key,
         "study": cfg.study.name,
@@ -293,6 +303,10 @@ def _open_run(
     run_id = mlflow_client.create_run(
         experiment_id, tags=tags, run_name=f"{cfg.arch}-seed{cfg.seed}"
     ).info.run_id
+    escaped = key.replace("'", "\\'")
+    winner = tracking.settle(mlflow_client, experiment_id, f"tags.cell = '{escaped}'", run_id)
+    if winner.info.run_id != run_id:  # another launch created this cell's run a moment earlier
+        return "busy", winner
     ckpt_dir = Path(cfg.logger.checkpoint_root).resolve() / run_id
     mlflow_client.set_tag(run_id, "checkpoint_dir", str(ckpt_dir))
     from mlflow.entities import Param
