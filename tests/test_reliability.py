@@ -401,3 +401,56 @@ def test_a_crowd_of_32_writers_loses_nothing(workdir, store):
     assert not failed, failed[0][-2000:]  # zero errors
     assert len(runs) == WRITERS and all(r.info.status == "FINISHED" for r in runs)
     assert points == {str(k): BATCHES for k in range(WRITERS)}  # zero lost (or doubled) metrics
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 16 MiB tmpfs: a disk that can really fill up (needs mount rights; root here)."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    made = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], capture_output=True
+    )
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a size-limited tmpfs here: {made.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(disk: Path) -> Path:
+    """Write a filler file until the disk is full."""
+    filler = disk / "filler"
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * (1 << 20))
+                f.flush()
+        except OSError:
+            pass
+    return filler
+
+
+def test_a_full_disk_fails_the_run_in_one_line_and_the_rerun_resumes(workdir, small_disk):
+    train = ["train", "arch=A", *LONGER, f"logger.checkpoint_root={small_disk / 'checkpoints'}"]
+    proc = popen_cli(train, workdir)
+    victim = wait_for_checkpointed_running_run(workdir, proc)
+    filler = fill(small_disk)  # the next epoch's checkpoint finds no space
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 1, output[-3000:]
+    assert "A seed=0: FAILED: OSError: [Errno 28] No space left on device" in output
+    failed = MlflowClient(store_uri(workdir)).get_run(victim.info.run_id)
+    assert failed.info.status == "FAILED" and "No space left on device" in failed.data.tags["failure_reason"]
+    last = Path(failed.data.tags["checkpoint_dir"]) / "last.ckpt"
+    assert torch.load(last, weights_only=True)["epoch"] >= 0  # what was written before is whole
+    assert not [p for p in last.parent.iterdir() if p.name.endswith(".tmp")]  # no half-written file
+
+    filler.unlink()  # space is back
+    again = run_cli(train, workdir)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    (run,) = all_runs(workdir)
+    assert run.info.run_id == victim.info.run_id and run.info.status == "FINISHED"
+    assert "checkpoint_recovery" not in run.data.tags  # the atomic write left nothing to recover
+    epochs = {
+        m.step for m in MlflowClient(store_uri(workdir)).get_metric_history(run.info.run_id, "val/acc1")
+    }
+    assert epochs == set(range(6))
