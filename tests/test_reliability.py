@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+
+from vgg_ablation.dashboard import free_port
 
 from .conftest import CLI, TINY, all_runs, assert_children_of_one_study, cli_env, run_cli, store_uri
 
@@ -85,12 +86,25 @@ def by_cell(runs):
     return cells
 
 
-def test_sigkill_mid_run_then_rerun_resumes_the_same_run(workdir):
-    study = ["study", "experiment=smoke", *LONGER]
+def sigkill_mid_cell(study: list[str], workdir: Path, arch: str = "B"):
+    """Start `study`, SIGKILL its whole process group once a cell of `arch` has checkpointed an
+    epoch; returns that cell's run (as it was just before the kill)."""
     proc = popen_cli(study, workdir)
-    victim = wait_for_checkpointed_running_run(workdir, proc, arch="B")
+    victim = wait_for_checkpointed_running_run(workdir, proc, arch=arch)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(30)
+    proc.stdout.close()
+    return victim
+
+
+def val_epochs(workdir: Path, run_id: str) -> set[int]:
+    """The epochs recorded in a run's validation curve."""
+    return {m.step for m in MlflowClient(store_uri(workdir)).get_metric_history(run_id, "val/acc1")}
+
+
+def test_sigkill_mid_run_then_rerun_resumes_the_same_run(workdir):
+    study = ["study", "experiment=smoke", *LONGER]
+    victim = sigkill_mid_cell(study, workdir)
     assert MlflowClient(store_uri(workdir)).get_run(victim.info.run_id).info.status == "RUNNING"
     # Left RUNNING by a dead process: shown as such, never counted as a result.
     report = run_cli(["report", "experiment=smoke", *LONGER], workdir)
@@ -107,21 +121,14 @@ def test_sigkill_mid_run_then_rerun_resumes_the_same_run(workdir):
     resumed = MlflowClient(store_uri(workdir)).get_run(victim.info.run_id)
     assert resumed.info.status == "FINISHED"  # the same run, continued
     assert f"resume {victim.data.tags['cell']}: run {victim.info.run_id} from " in again.stderr + again.stdout
-    epochs = {
-        m.step for m in MlflowClient(store_uri(workdir)).get_metric_history(victim.info.run_id, "val/acc1")
-    }
-    assert epochs == set(range(6))
+    assert val_epochs(workdir, victim.info.run_id) == set(range(6))
     # the taken-over run keeps its study: one study run, FINISHED with its last cell
     assert resumed.data.tags["mlflow.parentRunId"] == assert_children_of_one_study(workdir).info.run_id
 
 
 def test_a_cut_last_checkpoint_never_blocks_its_cell(workdir):
     study = ["study", "experiment=smoke", *LONGER]
-    proc = popen_cli(study, workdir)
-    victim = wait_for_checkpointed_running_run(workdir, proc, arch="B")
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(30)
-    proc.stdout.close()
+    victim = sigkill_mid_cell(study, workdir)
     last = Path(victim.data.tags["checkpoint_dir"]) / "last.ckpt"
     last.write_bytes(last.read_bytes()[:1000])  # what a kill or a full disk mid-write leaves
     again = run_cli(study, workdir)
@@ -134,10 +141,7 @@ def test_a_cut_last_checkpoint_never_blocks_its_cell(workdir):
     assert recovery.startswith("last.ckpt does not load") and "last.ckpt.damaged" in recovery
     assert "resumed from best.ckpt" in recovery or "restarts from epoch 0" in recovery
     assert f"warning: {victim.data.tags['cell']}: last.ckpt does not load" in again.stderr
-    epochs = {
-        m.step for m in MlflowClient(store_uri(workdir)).get_metric_history(victim.info.run_id, "val/acc1")
-    }
-    assert epochs == set(range(6))
+    assert val_epochs(workdir, victim.info.run_id) == set(range(6))
 
 
 def test_diverging_runs_are_recorded_failed_and_the_sweep_goes_on(workdir):
@@ -191,12 +195,6 @@ def test_two_studies_and_a_parallel_launcher_share_one_fresh_default_store(workd
     runs = all_runs(workdir)
     assert len(runs) == 8 and all(r.info.status == "FINISHED" for r in runs)
     assert sorted({r.data.tags["study"] for r in runs}) == ["left", "right"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(folder: Path, port: int, env: dict | None = None) -> subprocess.Popen:
@@ -450,7 +448,4 @@ def test_a_full_disk_fails_the_run_in_one_line_and_the_rerun_resumes(workdir, sm
     (run,) = all_runs(workdir)
     assert run.info.run_id == victim.info.run_id and run.info.status == "FINISHED"
     assert "checkpoint_recovery" not in run.data.tags  # the atomic write left nothing to recover
-    epochs = {
-        m.step for m in MlflowClient(store_uri(workdir)).get_metric_history(run.info.run_id, "val/acc1")
-    }
-    assert epochs == set(range(6))
+    assert val_epochs(workdir, run.info.run_id) == set(range(6))

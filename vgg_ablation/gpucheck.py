@@ -27,6 +27,7 @@ import time
 import warnings
 from pathlib import Path
 
+import pytorch_lightning as pl
 import torch
 
 STUDY_ARCHS = ["A", "A-LRN", "B", "C", "D", "E", "B-5x5"]
@@ -47,27 +48,21 @@ def bench_args(name: str, out: Path, dry_run: bool) -> list[str]:
     return [*real, *(small if dry_run else []), "logger=none", f"name={name}", f"out={out}"]
 
 
-class SyncWatch:
-    """A Lightning callback that turns CUDA's sync debug mode on for the length of each training
-    step (from batch start to the optimizer step's end), so the warnings counted are the step's."""
+class SyncWatch(pl.Callback):
+    """Turns CUDA's sync debug mode on for the length of each training step (from batch start to
+    the optimizer step's end), so the warnings counted are the step's own."""
 
-    def __new__(cls, *args, **kwargs):
-        import pytorch_lightning as pl
+    def __init__(self, cuda: bool):
+        self.cuda, self.steps = cuda, 0
 
-        class _Watch(pl.Callback):
-            def __init__(self, cuda: bool):
-                self.cuda, self.steps = cuda, 0
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if self.cuda:
+            torch.cuda.set_sync_debug_mode("warn")
 
-            def on_train_batch_start(self, trainer, module, batch, batch_idx):
-                if self.cuda:
-                    torch.cuda.set_sync_debug_mode("warn")
-
-            def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-                if self.cuda:
-                    torch.cuda.set_sync_debug_mode(0)
-                self.steps += 1
-
-        return _Watch(*args, **kwargs)
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if self.cuda:
+            torch.cuda.set_sync_debug_mode(0)
+        self.steps += 1
 
 
 def count_step_syncs(dry_run: bool) -> dict:

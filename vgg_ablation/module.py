@@ -66,6 +66,7 @@ class Classifier(pl.LightningModule):
         # Sums over an epoch, kept as tensors on the device: one sync per epoch, not per step.
         self._sums: dict[str, torch.Tensor] = {}
         self._finite = FiniteCheck()
+        self._best_val = 0.0  # best validation top-1 so far (checkpointed: a resume keeps it)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
@@ -120,13 +121,13 @@ class Classifier(pl.LightningModule):
         if split == "test":  # how many images the test figures rest on (for the chance test)
             metrics["test/images"] = n
         if split == "val":  # best so far beside the last epoch's (what checkpointing selects on)
-            self._best_val = max(getattr(self, "_best_val", 0.0), top1)
+            self._best_val = max(self._best_val, top1)
             metrics["val/acc1_best"] = self._best_val
         # Values are already reduced here; Lightning forwards them to the logger once per epoch.
         self.log_dict(metrics, prog_bar=split != "test", sync_dist=True)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["best_val_acc1"] = getattr(self, "_best_val", 0.0)  # a resumed run keeps its best
+        checkpoint["best_val_acc1"] = self._best_val
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._best_val = checkpoint.get("best_val_acc1", 0.0)
