@@ -25,6 +25,7 @@ COMMANDS = {
     "report": "write reports/<study>.md from MLflow: report [experiment=sample]",
     "bench": "images/s of the training path against plain PyTorch: bench [arch=A data=sample ...]",
     "ui": "open the MLflow dashboard on this folder's runs (127.0.0.1): ui [port=5000 host=127.0.0.1]",
+    "sync": "send records kept while a tracking store was away: sync [JOURNAL ...] [tracking_uri=URI]",
 }
 
 
@@ -183,6 +184,7 @@ def cmd_ui(args: list[str]) -> int:
         [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", port,
          "--workers", "1"],
         start_new_session=True,  # its own group: stopping it stops the uvicorn worker it starts
+        env=server_env(),
     )  # fmt: skip
 
     def shutdown() -> None:
@@ -211,6 +213,14 @@ def cmd_ui(args: list[str]) -> int:
         raise
 
 
+def server_env() -> dict[str, str]:
+    """The environment for an MLflow server we start: MLflow 3's job runner (about 7 `huey`
+    processes for GenAI evaluation jobs, a quarter of a core each while they start and polling
+    after) is off unless asked for; training runs on the same machine lose 30% of their speed
+    to it on 2 cores, and tracking training runs never uses it."""
+    return {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
+
+
 def _print_study_addresses(study: list[str], uri: str, base: str) -> None:
     from vgg_ablation import tracking
     from vgg_ablation.study import study_overrides
@@ -233,6 +243,39 @@ def _print_study_addresses(study: list[str], uri: str, base: str) -> None:
         url = tracking.run_url(base, experiment.experiment_id, run.info.run_id)
         print(f"  the study's run {run.data.tags[tracking.STUDY_RUN_TAG]} (report, verdicts): {url}")
     sys.stdout.flush()
+
+
+def cmd_sync(args: list[str]) -> int:
+    """Send what runs kept in their outboxes while their tracking store was away: the journals
+    named, else every one under ./checkpoints (the default checkpoint root)."""
+    from vgg_ablation.outbox import JOURNAL, Journal, sync
+
+    uri = None
+    paths = []
+    for arg in args:
+        if arg.startswith("tracking_uri="):
+            uri = arg.partition("=")[2]
+        elif "=" in arg:
+            raise UserError(f"sync takes journal paths and tracking_uri=; got {arg!r}")
+        else:
+            paths.append(Path(arg))
+    journals = [Journal(p.parent if p.name == JOURNAL else p) for p in paths]
+    journals = journals or [Journal(p.parent) for p in sorted(Path("checkpoints").glob(f"*/{JOURNAL}"))]
+    missing = [str(j.path) for j in journals if not j.exists()]
+    if missing:
+        raise UserError(f"no outbox journal at {missing[0]}")
+    if not journals:
+        print("nothing to send: no outbox journal under checkpoints/")
+        return 0
+    from mlflow.exceptions import MlflowException
+
+    for journal in journals:
+        try:
+            run_id, sent = sync(journal, uri)
+        except MlflowException as exc:
+            raise UserError(f"{journal.path}: the tracking store refused: {_one_line(exc)}") from None
+        print(f"sent {sent} records to run {run_id}; {journal.path} removed")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

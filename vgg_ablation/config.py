@@ -88,6 +88,10 @@ class LoggerConfig:
     system_metrics: bool = True  # sample CPU, memory, disk, network (and GPU) into each run
     system_metrics_interval: float = 10.0  # seconds between samples
     ui_url: str = "http://127.0.0.1:5000"  # where `vgg-ablation ui` serves: reports link into it
+    # How long the end of a run waits for a tracking store that stopped answering, before it keeps
+    # the run's last records on disk (`vgg-ablation sync` sends them; so does a re-run of the cell).
+    # Training itself never waits for the store.
+    outage_wait: float = 300.0
 
 
 @dataclass

@@ -23,6 +23,10 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vgg_ablation.errors import UserError
 
+# MLflow prints two "View run ... at" lines whenever a run against a server ends; our own summary
+# line already names the run, and a study promises two lines per cell.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
 EXPERIMENT_PREFIX = "vgg-ablation/"
 # Keys that do not change what a run computes: excluded from the fingerprint.
 NON_SEMANTIC = {

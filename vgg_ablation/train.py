@@ -22,9 +22,11 @@ import hydra
 import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
+from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
-from pytorch_lightning.loggers import MLFlowLogger
+from pytorch_lightning.loggers import Logger
+from pytorch_lightning.utilities import rank_zero_only
 
 from vgg_ablation import tracking
 from vgg_ablation.checkpoints import AtomicCheckpointIO, choose_resume
@@ -43,6 +45,7 @@ from vgg_ablation.models import (
     transfer_from_a,
 )
 from vgg_ablation.module import SCHEDULES, Classifier
+from vgg_ablation.outbox import Journal, Outbox, send
 
 log = logging.getLogger("vgg_ablation")
 
@@ -54,6 +57,8 @@ class _DropAdverts(logging.Filter):
 
 logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_DropAdverts())
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+# Each run has its own checkpoint folder, which also holds its outbox: not someone else's files.
+warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 FAILURE_TAG = "failure_reason"
 
@@ -63,7 +68,9 @@ class CellResult:
     cell: str
     arch: str
     seed: int
-    status: str  # FINISHED | FAILED | KILLED | SKIPPED (already FINISHED)
+    # FINISHED | FAILED | KILLED | SKIPPED (already FINISHED) | BUSY (a live process has it)
+    # | UNSENT (trained, but the tracking store never came back: its records wait on disk)
+    status: str
     run_id: str | None = None
     test_acc1: float | None = None
     val_acc1: float | None = None  # best validation top-1: what a sweeper may optimise
@@ -72,28 +79,42 @@ class CellResult:
     seconds: float = 0.0
 
 
-class CellLogger(MLFlowLogger):
-    """Lightning's MLflow logger, with two changes: metrics are stepped by epoch (curves read per
-    epoch, and a resumed run overwrites, not duplicates, the epochs it repeats), and the run's
-    final status is left to `run_cell`, which knows whether the test metrics made it in."""
+class CellLogger(Logger):
+    """Lightning's logger for one cell's MLflow run, through the run's outbox (a tracking outage
+    never stops training). Metrics are stepped by epoch: curves read per epoch, and a resumed run
+    repeats, not shifts, the epochs it trains again. Params are recorded when the run opens, and
+    the run's status by `run_cell`, which knows whether the test metrics made it in."""
 
-    def log_metrics(self, metrics, step=None):
-        if "epoch" in metrics:
-            step = int(metrics["epoch"])
-        super().log_metrics(metrics, step)
+    def __init__(self, outbox: Outbox):
+        super().__init__()
+        self.outbox = outbox
 
-    def finalize(self, status: str = "success") -> None:
-        pass
+    @property
+    def name(self) -> str:
+        return "mlflow"
+
+    @property
+    def version(self) -> str:
+        return self.outbox.run_id
+
+    @rank_zero_only
+    def log_metrics(self, metrics, step=None) -> None:
+        step = int(metrics["epoch"]) if "epoch" in metrics else (step or 0)
+        self.outbox.log_metrics({k: v for k, v in metrics.items() if not isinstance(v, str)}, step)
+
+    @rank_zero_only
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass  # the curated params are logged once, as the run opens (MLflow refuses a changed one)
 
 
 class Heartbeat(pl.Callback):
     """Stamps the run every epoch, so a run whose machine died is told apart from a live one."""
 
-    def __init__(self, mlflow_client, run_id: str):
-        self.client, self.run_id = mlflow_client, run_id
+    def __init__(self, outbox: Outbox):
+        self.outbox = outbox
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        self.client.set_tag(self.run_id, "heartbeat", f"{time.time():.0f}")
+        self.outbox.set_tags({"heartbeat": f"{time.time():.0f}"})
 
 
 def validate(cfg: DictConfig) -> None:
@@ -122,6 +143,8 @@ def validate(cfg: DictConfig) -> None:
         raise UserError(f"unknown model.init {cfg.model.init!r}; choose one of: {', '.join(INITS)}, from_A")
     if cfg.data.train_subset is not None and cfg.data.train_subset <= 0:
         raise UserError(f"data.train_subset must be positive, got {cfg.data.train_subset}")
+    if cfg.logger.outage_wait < 0:
+        raise UserError(f"logger.outage_wait must be 0 or more seconds, got {cfg.logger.outage_wait}")
 
 
 def lrn_scale_value(cfg: DictConfig, pixel_std: float) -> float:
@@ -260,6 +283,8 @@ def _open_run(
 
 def _open_run_locked(mlflow_client, experiment_id, cfg, key, params, device_name, datamodule):
     previous = tracking.runs_of_cell(mlflow_client, experiment_id, key)
+    if send_leftovers(mlflow_client, previous, f"{cfg.arch} seed={cfg.seed}"):
+        previous = tracking.runs_of_cell(mlflow_client, experiment_id, key)  # one may be FINISHED now
     parent = cfg.logger.parent_run_id
     for run in previous:
         if run.info.status == "FINISHED":
@@ -317,6 +342,25 @@ def _open_run_locked(mlflow_client, experiment_id, cfg, key, params, device_name
     return "run", run_id, None
 
 
+def send_leftovers(mlflow_client, runs, label: str) -> bool:
+    """Records that a dead attempt of this cell kept in its outbox (its tracking store was away
+    when it ended): sent now, before anything is decided about the cell. Its status may be among
+    them: a cell that finished training while the store was away is then FINISHED, not retrained."""
+    sent_any = False
+    for run in runs:
+        if run.info.status == "FINISHED" or (run.info.status == "RUNNING" and not tracking.is_orphaned(run)):
+            continue  # finished, or a live process's own outbox
+        journal = Journal(Path(run.data.tags.get("checkpoint_dir", "/nonexistent")))
+        if not journal.exists() or journal.header().get("run_id") != run.info.run_id:
+            continue
+        sent = send(mlflow_client, run.info.run_id, journal.unsent(), journal)
+        journal.remove()
+        print(f"{label}: sent {sent} records a previous attempt kept while its tracking store was away",
+              file=sys.stderr, flush=True)  # fmt: skip
+        sent_any = True
+    return sent_any
+
+
 def log_dataset(mlflow_client, run_id: str, datamodule) -> None:
     """The dataset as an MLflow dataset input (the dashboard's Dataset column): name, digest of
     its file list and sizes, source, and images per split and class as its profile."""
@@ -367,24 +411,22 @@ def run_cell(cfg: DictConfig, announce_data: bool = True) -> CellResult:
         _, run_id, resume_from = opened
         result.run_id = run_id
     ckpt_dir = Path(cfg.logger.checkpoint_root).resolve() / (run_id or f"nolog-{key.replace('/', '_')}")
+    # From here on the run's writes go through its outbox: kept on disk, sent in order, and a
+    # tracking outage costs no training (see outbox.py).
+    outbox = Outbox(mlflow_client, run_id, ckpt_dir, f"{cfg.arch} seed={cfg.seed}") if mlflow_client else None
 
     try:
         module = make_module(cfg, model, accelerator, channels_last)
-        trainer = make_trainer(cfg, accelerator, precision, ckpt_dir, mlflow_client, run_id)
+        trainer = make_trainer(cfg, accelerator, precision, ckpt_dir, outbox)
         if accelerator == "gpu" and _fits_on_device(cfg, datamodule):
             datamodule.move_to(torch.device("cuda"))
         fit_start = time.time()
-        monitor = system_metrics(cfg, mlflow_client, run_id, resumed=resume_from is not None)
+        sampler = system_metrics(cfg, outbox, resumed=resume_from is not None)
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
         finally:
-            if monitor is not None:
-                monitor.finish()
-                # and one last sample as training ends: a run shorter than the sampling interval
-                # gets one too (MLflow's loop drops the interval it is stopped in)
-                monitor.collect_metrics()
-                monitor.publish_metrics(monitor.aggregate_metrics())
-                monitor.mlflow_logger.flush()
+            if sampler is not None:
+                sampler.stop()
         if trainer.interrupted:
             raise KeyboardInterrupt
         fit_seconds = time.time() - fit_start
@@ -405,33 +447,32 @@ def run_cell(cfg: DictConfig, announce_data: bool = True) -> CellResult:
                 file=sys.stderr,
                 flush=True,
             )
-        if mlflow_client is not None:
-            if best:
-                mlflow_client.set_tag(run_id, "best_checkpoint", best)
-            mlflow_client.set_tag(run_id, "learned", str(result.learned).lower())
-            mlflow_client.log_metric(run_id, "test/chance_p", chance_p)
-            mlflow_client.log_metric(run_id, "images_seen", trainer.global_step * cfg.data.batch_size)
-            mlflow_client.log_metric(
-                run_id, "flops_per_image", forward_flops(module.model, datamodule.input_size)
+        if outbox is not None:
+            outbox.set_tags(
+                {"learned": str(result.learned).lower(), **({"best_checkpoint": best} if best else {})}
             )
-            if activity:
-                mlflow_client.log_metric(run_id, "lrn/denominator_mean", activity["mean"])
-                mlflow_client.log_metric(run_id, "lrn/denominator_p99", activity["p99"])
-            mlflow_client.log_metric(run_id, "time/fit_seconds", fit_seconds)
-            mlflow_client.log_metric(run_id, "time/seconds", time.time() - start)
-            mlflow_client.set_terminated(run_id, "FINISHED")
-        result.status = "FINISHED"
+            outbox.log_metrics(
+                {
+                    "test/chance_p": chance_p,
+                    "images_seen": trainer.global_step * cfg.data.batch_size,
+                    "flops_per_image": forward_flops(module.model, datamodule.input_size),
+                    **({"lrn/denominator_mean": activity["mean"], "lrn/denominator_p99": activity["p99"]}
+                       if activity else {}),
+                    "time/fit_seconds": fit_seconds,
+                },
+                step=0,
+            )  # fmt: skip
+            finish(outbox, "FINISHED", cfg.logger.outage_wait, start, result)
+        else:
+            result.status = "FINISHED"
     except BaseException as exc:  # record every way out, then let the caller decide
         killed = isinstance(exc, KeyboardInterrupt | SystemExit)
         result.status = "KILLED" if killed else "FAILED"
         result.reason = _reason(exc)
-        if mlflow_client is not None:
-            try:
-                mlflow_client.set_tag(run_id, FAILURE_TAG, result.reason[:5000])
-                mlflow_client.set_terminated(run_id, result.status)
-            except Exception as store_exc:  # the store itself is gone: the run stays RUNNING,
-                # is seen as orphaned once this process exits, and resumes on re-run.
-                result.reason += f" (and the tracking store did not answer: {_reason(store_exc)})"
+        if outbox is not None:
+            outbox.set_tags({FAILURE_TAG: result.reason[:5000]})
+            # a preempted job has seconds left (SLURM: 30 by default): it does not wait long
+            finish(outbox, result.status, min(cfg.logger.outage_wait, 20.0), start, result)
         if killed:
             raise
         log.error("run %s failed: %s", key, result.reason)
@@ -439,20 +480,85 @@ def run_cell(cfg: DictConfig, announce_data: bool = True) -> CellResult:
     return result
 
 
-def system_metrics(cfg: DictConfig, mlflow_client, run_id: str | None, resumed: bool):
-    """MLflow's sampler of CPU, memory, disk, network (and GPU, with nvidia-ml-py) into the run's
-    `system/` metrics while it trains; None when off or without a run."""
-    if mlflow_client is None or not cfg.logger.system_metrics:
-        return None
-    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+def finish(outbox: Outbox, status: str, wait: float, start: float, result: CellResult) -> None:
+    """The run's last records: how long it took and what tracking cost it, then its status; all
+    sent before this returns, or kept on disk (result UNSENT) when the store stays away `wait` s."""
+    drain_start = time.time()
+    outbox.drain(wait)
+    waited = time.time() - drain_start
+    outbox.log_metrics(
+        {
+            "time/seconds": time.time() - start,
+            # what tracking cost this run: records written by the training thread, the wait here
+            "time/tracking_seconds": outbox.write_seconds + waited,
+            "time/store_outage_seconds": outbox.outage_seconds,
+        },
+        step=0,
+    )
+    outbox.set_terminated(status)
+    if outbox.close(max(wait - waited, 5.0)):
+        result.status = status
+        return
+    line = (
+        f"the tracking store {outbox.uri} did not answer for {wait:.0f} s; {outbox.unsent} records of run "
+        f"{outbox.run_id} are kept in {outbox.journal.path}; send them with: {outbox.sync_command()}"
+    )
+    if status == "FINISHED":
+        result.status, result.reason = "UNSENT", line
+    else:
+        result.reason += f" ({line})"
 
+
+class SystemSampler(SystemMetricsMonitor):
+    """MLflow's CPU, memory, disk, network (and GPU, with nvidia-ml-py) monitors, sampled every
+    interval into the run's `system/` metrics through its outbox. MLflow's own loop asks the server
+    every interval whether the run still runs and stops for good at the first failure: a tracking
+    outage would end the run's system metrics. This loop only samples."""
+
+    def __init__(self, outbox: Outbox, interval: float, resumed: bool):
+        super().__init__(
+            outbox.run_id, sampling_interval=interval, resume_logging=resumed, tracking_uri=outbox.uri
+        )
+        self.mlflow_logger = _OutboxMetrics(outbox)
+
+    def monitor(self) -> None:
+        while True:
+            self.collect_metrics()
+            if self._shutdown_event.wait(self.sampling_interval):
+                return
+            self.publish_metrics(self.aggregate_metrics())
+
+    def stop(self) -> None:
+        """Stop sampling, with one last sample as training ends: a run shorter than the interval
+        gets one too (the interval it is stopped in is otherwise dropped)."""
+        self.finish()
+        self.collect_metrics()
+        self.publish_metrics(self.aggregate_metrics())
+
+
+@dataclass
+class _OutboxMetrics:
+    """What MLflow's monitor writes to (its BatchMetricsLogger's two calls), into an outbox."""
+
+    outbox: Outbox
+
+    def record_metrics(self, metrics: dict, step: int | None = None) -> None:
+        self.outbox.log_metrics(metrics, step or 0)
+
+    def flush(self) -> None:
+        pass
+
+    data = ()  # what MLflow's debug lines count
+
+
+def system_metrics(cfg: DictConfig, outbox: Outbox | None, resumed: bool) -> SystemSampler | None:
+    """The system-metrics sampler, started; None when off or without a run."""
+    if outbox is None or not cfg.logger.system_metrics:
+        return None
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # its start/stop chatter
-    monitor = SystemMetricsMonitor(
-        run_id, sampling_interval=cfg.logger.system_metrics_interval, resume_logging=resumed,
-        tracking_uri=mlflow_client.tracking_uri,
-    )  # fmt: skip
-    monitor.start()
-    return monitor
+    sampler = SystemSampler(outbox, cfg.logger.system_metrics_interval, resumed)
+    sampler.start()
+    return sampler
 
 
 def learned(acc1: float, test_images: int, num_classes: int, alpha: float = 0.01) -> tuple[bool, float]:
@@ -530,8 +636,7 @@ def make_trainer(
     accelerator: str,
     precision: str,
     ckpt_dir: Path,
-    mlflow_client=None,
-    run_id: str | None = None,
+    outbox: Outbox | None = None,
     extra_callbacks=(),
     **overrides,
 ) -> pl.Trainer:
@@ -552,13 +657,9 @@ def make_trainer(
     )
     callbacks = [checkpoint, *extra_callbacks]
     logger = False
-    if mlflow_client is not None:
-        callbacks.append(Heartbeat(mlflow_client, run_id))
-        logger = CellLogger(
-            experiment_name=tracking.experiment_name(cfg),
-            tracking_uri=mlflow_client.tracking_uri,
-            run_id=run_id,
-        )
+    if outbox is not None:
+        callbacks.append(Heartbeat(outbox))
+        logger = CellLogger(outbox)
     if cfg.trainer.progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=20))
     kwargs = dict(
@@ -676,6 +777,8 @@ def _print_summary(r: CellResult, progress: Progress | None = None) -> None:
             f"{r.test_acc1:.1%} (error {1 - r.test_acc1:.1%})"
             + (f", MLflow run {r.run_id}" if r.run_id else "")
         )
+    elif r.status == "UNSENT":
+        line = f"{r.arch} seed={r.seed}: trained (test top-1 accuracy {r.test_acc1:.1%}) but not recorded: {r.reason}"
     else:
         line = f"{r.arch} seed={r.seed}: {r.status}: {r.reason}"
     if progress:
