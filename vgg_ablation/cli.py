@@ -26,6 +26,7 @@ COMMANDS = {
     "bench": "images/s of the training path against plain PyTorch: bench [arch=A data=sample ...]",
     "ui": "open the MLflow dashboard on this folder's runs (127.0.0.1): ui [port=5000 host=127.0.0.1]",
     "sync": "send records kept while a tracking store was away: sync [JOURNAL ...] [tracking_uri=URI]",
+    "server": "a lab's shared tracking server, PostgreSQL + MLflow: server [root=lab-server port=5000 host=...]",
 }
 
 
@@ -160,7 +161,7 @@ def cmd_bench(args: list[str]) -> int:
 
 def cmd_ui(args: list[str]) -> int:
     """The MLflow dashboard on this folder's store; with experiment=..., where that study lives."""
-    from vgg_ablation import tracking
+    from vgg_ablation import labserver, tracking
 
     options = dict(a.partition("=")[::2] for a in args)
     host, port = options.pop("host", "127.0.0.1"), options.pop("port", "5000")
@@ -184,7 +185,7 @@ def cmd_ui(args: list[str]) -> int:
         [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", port,
          "--workers", "1"],
         start_new_session=True,  # its own group: stopping it stops the uvicorn worker it starts
-        env=server_env(),
+        env=labserver.server_env(),
     )  # fmt: skip
 
     def shutdown() -> None:
@@ -213,14 +214,6 @@ def cmd_ui(args: list[str]) -> int:
         raise
 
 
-def server_env() -> dict[str, str]:
-    """The environment for an MLflow server we start: MLflow 3's job runner (about 7 `huey`
-    processes for GenAI evaluation jobs, a quarter of a core each while they start and polling
-    after) is off unless asked for; training runs on the same machine lose 30% of their speed
-    to it on 2 cores, and tracking training runs never uses it."""
-    return {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
-
-
 def _print_study_addresses(study: list[str], uri: str, base: str) -> None:
     from vgg_ablation import tracking
     from vgg_ablation.study import study_overrides
@@ -243,6 +236,12 @@ def _print_study_addresses(study: list[str], uri: str, base: str) -> None:
         url = tracking.run_url(base, experiment.experiment_id, run.info.run_id)
         print(f"  the study's run {run.data.tags[tracking.STUDY_RUN_TAG]} (report, verdicts): {url}")
     sys.stdout.flush()
+
+
+def cmd_server(args: list[str]) -> int:
+    from vgg_ablation.labserver import run_server
+
+    return run_server(args)
 
 
 def cmd_sync(args: list[str]) -> int:

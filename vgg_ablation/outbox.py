@@ -87,9 +87,15 @@ class Journal:
         return [r for r in self.records() if r["seq"] > acked]
 
     def ack(self, seq: int) -> None:
+        """Best effort: on a full disk the mark stays behind, and a replay sends a few records
+        again, which the store takes as the same rows (each keeps the time it was made)."""
         tmp = self.acked_path.with_suffix(".tmp")
-        tmp.write_text(str(seq))
-        os.replace(tmp, self.acked_path)
+        try:
+            tmp.write_text(str(seq))
+            os.replace(tmp, self.acked_path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
 
     def remove(self) -> None:
         for path in (self.path, self.acked_path):
@@ -107,6 +113,8 @@ def send(mlflow_client, run_id: str, records: list[dict], journal: Journal | Non
         last = group[-1]
         if last["kind"] == "status":
             mlflow_client.set_terminated(run_id, last["status"], end_time=last["time"])
+        elif last["kind"] == "artifact":
+            mlflow_client.log_artifact(run_id, last["path"], artifact_path=last["folder"])
         else:
             metrics = [Metric(k, v, r["time"], r["step"]) for r in group if r["kind"] == "metrics"
                        for k, v in r["values"].items()]  # fmt: skip
@@ -121,12 +129,12 @@ def send(mlflow_client, run_id: str, records: list[dict], journal: Journal | Non
 def batches(records: list[dict]) -> Iterable[list[dict]]:
     """Consecutive records merged into one log_batch while MLflow's limits allow (a tag key that
     is already in the batch starts a new one, so a later value is never overtaken by an earlier);
-    a status record goes alone."""
+    a status or artifact record goes alone."""
     group: list[dict] = []
     n_metrics = 0
     tag_keys: set[str] = set()
     for record in records:
-        if record["kind"] == "status":
+        if record["kind"] in ("status", "artifact"):
             if group:
                 yield group
             yield [record]
@@ -185,7 +193,9 @@ class Outbox:
         self._pending: deque[dict] = deque(leftover)
         self._cond = threading.Condition()
         self._closing = False
-        self._stuck: str | None = None  # why the store refuses (for good): sending stopped
+        self.stuck: str | None = None  # why the store refuses (for good): sending stopped
+        self.last_error = ""  # the store's last answer while it did not take records
+        self.journal_error: str | None = None  # why the journal could not be written (a full disk)
         self.outage_since: float | None = None
         self.outage_seconds = 0.0  # time the store did not answer, summed over outages
         self.write_seconds = 0.0  # time the training thread spent writing records
@@ -200,6 +210,10 @@ class Outbox:
     def set_tags(self, values: dict[str, str]) -> None:
         self._put({"kind": "tags", "values": {k: str(v) for k, v in values.items()}, "time": now_ms()})
 
+    def log_artifact(self, path: Path, folder: str) -> None:
+        """A file (it must stay where it is until sent) into the run's artifacts under `folder`."""
+        self._put({"kind": "artifact", "path": str(Path(path).resolve()), "folder": folder, "time": now_ms()})
+
     def set_terminated(self, status: str) -> None:
         self._put({"kind": "status", "status": status, "time": now_ms()})
 
@@ -208,9 +222,16 @@ class Outbox:
         with self._cond:
             self._seq += 1
             record = {"seq": self._seq, **record}
-            self._file.write(json.dumps(record) + "\n")
-            self._file.flush()
-            os.fsync(self._file.fileno())  # a record is on disk before anyone may count on it
+            if self.journal_error is None:
+                try:
+                    self._file.write(json.dumps(record) + "\n")
+                    self._file.flush()
+                    os.fsync(self._file.fileno())  # on disk before anyone may count on it
+                except OSError as exc:  # a full disk: the record is still sent from memory, and
+                    # the journal, now incomplete, is never replayed past this point
+                    self.journal_error = f"{type(exc).__name__}: {exc.strerror or exc}"
+                    _say(f"warning: {self.label}: the outbox journal {self.journal.path} cannot be written "
+                         f"({self.journal_error}); records are kept in memory only")  # fmt: skip
             self._pending.append(record)
             self._cond.notify()
         self.write_seconds += time.perf_counter() - start
@@ -234,10 +255,11 @@ class Outbox:
             except Exception as exc:  # noqa: BLE001 - every failure is either an outage or refusal
                 self._forget_acked()
                 if is_permanent(exc):
-                    self._stuck = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}"
+                    self.stuck = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}"
                     _say(f"warning: {self.label}: the tracking store refuses run {self.run_id}'s records "
-                         f"({self._stuck}); they stay in {self.journal.path}")  # fmt: skip
+                         f"({self.stuck}); they stay in {self.journal.path}")  # fmt: skip
                     return
+                self.last_error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"
                 if self.outage_since is None:
                     self.outage_since = time.time()
                     _say(f"warning: {self.label}: tracking store {self.uri} not answering "
@@ -271,9 +293,7 @@ class Outbox:
         """Wait up to `wait` seconds for every record so far to be sent; True if they were."""
         deadline = time.time() + wait
         with self._cond:
-            while (
-                self._pending and self._stuck is None and time.time() < deadline and self._thread.is_alive()
-            ):
+            while self._pending and self.stuck is None and time.time() < deadline and self._thread.is_alive():
                 self._cond.wait(min(1.0, max(0.0, deadline - time.time())))
             return not self._pending
 
@@ -285,7 +305,8 @@ class Outbox:
             self._give_up_at = time.time() + wait
             self._cond.notify_all()
         done = self.drain(wait)
-        self._file.close()
+        with contextlib.suppress(OSError):
+            self._file.close()
         if done:
             self._thread.join(5)
             self.journal.remove()

@@ -26,6 +26,8 @@ from vgg_ablation.errors import UserError
 # MLflow prints two "View run ... at" lines whenever a run against a server ends; our own summary
 # line already names the run, and a study promises two lines per cell.
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+# ... and a progress bar per artifact it moves (an A's weights to a deeper net: one small file)
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 EXPERIMENT_PREFIX = "vgg-ablation/"
 # Keys that do not change what a run computes: excluded from the fingerprint.

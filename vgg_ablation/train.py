@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -256,13 +257,38 @@ def starts_from_a(cfg: DictConfig) -> bool:
     return cfg.model.init == "from_A" and ARCHS[cfg.arch].depth > ARCHS["A"].depth
 
 
+# Where a trained A's weights travel to the deeper nets that start from it: the A run's artifacts
+# (`checkpoint/weights.pt`). Any machine that reaches the tracking server reaches them, with no
+# shared filesystem; the checkpoint folders stay on each machine's own fast disk.
+A_WEIGHTS = ("checkpoint", "weights.pt")
+
+
 def _trained_a_checkpoint(mlflow_client, experiment_id: str, cfg: DictConfig) -> str:
+    """The trained A of this seed: its best checkpoint when it is on this machine, else its
+    weights from the A run's artifacts (downloaded once into this machine's checkpoint folder)."""
     a_cell = tracking.cell_key(tracking.cell_cfg(cfg, "A", cfg.seed))
     for run in tracking.runs_of_cell(mlflow_client, experiment_id, a_cell):
+        if run.info.status != "FINISHED":
+            continue
         ckpt = run.data.tags.get("best_checkpoint")
-        if run.info.status == "FINISHED" and ckpt and Path(ckpt).is_file():
+        if ckpt and Path(ckpt).is_file():
             return ckpt
-    raise UserError(f"init=from_A needs a FINISHED A run for seed {cfg.seed} in this study; run arch=A first")
+        folder, name = A_WEIGHTS
+        if any(f.path == f"{folder}/{name}" for f in mlflow_client.list_artifacts(run.info.run_id, folder)):
+            local = Path(cfg.logger.checkpoint_root).resolve() / f"A-{run.info.run_id}" / name
+            if not local.is_file():
+                local.parent.mkdir(parents=True, exist_ok=True)
+                # into a folder of its own, then renamed: cells of this seed starting at the same
+                # moment never read a half-downloaded file
+                with tempfile.TemporaryDirectory(dir=local.parent) as tmp:
+                    got = mlflow_client.download_artifacts(run.info.run_id, f"{folder}/{name}", tmp)
+                    os.replace(got, local)
+                log.info("init from A: A's weights from the tracking server (run %s)", run.info.run_id)
+            return str(local)
+    raise UserError(
+        f"init=from_A needs a FINISHED A run for seed {cfg.seed} in this study, its checkpoint on this "
+        "machine or its weights in the run's artifacts; run arch=A first"
+    )
 
 
 def _open_run(
@@ -451,6 +477,8 @@ def run_cell(cfg: DictConfig, announce_data: bool = True) -> CellResult:
             outbox.set_tags(
                 {"learned": str(result.learned).lower(), **({"best_checkpoint": best} if best else {})}
             )
+            if cfg.arch == "A" and cfg.model.init == "from_A" and best:  # deeper nets start from it
+                outbox.log_artifact(_weights_only(best, ckpt_dir / A_WEIGHTS[1]), A_WEIGHTS[0])
             outbox.log_metrics(
                 {
                     "test/chance_p": chance_p,
@@ -499,10 +527,19 @@ def finish(outbox: Outbox, status: str, wait: float, start: float, result: CellR
     if outbox.close(max(wait - waited, 5.0)):
         result.status = status
         return
-    line = (
-        f"the tracking store {outbox.uri} did not answer for {wait:.0f} s; {outbox.unsent} records of run "
-        f"{outbox.run_id} are kept in {outbox.journal.path}; send them with: {outbox.sync_command()}"
+    why = (
+        f"refused its records ({outbox.stuck})"
+        if outbox.stuck
+        else f"did not take records for {wait:.0f} s ({outbox.last_error})"
     )
+    kept = (
+        f"{outbox.unsent} records of run {outbox.run_id} are kept in {outbox.journal.path}; "
+        f"send them with: {outbox.sync_command()}"
+        if outbox.journal_error is None
+        else f"{outbox.unsent} records of run {outbox.run_id} are lost with this process: its journal could not "
+        f"be written ({outbox.journal_error}); re-run the cell once there is space"
+    )
+    line = f"the tracking store {outbox.uri} {why}; {kept}"
     if status == "FINISHED":
         result.status, result.reason = "UNSENT", line
     else:
@@ -590,6 +627,14 @@ def _fits_on_device(cfg: DictConfig, datamodule) -> bool:
         return True
     free, _ = torch.cuda.mem_get_info()
     return datamodule.nbytes() < 0.25 * free
+
+
+def _weights_only(checkpoint: str, path: Path) -> Path:
+    """The net's weights from a checkpoint (no optimizer state: a third of its size with momentum),
+    written atomically: what another machine downloads to start a deeper net from."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    AtomicCheckpointIO().save_checkpoint({"state_dict": state}, path)
+    return path
 
 
 def _load_model_from(ckpt_path: str, cfg: DictConfig, datamodule):
