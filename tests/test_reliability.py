@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -545,3 +546,37 @@ def test_a_full_disk_fails_the_run_in_one_line_and_the_rerun_resumes(workdir, sm
     assert run.info.run_id == victim.info.run_id and run.info.status == "FINISHED"
     assert "checkpoint_recovery" not in run.data.tags  # the atomic write left nothing to recover
     assert val_epochs(workdir, run.info.run_id) == set(range(30))
+
+
+def test_a_full_disk_under_the_store_keeps_training_and_the_records_until_there_is_space(workdir, small_disk):
+    """The SQLite store's disk fills up mid-run (checkpoints elsewhere): training goes on, the run
+    ends UNSENT with one line, what the store held is intact, and `sync` sends the rest once there
+    is space again."""
+    uri = f"sqlite:///{small_disk / 'mlflow.db'}"
+    train = ["train", "arch=A", *LONGER, "trainer.max_epochs=30", "logger.outage_wait=3"]
+    proc = popen_cli(train, workdir, {"MLFLOW_TRACKING_URI": uri})
+    client = MlflowClient(uri)
+    victim = None
+    while victim is None:  # the store on the small disk exists once the run does
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        with contextlib.suppress(Exception):
+            victim = wait_for_checkpointed_running_run(client, proc, timeout=1)
+    filler = fill(small_disk)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 1, output[-3000:]
+    last = output.strip().splitlines()[-1]
+    assert last.startswith("A seed=0: trained") and "disk is full" in last and "vgg-ablation sync" in last, (
+        last
+    )
+    assert "Traceback" not in output, output[max(0, output.find("Traceback") - 1500) :][:2500]
+    kept = Path(victim.data.tags["checkpoint_dir"]) / "outbox.jsonl"
+    assert kept.exists()
+    before = client.get_metric_history(victim.info.run_id, "val/acc1")  # readable, intact
+    assert 1 <= len(before) < 30
+
+    filler.unlink()  # space is back
+    sent = run_cli(["sync", str(kept)], workdir)
+    assert sent.returncode == 0, sent.stderr[-3000:]
+    run = client.get_run(victim.info.run_id)
+    assert run.info.status == "FINISHED" and "test/acc1" in run.data.metrics
+    assert_each_step_once(client, run.info.run_id, "val/acc1", 30)

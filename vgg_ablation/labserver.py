@@ -202,7 +202,9 @@ def run_server(args: list[str]) -> int:
     import importlib.util
 
     if importlib.util.find_spec("psycopg2") is None:
-        raise UserError("the lab server needs the PostgreSQL driver: pip install 'vgg-ablation[lab]' (psycopg2-binary)")
+        raise UserError(
+            "the lab server needs the PostgreSQL driver: pip install 'vgg-ablation[lab]' (psycopg2-binary)"
+        )
     root = Path(options["root"]).resolve()
     root.mkdir(parents=True, exist_ok=True)
     host, port = options["host"], int(options["port"])

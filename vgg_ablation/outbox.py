@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import sys
@@ -154,6 +155,15 @@ def batches(records: list[dict]) -> Iterable[list[dict]]:
         yield group
 
 
+def root_cause(exc: BaseException) -> str:
+    """The innermost error under `exc`, in one line: `OperationalError: database or disk is full`,
+    not the ORM's "raised as a result of Query-invoked autoflush" wrapped around it."""
+    while exc.__cause__ is not None or exc.__context__ is not None:
+        exc = exc.__cause__ or exc.__context__
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
+
+
 def is_permanent(exc: BaseException) -> bool:
     return getattr(exc, "error_code", None) in PERMANENT
 
@@ -167,6 +177,18 @@ def answers(uri: str, timeout: float = 2.0) -> bool:
             return response.status == 200
     except (urllib.error.URLError, OSError):
         return False
+
+
+class _OwnFailures(logging.Filter):
+    """MLflow's SQL store logs every failed write with its traceback (a full disk: one per retry,
+    every 2 s); a failure of the outbox's thread is the outbox's to report, in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.threadName != THREAD_NAME
+
+
+THREAD_NAME = "vgg-ablation-outbox"
+logging.getLogger("mlflow.store.db.utils").addFilter(_OwnFailures())
 
 
 def _say(line: str) -> None:
@@ -199,7 +221,7 @@ class Outbox:
         self.outage_since: float | None = None
         self.outage_seconds = 0.0  # time the store did not answer, summed over outages
         self.write_seconds = 0.0  # time the training thread spent writing records
-        self._thread = threading.Thread(target=self._send_forever, name="vgg-ablation-outbox", daemon=True)
+        self._thread = threading.Thread(target=self._send_forever, name=THREAD_NAME, daemon=True)
         self._thread.start()
 
     # -- what training calls: a local append, never a network call ---------------------------------
@@ -259,7 +281,7 @@ class Outbox:
                     _say(f"warning: {self.label}: the tracking store refuses run {self.run_id}'s records "
                          f"({self.stuck}); they stay in {self.journal.path}")  # fmt: skip
                     return
-                self.last_error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"
+                self.last_error = root_cause(exc)
                 if self.outage_since is None:
                     self.outage_since = time.time()
                     _say(f"warning: {self.label}: tracking store {self.uri} not answering "
