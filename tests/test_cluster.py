@@ -1,0 +1,67 @@
+"""A study on a cluster through Hydra's submitit launcher: its local executor, and its real SLURM
+executor driven against stand-in sbatch/sacct/scancel/scontrol/srun (tests/fake_slurm.py)."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from . import fake_slurm
+from .conftest import TINY, all_runs, assert_children_of_one_study, run_cli
+from .test_reliability import LONGER, by_cell, popen_cli, val_epochs, wait_for_checkpointed_running_run
+
+pytestmark = pytest.mark.slow
+
+
+def test_a_study_through_submitits_local_executor(workdir):
+    result = run_cli(["study", "experiment=smoke", "hydra/launcher=submitit_local", *TINY], workdir)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    runs = all_runs(workdir)
+    assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)
+    assert all(len(cell) == 1 for cell in by_cell(runs).values())
+    assert list(Path(workdir, "multirun").rglob(".submitit"))  # the jobs ran through submitit
+
+
+@pytest.fixture
+def slurm(tmp_path):
+    """Stand-in SLURM commands first on PATH; returns their state folder."""
+    state = tmp_path / "slurm-state"
+    fake_slurm.install(tmp_path / "slurm-bin")
+    return state, {"PATH": f"{tmp_path / 'slurm-bin'}:{os.environ['PATH']}", "FAKE_SLURM_DIR": str(state)}
+
+
+def test_a_study_on_slurm_where_a_preempted_cell_resumes_into_its_run(workdir, slurm):
+    """The `slurm` launcher preset submits one array job through the real submitit SLURM executor;
+    one cell is preempted mid-run (SIGTERM, then requeued, as SLURM does): every cell FINISHED,
+    one run each, and the preempted one resumed into its own run with every epoch once."""
+    state, env = slurm
+    study = ["study", "experiment=smoke", "hydra/launcher=slurm", "hydra.launcher.partition=test", *LONGER]
+    proc = popen_cli(study, workdir, env)
+    victim = wait_for_checkpointed_running_run(workdir, proc, arch="B")
+    task = next(p for p in state.glob("*.pid") if victim_is_in(p, victim))
+    (state / f"{task.stem}.requeue").touch()  # SLURM's preemption with requeue: SIGTERM, then again
+    os.killpg(int(task.read_text()), signal.SIGTERM)
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, output[-3000:]
+    runs = all_runs(workdir)
+    assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)
+    assert all(len(cell) == 1 for cell in by_cell(runs).values())
+    resumed = next(r for r in runs if r.info.run_id == victim.info.run_id)
+    assert val_epochs(workdir, resumed.info.run_id) == set(range(6))
+    attempts = {p.stem: len(p.read_text().split()) for p in state.glob("*.attempts")}
+    assert attempts[task.stem] == 2 and sorted(attempts.values()) == [1, 1, 1, 2]  # requeued once
+    assert_children_of_one_study(workdir)
+    assert "#SBATCH --partition=test" in "".join(
+        p.read_text() for p in Path(workdir).rglob("*submission*.sh")
+    )
+
+
+def victim_is_in(pid_file: Path, victim) -> bool:
+    """Is the victim's training process in this task's process group?"""
+    try:
+        return os.getpgid(int(victim.data.tags["pid"])) == int(pid_file.read_text())
+    except (ProcessLookupError, ValueError):
+        return False
