@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from vgg_ablation.config import DataConfig
-from vgg_ablation.data import InMemoryData, TensorBatches, carve_validation, make_datamodule
+from vgg_ablation.data import IGNORE, InMemoryData, TensorBatches, carve_validation, make_datamodule
 from vgg_ablation.errors import UserError
 
 from .conftest import make_imagefolder
@@ -44,6 +44,30 @@ def test_tensor_batches_augment_repeatably_and_normalise():
     x, y = next(iter(plain))
     torch.testing.assert_close(x, (images[:16].float() / 255 - 0.5) / 0.25)
     assert len(plain) == 4
+
+
+def test_ddp_ranks_take_disjoint_equal_shares_of_each_epoch():
+    """Under DDP each rank's batches hold its own share: training, equal and disjoint (the remainder
+    dropped, so every rank makes the same number of steps); evaluation, every image exactly once,
+    the short rank padded with IGNORE labels."""
+    images = torch.arange(45, dtype=torch.uint8).view(45, 1, 1, 1).expand(45, 3, 8, 8).contiguous()
+    labels = torch.arange(45) % 10
+    mean, std = torch.zeros(3), torch.ones(3)
+
+    def seen(train: bool, rank: int) -> tuple[list[int], int]:
+        batches = TensorBatches(images, labels, mean, std, 8, train, augment=False, seed=1, shard=(rank, 2))
+        ids, steps = [], 0
+        for x, y in batches:
+            steps += 1
+            ids += [
+                round(float(v) * 255) for v, label in zip(x[:, 0, 0, 0], y, strict=True) if label != IGNORE
+            ]
+        return ids, steps
+
+    (a, steps_a), (b, steps_b) = seen(True, 0), seen(True, 1)
+    assert steps_a == steps_b == 2 and len(a) == len(b) == 16 and not set(a) & set(b)
+    (a, steps_a), (b, steps_b) = seen(False, 0), seen(False, 1)
+    assert steps_a == steps_b == 3 and sorted(a + b) == list(range(45))
 
 
 def test_crop_is_a_shifted_window_of_the_padded_image():

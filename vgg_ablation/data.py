@@ -403,8 +403,12 @@ class TensorBatches:
         seed: int,
         crop: int | None = None,
         pad: int = 4,
+        shard: tuple[int, int] = (0, 1),
     ):
         self.images, self.labels = images, labels
+        # (rank, world size): under DDP each process takes its own share of every epoch's draws,
+        # as a DistributedSampler would (the same draws on every rank, so the shares are disjoint)
+        self.rank, self.world = shard
         # uint8 -> normalised float in one multiply-add: (x / 255 - mean) / std
         self.scale = (1 / (255 * std)).view(1, -1, 1, 1).to(images.device)
         self.shift = (-mean / std).view(1, -1, 1, 1).to(images.device)
@@ -413,8 +417,14 @@ class TensorBatches:
         self.pad = pad if self.crop == images.shape[-1] else 0
         self.epoch = 0
 
-    def __len__(self) -> int:
+    def _share(self) -> int:
+        """Images per rank: training drops the remainder (equal steps on every rank, or DDP's
+        gradient sync would wait forever); evaluation pads up to it with IGNORE images."""
         n = len(self.labels)
+        return n // self.world if self.train else math.ceil(n / self.world)
+
+    def __len__(self) -> int:
+        n = self._share()
         return n // self.batch_size if self.train and n >= self.batch_size else math.ceil(n / self.batch_size)
 
     def epoch_draws(self, n: int, gen: torch.Generator) -> torch.Tensor:
@@ -438,6 +448,8 @@ class TensorBatches:
         self.epoch += 1
         device = self.images.device
         draws = self.epoch_draws(n, gen)
+        if self.world > 1:
+            draws = draws[:, self.rank :: self.world][:, : self._share()]
         if device.type == "cuda":
             draws = draws.pin_memory()
         draws = draws.to(device, non_blocking=True)  # the epoch's one host-to-device copy
@@ -633,9 +645,11 @@ class InMemoryData(_Common):
         x, y = self.splits[split]
         if len(y) == 0:
             raise UserError(f"the {split} split is empty")
+        trainer = getattr(self, "trainer", None)
+        shard = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         return TensorBatches(
             x, y, self.mean, self.std, self.cfg.batch_size, train, self.cfg.augment, self.seed,
-            crop=self.sizes.crop, pad=self.sizes.pad,
+            crop=self.sizes.crop, pad=self.sizes.pad, shard=shard,
         )  # fmt: skip
 
     def train_dataloader(self):

@@ -110,6 +110,8 @@ class Classifier(pl.LightningModule):
         sums = self._sums.pop(split, None)
         if sums is None:
             return
+        if self.trainer.world_size > 1:  # DDP: every rank's share of the images, summed
+            sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
         loss, top1, top5, n = (sums / sums[3]).tolist()[:3] + [sums[3].item()]
         metrics = {
             f"{split}/loss": loss,
@@ -123,7 +125,9 @@ class Classifier(pl.LightningModule):
         if split == "val":  # best so far beside the last epoch's (what checkpointing selects on)
             self._best_val = max(self._best_val, top1)
             metrics["val/acc1_best"] = self._best_val
-        # Values are already reduced here; Lightning forwards them to the logger once per epoch.
+        # Values are already reduced over the epoch and the ranks (every rank holds the same ones:
+        # sync_dist's mean leaves them as they are, and Lightning asks for it under DDP);
+        # Lightning forwards them to the logger once per epoch.
         self.log_dict(metrics, prog_bar=split != "test", sync_dist=True)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -136,7 +140,7 @@ class Classifier(pl.LightningModule):
         if "train" in self._sums and not torch.isfinite(self._sums["train"][0]):
             raise NonFiniteLoss(f"loss became non-finite during epoch {self.current_epoch}")
         self._log_epoch("train")
-        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
         self._log_epoch("val")

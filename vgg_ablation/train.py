@@ -27,9 +27,10 @@ from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.loggers import Logger
+from pytorch_lightning.plugins.environments import LightningEnvironment
 from pytorch_lightning.utilities import rank_zero_only
 
-from vgg_ablation import tracking
+from vgg_ablation import distributed, tracking
 from vgg_ablation.checkpoints import AtomicCheckpointIO, choose_resume
 from vgg_ablation.config import register
 from vgg_ablation.data import make_datamodule
@@ -239,7 +240,8 @@ def curated_params(cfg: DictConfig, model, datamodule, precision: str) -> dict[s
         "lrn_scale": lrn_scale_value(cfg, datamodule.pixel_std),
         "train_images": datamodule.num_train,
         "num_classes": datamodule.num_classes,
-        "batch_size": cfg.data.batch_size,
+        "batch_size": cfg.data.batch_size,  # per device: the global batch is devices x this
+        "devices": distributed.device_count(cfg),
         "lr": cfg.optim.lr,
         "momentum": cfg.optim.momentum,
         "weight_decay": cfg.optim.weight_decay,
@@ -406,6 +408,9 @@ def log_dataset(mlflow_client, run_id: str, datamodule) -> None:
 def run_cell(cfg: DictConfig, announce_data: bool = True) -> CellResult:
     """Train, validate and test one cell; record it in MLflow. Raises UserError on bad input.
     `announce_data`: print the data line (a study prints it once for all its cells)."""
+    shared = distributed.shared_by_rank_zero()
+    if shared is not None:
+        return run_rank(cfg, shared)
     start = time.time()
     datamodule, model = prepare(cfg)
     if announce_data:
@@ -441,70 +446,98 @@ def run_cell(cfg: DictConfig, announce_data: bool = True) -> CellResult:
     # tracking outage costs no training (see outbox.py).
     outbox = Outbox(mlflow_client, run_id, ckpt_dir, f"{cfg.arch} seed={cfg.seed}") if mlflow_client else None
 
+    # Ranks 1..N-1 of a multi-device cell train beside this one and record nothing (distributed.py)
+    shared = {"run_id": run_id, "ckpt_dir": str(ckpt_dir), "resume_from": resume_from}
+    with distributed.ranks_run_this_cell(cfg, shared):
+        try:
+            module = make_module(cfg, model, accelerator, channels_last)
+            trainer = make_trainer(cfg, accelerator, precision, ckpt_dir, outbox)
+            if accelerator == "gpu" and _fits_on_device(cfg, datamodule):
+                datamodule.move_to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))))
+            fit_start = time.time()
+            sampler = system_metrics(cfg, outbox, resumed=resume_from is not None)
+            try:
+                trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
+            finally:
+                if sampler is not None:
+                    sampler.stop()
+            if trainer.interrupted:
+                raise KeyboardInterrupt
+            fit_seconds = time.time() - fit_start
+            best = trainer.checkpoint_callback.best_model_path or None
+            trainer.test(module, datamodule=datamodule, ckpt_path=best, weights_only=True, verbose=False)
+            result.test_acc1 = float(trainer.callback_metrics["test/acc1"])
+            result.val_acc1 = float(
+                trainer.checkpoint_callback.best_model_score
+                or trainer.callback_metrics.get("val/acc1", float("nan"))
+            )
+            test_images = int(trainer.callback_metrics["test/images"])
+            result.learned, chance_p = learned(result.test_acc1, test_images, datamodule.num_classes)
+            activity = lrn_activity(module.model, datamodule.val_dataloader())
+            distributed.tear_down(ok=True)
+            if not result.learned:
+                print(
+                    f"warning: {cfg.arch} seed={cfg.seed} learned nothing: test top-1 {result.test_acc1:.1%} is not "
+                    f"above chance ({1 / datamodule.num_classes:.1%}; binomial p={chance_p:.2f} on {test_images} images)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            if outbox is not None:
+                outbox.set_tags(
+                    {"learned": str(result.learned).lower(), **({"best_checkpoint": best} if best else {})}
+                )
+                if cfg.arch == "A" and cfg.model.init == "from_A" and best:  # deeper nets start from it
+                    outbox.log_artifact(_weights_only(best, ckpt_dir / A_WEIGHTS[1]), A_WEIGHTS[0])
+                outbox.log_metrics(
+                    {
+                        "test/chance_p": chance_p,
+                        "images_seen": trainer.global_step * cfg.data.batch_size,
+                        "flops_per_image": forward_flops(module.model, datamodule.input_size),
+                        **({"lrn/denominator_mean": activity["mean"], "lrn/denominator_p99": activity["p99"]}
+                           if activity else {}),
+                        "time/fit_seconds": fit_seconds,
+                    },
+                    step=0,
+                )  # fmt: skip
+                finish(outbox, "FINISHED", cfg.logger.outage_wait, start, result)
+            else:
+                result.status = "FINISHED"
+        except BaseException as exc:  # record every way out, then let the caller decide
+            distributed.tear_down(ok=False)
+            killed = isinstance(exc, KeyboardInterrupt | SystemExit)
+            result.status = "KILLED" if killed else "FAILED"
+            result.reason = _reason(exc)
+            if outbox is not None:
+                outbox.set_tags({FAILURE_TAG: result.reason[:5000]})
+                # a preempted job has seconds left (SLURM: 30 by default): it does not wait long
+                finish(outbox, result.status, min(cfg.logger.outage_wait, 20.0), start, result)
+            if killed:
+                raise
+            log.error("run %s failed: %s", key, result.reason)
+    result.seconds = time.time() - start
+    return result
+
+
+def run_rank(cfg: DictConfig, shared: dict) -> CellResult:
+    """Rank 1..N-1 of a multi-device cell: the same fit and test as rank 0, on this rank's share of
+    the data, recording nothing (rank 0 records for all). Its weights start as rank 0's (DDP
+    broadcasts them), so a from-A start needs nothing here."""
+    datamodule, model = prepare(cfg)
+    accelerator, precision, channels_last = device_choice(cfg)
+    result = CellResult(cell=tracking.cell_key(cfg), arch=cfg.arch, seed=cfg.seed, status="FAILED")
+    ok = False
     try:
         module = make_module(cfg, model, accelerator, channels_last)
-        trainer = make_trainer(cfg, accelerator, precision, ckpt_dir, outbox)
+        trainer = make_trainer(cfg, accelerator, precision, Path(shared["ckpt_dir"]))
         if accelerator == "gpu" and _fits_on_device(cfg, datamodule):
-            datamodule.move_to(torch.device("cuda"))
-        fit_start = time.time()
-        sampler = system_metrics(cfg, outbox, resumed=resume_from is not None)
-        try:
-            trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
-        finally:
-            if sampler is not None:
-                sampler.stop()
-        if trainer.interrupted:
-            raise KeyboardInterrupt
-        fit_seconds = time.time() - fit_start
+            datamodule.move_to(torch.device("cuda", int(os.environ["LOCAL_RANK"])))
+        trainer.fit(module, datamodule=datamodule, ckpt_path=shared["resume_from"], weights_only=True)
         best = trainer.checkpoint_callback.best_model_path or None
         trainer.test(module, datamodule=datamodule, ckpt_path=best, weights_only=True, verbose=False)
-        result.test_acc1 = float(trainer.callback_metrics["test/acc1"])
-        result.val_acc1 = float(
-            trainer.checkpoint_callback.best_model_score
-            or trainer.callback_metrics.get("val/acc1", float("nan"))
-        )
-        test_images = int(trainer.callback_metrics["test/images"])
-        result.learned, chance_p = learned(result.test_acc1, test_images, datamodule.num_classes)
-        activity = lrn_activity(module.model, datamodule.val_dataloader())
-        if not result.learned:
-            print(
-                f"warning: {cfg.arch} seed={cfg.seed} learned nothing: test top-1 {result.test_acc1:.1%} is not "
-                f"above chance ({1 / datamodule.num_classes:.1%}; binomial p={chance_p:.2f} on {test_images} images)",
-                file=sys.stderr,
-                flush=True,
-            )
-        if outbox is not None:
-            outbox.set_tags(
-                {"learned": str(result.learned).lower(), **({"best_checkpoint": best} if best else {})}
-            )
-            if cfg.arch == "A" and cfg.model.init == "from_A" and best:  # deeper nets start from it
-                outbox.log_artifact(_weights_only(best, ckpt_dir / A_WEIGHTS[1]), A_WEIGHTS[0])
-            outbox.log_metrics(
-                {
-                    "test/chance_p": chance_p,
-                    "images_seen": trainer.global_step * cfg.data.batch_size,
-                    "flops_per_image": forward_flops(module.model, datamodule.input_size),
-                    **({"lrn/denominator_mean": activity["mean"], "lrn/denominator_p99": activity["p99"]}
-                       if activity else {}),
-                    "time/fit_seconds": fit_seconds,
-                },
-                step=0,
-            )  # fmt: skip
-            finish(outbox, "FINISHED", cfg.logger.outage_wait, start, result)
-        else:
-            result.status = "FINISHED"
-    except BaseException as exc:  # record every way out, then let the caller decide
-        killed = isinstance(exc, KeyboardInterrupt | SystemExit)
-        result.status = "KILLED" if killed else "FAILED"
-        result.reason = _reason(exc)
-        if outbox is not None:
-            outbox.set_tags({FAILURE_TAG: result.reason[:5000]})
-            # a preempted job has seconds left (SLURM: 30 by default): it does not wait long
-            finish(outbox, result.status, min(cfg.logger.outage_wait, 20.0), start, result)
-        if killed:
-            raise
-        log.error("run %s failed: %s", key, result.reason)
-    result.seconds = time.time() - start
+        ok = True
+    finally:
+        distributed.tear_down(ok)
+    result.status = "FINISHED"
     return result
 
 
@@ -707,8 +740,11 @@ def make_trainer(
         logger = CellLogger(outbox)
     if cfg.trainer.progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=20))
+    plugins = [AtomicCheckpointIO()]  # a kill or a full disk mid-write keeps the old file whole
+    if distributed.device_count(cfg) > 1:
+        plugins.append(LightningEnvironment())  # the ranks start themselves, also in a SLURM job
     kwargs = dict(
-        plugins=[AtomicCheckpointIO()],  # a kill or a full disk mid-write keeps the old file whole
+        plugins=plugins,
         accelerator=accelerator,
         devices=cfg.trainer.devices,
         precision=precision,
@@ -740,6 +776,9 @@ def main(cfg: DictConfig) -> float | None:
 def task(cfg: DictConfig, multirun: bool) -> float | None:
     """One cell, with the CLI's exits; returns what a sweeper may optimise: the best validation
     top-1 accuracy (never a test figure: tuning on it would leak the test set into the study)."""
+    if distributed.shared_by_rank_zero() is not None:  # another rank of a cell: rank 0 reports
+        run_cell(cfg)
+        return None
     progress = Progress.from_env(_job_num() if multirun else 0)
     if progress:
         # one line per cell as it starts and one as it ends: Lightning's device banner and
