@@ -1,5 +1,6 @@
-"""A study on a cluster through Hydra's submitit launcher: its local executor, and its real SLURM
-executor driven against stand-in sbatch/sacct/scancel/scontrol/srun (tests/fake_slurm.py)."""
+"""Beyond one process: a study through Hydra's submitit launcher and its real SLURM executor,
+driven against stand-in sbatch/sacct/scancel/scontrol/srun (tests/fake_slurm.py), and cells on two
+DDP processes. (submitit's local executor: test_reliability's two-studies test.)"""
 
 from __future__ import annotations
 
@@ -15,15 +16,6 @@ from .conftest import TINY, all_runs, assert_children_of_one_study, run_cli, sto
 from .test_reliability import LONGER, by_cell, popen_cli, val_epochs, wait_for_checkpointed_running_run
 
 pytestmark = pytest.mark.slow
-
-
-def test_a_study_through_submitits_local_executor(workdir):
-    result = run_cli(["study", "experiment=smoke", "hydra/launcher=submitit_local", *TINY], workdir)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    runs = all_runs(workdir)
-    assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)
-    assert all(len(cell) == 1 for cell in by_cell(runs).values())
-    assert list(Path(workdir, "multirun").rglob(".submitit"))  # the jobs ran through submitit
 
 
 @pytest.fixture

@@ -179,15 +179,14 @@ def test_sigterm_checkpoints_marks_killed_and_exits_nonzero_then_resumes(workdir
     assert len(cells) == 4 and all(len(r) == 1 and r[0].info.status == "FINISHED" for r in cells.values())
 
 
-def test_two_studies_and_a_parallel_launcher_share_one_fresh_default_store(workdir):
+def test_two_studies_and_submitits_parallel_jobs_share_one_fresh_default_store(workdir):
     first = popen_cli(["study", "experiment=smoke", "study.name=left", *TINY], workdir)
     second = popen_cli(
         [
             "study",
             "experiment=smoke",
             "study.name=right",
-            "hydra/launcher=joblib",
-            "hydra.launcher.n_jobs=2",
+            "hydra/launcher=submitit_local",  # parallel jobs (joblib: the lab server's test)
             *TINY,
         ],
         workdir,
@@ -198,6 +197,8 @@ def test_two_studies_and_a_parallel_launcher_share_one_fresh_default_store(workd
     runs = all_runs(workdir)
     assert len(runs) == 8 and all(r.info.status == "FINISHED" for r in runs)
     assert sorted({r.data.tags["study"] for r in runs}) == ["left", "right"]
+    assert all(len(cell) == 1 for cell in by_cell(runs).values())
+    assert list(Path(workdir, "multirun", "right").rglob(".submitit"))  # its jobs ran through submitit
 
 
 def start_server(folder: Path, port: int, env: dict | None = None) -> subprocess.Popen:
@@ -237,7 +238,7 @@ def start_server(folder: Path, port: int, env: dict | None = None) -> subprocess
 
 # About a minute of training: a server can be away for 30 s (and take 10 s to restart) mid-run.
 MINUTE = [a for a in TINY if not a.startswith(("trainer.max_epochs", "trainer.limit_train"))] + [
-    "trainer.max_epochs=60",
+    "trainer.max_epochs=50",
     "trainer.limit_train_batches=150",
     "logger.system_metrics_interval=2",
 ]
@@ -286,7 +287,7 @@ def test_a_tracking_server_away_for_30_s_costs_no_training_and_no_metric(workdir
         assert [r.info.run_id for r in client.search_runs([victim.info.experiment_id])] == [
             victim.info.run_id
         ]
-        val = assert_each_step_once(client, run.info.run_id, "val/acc1", 60)
+        val = assert_each_step_once(client, run.info.run_id, "val/acc1", 50)
         # training went on while the server was away: epochs were made then, and sent later
         made_while_away = [m.step for m in val if away * 1000 < m.timestamp < back * 1000]
         assert len(made_while_away) >= 5, made_while_away
@@ -528,8 +529,11 @@ def test_a_full_disk_fails_the_run_in_one_line_and_the_rerun_resumes(workdir, sm
     longer = [*LONGER, "trainer.max_epochs=30"]
     train = ["train", "arch=A", *longer, f"logger.checkpoint_root={small_disk / 'checkpoints'}"]
     proc = popen_cli(train, workdir)
-    victim = wait_for_checkpointed_running_run(workdir, proc)
+    while not list(small_disk.glob("checkpoints/*/last.ckpt")):  # the first epoch's checkpoint
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        time.sleep(0.02)
     filler = fill(small_disk)  # the next epoch's checkpoint finds no space
+    (victim,) = all_runs(workdir)
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 1, output[-3000:]
     assert "A seed=0: FAILED: OSError: [Errno 28] No space left on device" in output
