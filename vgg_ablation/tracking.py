@@ -152,6 +152,25 @@ def _get_or_create(mlflow_client, name: str) -> str:
         return found.experiment_id
 
 
+def retry_unique_race(call, attempts: int = 5):
+    """`call()`, again when it lost a create race in the store. MLflow makes some rows on first use
+    (a dataset per experiment, name and digest) with a look-then-insert that two runs starting
+    together both pass: the later insert fails on the UNIQUE key (SQLite behind a server,
+    PostgreSQL alike), and the retry finds the row the other made. Seen with 4 parallel cells
+    against a server; a local SQLite store serialises them under its lock."""
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(attempts):
+        try:
+            return call()
+        except MlflowException as exc:
+            lost_race = "UNIQUE constraint failed" in str(exc) or "duplicate key value" in str(exc)
+            if not lost_race or attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+    return None
+
+
 def runs_of_cell(mlflow_client, experiment_id: str, key: str) -> list:
     """All runs recorded for a cell, newest first."""
     escaped = key.replace("'", "\\'")

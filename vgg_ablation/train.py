@@ -402,7 +402,8 @@ def log_dataset(mlflow_client, run_id: str, datamodule) -> None:
         name=ds.name, digest=ds.digest, source_type="local", source=json.dumps({"uri": ds.source}),
         profile=json.dumps(profile),
     )  # fmt: skip
-    mlflow_client.log_inputs(run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", "training")])])
+    inputs = [DatasetInput(dataset, [InputTag("mlflow.data.context", "training")])]
+    tracking.retry_unique_race(lambda: mlflow_client.log_inputs(run_id, inputs))
 
 
 def run_cell(cfg: DictConfig, announce_data: bool = True) -> CellResult:
