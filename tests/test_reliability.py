@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from vgg_ablation.dashboard import free_port
 from vgg_ablation.labserver import server_env
+from vgg_ablation.tracking import answers
 
 from .conftest import CLI, TINY, all_runs, assert_children_of_one_study, cli_env, run_cli, store_uri
 
@@ -226,12 +226,9 @@ def start_server(folder: Path, port: int, env: dict | None = None) -> subprocess
     )
     deadline = time.time() + 90
     while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                if r.status == 200:
-                    return proc
-        except OSError:
-            time.sleep(0.3)
+        if answers(f"http://127.0.0.1:{port}"):
+            return proc
+        time.sleep(0.3)
     os.killpg(proc.pid, signal.SIGKILL)
     raise AssertionError("mlflow server did not come up")
 

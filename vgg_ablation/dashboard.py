@@ -17,8 +17,9 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
+
+from vgg_ablation.tracking import answers
 
 CHROMIUM = os.environ.get("VGG_ABLATION_CHROMIUM", "/usr/bin/chromium")
 # Debian's chromium on a closed network: no background calls home; no sandbox when run as root
@@ -50,13 +51,11 @@ class Dashboard:
         while True:
             if self.server.poll() is not None:
                 raise RuntimeError("the dashboard exited: " + self.server.stdout.read()[-2000:])
-            try:
-                urllib.request.urlopen(self.base + "/health", timeout=2)
+            if answers(self.base):
                 break
-            except OSError:
-                if time.time() - started > 120:
-                    raise RuntimeError("the dashboard did not answer in 120 s") from None
-                time.sleep(0.3)
+            if time.time() - started > 120:
+                raise RuntimeError("the dashboard did not answer in 120 s")
+            time.sleep(0.3)
         self.seconds_to_answer = time.time() - started
         return self
 

@@ -24,8 +24,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,16 +132,15 @@ def server_env(pool: int | None = None) -> dict[str, str]:
 
 
 def wait_for_health(url: str, process: subprocess.Popen, timeout: float = 120) -> None:
+    from vgg_ablation.tracking import answers
+
     deadline = time.time() + timeout
     while time.time() < deadline:
         if process.poll() is not None:
             raise UserError(f"mlflow server exited with code {process.returncode} before answering {url}")
-        try:
-            with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            time.sleep(0.3)
+        if answers(url):
+            return
+        time.sleep(0.3)
     raise UserError(f"mlflow server did not answer {url}/health within {timeout:.0f} s")
 
 

@@ -24,11 +24,11 @@ import re
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections import deque
 from collections.abc import Iterable
 from pathlib import Path
+
+from vgg_ablation import tracking
 
 JOURNAL = "outbox.jsonl"
 ACKED = "outbox.sent"
@@ -168,17 +168,6 @@ def is_permanent(exc: BaseException) -> bool:
     return getattr(exc, "error_code", None) in PERMANENT
 
 
-def answers(uri: str, timeout: float = 2.0) -> bool:
-    """Does the tracking server answer its health check? (Any other store: assume so and try.)"""
-    if not uri.startswith(("http://", "https://")):
-        return True
-    try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
-            return response.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
-
 class _OwnFailures(logging.Filter):
     """MLflow's SQL store logs every failed write with its traceback (a full disk: one per retry,
     every 2 s); a failure of the outbox's thread is the outbox's to report, in one line."""
@@ -215,6 +204,7 @@ class Outbox:
         self._pending: deque[dict] = deque(leftover)
         self._cond = threading.Condition()
         self._closing = False
+        self._give_up_at = float("inf")  # when closing: the moment the sender stops retrying
         self.stuck: str | None = None  # why the store refuses (for good): sending stopped
         self.last_error = ""  # the store's last answer while it did not take records
         self.journal_error: str | None = None  # why the journal could not be written (a full disk)
@@ -271,7 +261,7 @@ class Outbox:
                 # A server that went away would hold this thread in MLflow's own retries (minutes of
                 # backoff) and notice its return late; its health check answers in milliseconds,
                 # or fails in 2 s at most.
-                if not answers(self.uri):
+                if not tracking.answers(self.uri):
                     raise ConnectionError(f"{self.uri} does not answer")
                 sent = send(self.client, self.run_id, records, self.journal)
             except Exception as exc:  # noqa: BLE001 - every failure is either an outage or refusal
@@ -301,8 +291,6 @@ class Outbox:
                 self.outage_since = None
                 _say(f"{self.label}: tracking store answering again after {lasted:.0f} s; "
                      f"{sent} waiting records sent")  # fmt: skip
-
-    _give_up_at = float("inf")
 
     def _forget_acked(self) -> None:
         """After a call failed part-way: the records the store did accept are not sent again."""
@@ -342,15 +330,17 @@ class Outbox:
         return f"vgg-ablation sync {self.journal.path}"
 
 
-def sync(journal: Journal, tracking_uri: str | None = None) -> tuple[str, int]:
-    """Send a journal's unsent records to the run it belongs to (at `tracking_uri`, else where it
-    was headed), then remove it. Returns (run id, records sent). Raises when the store refuses."""
-    from vgg_ablation import tracking
+def send_journal(mlflow_client, journal: Journal) -> int:
+    """Send what a journal has not yet sent to its run, then remove it; how many records went."""
+    sent = send(mlflow_client, journal.header()["run_id"], journal.unsent(), journal)
+    journal.remove()
+    return sent
 
+
+def sync(journal: Journal, tracking_uri: str | None = None) -> tuple[str, int]:
+    """`vgg-ablation sync`: a journal to the run it belongs to (at `tracking_uri`, else where it
+    was headed). Returns (run id, records sent). Raises when the store refuses."""
     header = journal.header()
     uri = tracking_uri or header["tracking_uri"]
     tracking.check_reachable(uri)
-    records = journal.unsent()
-    sent = send(tracking.client(uri), header["run_id"], records, journal)
-    journal.remove()
-    return header["run_id"], sent
+    return header["run_id"], send_journal(tracking.client(uri), journal)

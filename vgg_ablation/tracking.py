@@ -56,16 +56,21 @@ def tracking_uri(configured: str | None) -> str:
     return uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
-def check_reachable(uri: str, timeout: float = 5.0) -> None:
-    """Refuse an HTTP tracking server that does not answer, before any run starts."""
+def answers(uri: str, timeout: float = 2.0) -> bool:
+    """Does the tracking server answer its health check? (Any other store: assume so and try.)"""
     if not uri.startswith(("http://", "https://")):
-        return
+        return True
     try:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
-            if response.status == 200:
-                return
+            return response.status == 200
     except (urllib.error.URLError, OSError):
-        pass
+        return False
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Refuse an HTTP tracking server that does not answer, before any run starts."""
+    if answers(uri, timeout):
+        return
     raise UserError(f"MLflow tracking server unreachable: {uri} (start it, or unset MLFLOW_TRACKING_URI)")
 
 

@@ -47,7 +47,7 @@ from vgg_ablation.models import (
     transfer_from_a,
 )
 from vgg_ablation.module import SCHEDULES, Classifier
-from vgg_ablation.outbox import Journal, Outbox, send
+from vgg_ablation.outbox import Journal, Outbox, send_journal
 
 log = logging.getLogger("vgg_ablation")
 
@@ -381,8 +381,7 @@ def send_leftovers(mlflow_client, runs, label: str) -> bool:
         journal = Journal(Path(run.data.tags.get("checkpoint_dir", "/nonexistent")))
         if not journal.exists() or journal.header().get("run_id") != run.info.run_id:
             continue
-        sent = send(mlflow_client, run.info.run_id, journal.unsent(), journal)
-        journal.remove()
+        sent = send_journal(mlflow_client, journal)
         print(f"{label}: sent {sent} records a previous attempt kept while its tracking store was away",
               file=sys.stderr, flush=True)  # fmt: skip
         sent_any = True
