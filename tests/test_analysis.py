@@ -7,11 +7,10 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from vgg_ablation import analysis
+from vgg_ablation import analysis, sequential
 from vgg_ablation.analysis import Claim
 
 DEPTH = {"A": 11, "A-LRN": 11, "B": 13, "C": 16, "D": 16, "E": 19, "B-5x5": 8}
-MARGIN = 0.005  # 0.5 points
 
 
 def runs(errors: dict[str, list[float]], test_images=10_000, num_classes=10, init=None) -> pd.DataFrame:
@@ -41,99 +40,160 @@ def runs(errors: dict[str, list[float]], test_images=10_000, num_classes=10, ini
     return pd.DataFrame(rows)
 
 
-def conclude(errors, claims=analysis.CLAIMS, **kwargs):
-    res = analysis.results(runs(errors, **kwargs.pop("runs", {})))
-    summary = analysis.per_arch(res, order=list(errors))
-    kwargs.setdefault("margin", MARGIN)
-    return analysis.test_conclusions(res, summary, claims, **kwargs).set_index("statement"), summary
+def conclude(errors, claims=analysis.CLAIMS, margins=None, status=None, alpha=0.05, from_a=False, **kwargs):
+    """The verdict table of a fixed-seed study of these nets (one look at every seed given)."""
+    raw = runs(errors, **kwargs.pop("runs", {}))
+    for (net, seed), value in (status or {}).items():  # e.g. a FAILED cell
+        raw.loc[(raw["net"] == net) & (raw["seed"] == seed), ["status", "test_err1"]] = [value, np.nan]
+        raw.loc[(raw["net"] == net) & (raw["seed"] == seed), "failure_reason"] = (
+            "NonFiniteLoss: loss became non-finite"
+        )
+    seeds = sorted({s for errs in errors.values() for s in range(len(errs))})
+    design = analysis.make_design(
+        seeds, None, 0, alpha, len(analysis.testable(list(errors), from_a, claims)[0])
+    )
+    table = analysis.conclusions(
+        raw,
+        list(errors),
+        from_a,
+        design.rule,
+        {**MARGINS, **(margins or {})},
+        design.order,
+        design.stages,
+        claims=claims,
+        **kwargs,
+    )
+    return table.set_index("statement"), analysis.per_arch(analysis.results(raw), order=list(errors))
 
 
+MARGINS = {
+    "lrn": 0.005,
+    "depth": 0.01,
+    "saturation": 0.005,
+    "nonlinearity": 0.01,
+    "context": 0.01,
+    "filters": 0.01,
+}
 NO_BETTER_LRN, BETTER_B_A, BETTER_D_B, SATURATES_E_D = analysis.CLAIMS[:4]
 SMALL_FILTERS = analysis.CLAIMS[6]
 
 
+def assert_interval_agrees(row):
+    """The printed interval is the one the verdict used: it says what the verdict says."""
+    low, high, margin = row["ci_low"], row["ci_high"], row["margin"]
+    if row["kind"] == "better":
+        expect = {"supported": high < 0, "contradicted": low > 0,
+                  "no relevant difference": -margin < low and high < margin and low <= 0 <= high}  # fmt: skip
+    else:
+        expect = {"supported": low > -margin, "contradicted": high < -margin}
+    if row["outcome"] in expect:
+        assert expect[row["outcome"]], row
+    elif row["outcome"] == "undecided":
+        assert not any(expect.values()) or (
+            row["kind"] == "better" and low <= 0 <= high and not (-margin < low and high < margin)
+        )
+
+
 def test_a_paired_effect_that_welch_misses_is_found():
-    # Seeds differ a lot from each other, but B beats A by ~1 point on every seed.
+    # Seeds differ a lot from each other, but B beats A by ~1.5 points on every seed.
     a = [0.30, 0.36, 0.42, 0.33, 0.39]
-    b = [x - 0.01 + d for x, d in zip(a, [0.001, -0.001, 0.002, -0.002, 0.0], strict=True)]
+    b = [x - 0.015 + d for x, d in zip(a, [0.001, -0.001, 0.002, -0.002, 0.0], strict=True)]
     table, _ = conclude({"A": a, "B": b}, [BETTER_B_A])
     row = table.loc[BETTER_B_A.text]
-    assert row["test"] == "paired t" and row["outcome"] == "supported"
-    assert row["ci_high"] < 0
+    assert row["outcome"] == "supported" and row["detail"] == "B better" and row["ci_high"] < 0
+    assert_interval_agrees(row)
     # The same numbers, unpaired, decide nothing.
     welch = stats.ttest_ind(b, a, equal_var=False)
     assert welch.pvalue > 0.5
 
 
-def test_welch_where_the_seed_sets_differ():
-    errors = runs({"A": [0.40, 0.41, 0.42], "B": [0.30, 0.31, 0.29, 0.30]})
-    res = analysis.results(errors)
-    table = analysis.test_conclusions(res, analysis.per_arch(res), [BETTER_B_A], margin=MARGIN)
-    assert table.iloc[0]["test"] == "Welch t" and table.iloc[0]["outcome"] == "supported"
+def test_better_claim_outcomes_all_three_ways():
+    worse = conclude({"A": [0.30, 0.31, 0.29], "B": [0.40, 0.41, 0.42]}, [BETTER_B_A])[0].iloc[0]
+    assert worse["outcome"] == "contradicted" and worse["detail"] == "B worse"
+    same = conclude({"A": [0.300, 0.310, 0.290, 0.305], "B": [0.301, 0.309, 0.291, 0.304]}, [BETTER_B_A])[
+        0
+    ].iloc[0]
+    assert same["outcome"] == "no relevant difference" and same["detail"] == "within ±1 points"
+    noisy = conclude({"A": [0.40, 0.30, 0.35], "B": [0.36, 0.33, 0.30]}, [BETTER_B_A])[0].iloc[0]
+    assert noisy["outcome"] == "undecided" and noisy["state"] == "maximum"
+    for row in (worse, same, noisy):
+        assert_interval_agrees(row)
 
 
-def test_better_claim_outcomes_both_ways():
-    worse = conclude({"A": [0.30, 0.31, 0.29], "B": [0.40, 0.41, 0.42]}, [BETTER_B_A])[0]
-    assert worse.loc[BETTER_B_A.text, "outcome"] == "contradicted, the other way"
-    noisy = conclude({"A": [0.40, 0.30, 0.35], "B": [0.36, 0.33, 0.30]}, [BETTER_B_A])[0]
-    assert noisy.loc[BETTER_B_A.text, "outcome"] == "inconclusive"
+def test_a_worse_a_lrn_supports_lrn_does_not_help():
+    a = [0.400, 0.410, 0.405, 0.395]
+    worse = [x + 0.03 + d for x, d in zip(a, [0.002, -0.002, 0.001, 0.0], strict=True)]
+    row = conclude({"A": a, "A-LRN": worse}, [NO_BETTER_LRN])[0].iloc[0]
+    assert row["outcome"] == "supported" and row["detail"] == "A-LRN worse"
+    assert_interval_agrees(row)
 
 
-def test_a_clearly_worse_net_is_never_saturation_supported():
-    d = [0.250, 0.252, 0.248, 0.251]
-    e = [x + 0.10 for x in d]  # E ten points worse than D on every seed
-    table, _ = conclude({"D": d, "E": e}, [SATURATES_E_D])
-    assert table.loc[SATURATES_E_D.text, "outcome"] == "contradicted, it degrades"
-
-
-def test_no_better_claims_by_equivalence():
+def test_no_better_claims_by_non_superiority():
     same = {"A": [0.400, 0.402, 0.404, 0.398], "A-LRN": [0.401, 0.403, 0.404, 0.399]}
-    assert conclude(same, [NO_BETTER_LRN])[0].iloc[0]["outcome"] == "supported"
+    row = conclude(same, [NO_BETTER_LRN])[0].iloc[0]
+    assert row["outcome"] == "supported" and row["detail"] == "equivalent within ±0.5 points"
     helps = {"A": [0.40, 0.41, 0.42], "A-LRN": [0.30, 0.31, 0.32]}
-    assert conclude(helps, [NO_BETTER_LRN])[0].iloc[0]["outcome"] == "contradicted, the other way"
-    # No difference on average, but too noisy to show it is within half a point.
+    row = conclude(helps, [NO_BETTER_LRN])[0].iloc[0]
+    assert row["outcome"] == "contradicted" and row["detail"] == "A-LRN better by more than 0.5 points"
+    # No difference on average, but too noisy to show it is not better by half a point.
     noisy = {"A": [0.40, 0.30, 0.45], "A-LRN": [0.35, 0.34, 0.44]}
-    assert conclude(noisy, [NO_BETTER_LRN])[0].iloc[0]["outcome"] == "inconclusive"
+    assert conclude(noisy, [NO_BETTER_LRN])[0].iloc[0]["outcome"] == "undecided"
 
 
-def test_holm_changes_a_borderline_verdict():
+def test_a_failed_seed_keeps_the_comparison_paired_on_the_rest_and_says_so():
+    a = [0.30, 0.36, 0.42, 0.33, 0.39]
+    b = [x - 0.015 + d for x, d in zip(a, [0.001, -0.001, 0.002, -0.002, 0.0], strict=True)]
+    table, _ = conclude({"A": a, "B": b}, [BETTER_B_A], status={("B", 2): "FAILED"})
+    row = table.iloc[0]
+    assert row["n"] == 4 and row["outcome"] == "supported"  # paired on seeds 0, 1, 3, 4: no Welch
+    expected = np.mean([b[i] - a[i] for i in (0, 1, 3, 4)])
+    assert row["diff"] == pytest.approx(expected)
+    assert row["notes"] == "B diverged on 1 seed (2): left out of the pairs"
+
+
+def test_identical_runs_are_flagged_not_called_equivalent():
+    same = [0.40, 0.41, 0.42, 0.39]
+    row = conclude({"A": same, "A-LRN": list(same)}, [NO_BETTER_LRN])[0].iloc[0]
+    assert row["state"] == "identical" and row["outcome"].startswith("no verdict: identical results")
+    shifted = conclude({"A": same, "A-LRN": [x + 0.01 for x in same]}, [NO_BETTER_LRN])[0].iloc[0]
+    assert shifted["outcome"].startswith("no verdict: the same difference on every paired seed")
+
+
+def test_the_family_is_fixed_by_the_nets_not_by_the_results():
+    # B learned nothing on one seed: the claim stays in the family (3 comparisons: LRN, B-A, D-B),
+    # the run stays in the pairs, and the outcome names it.
+    errors = {
+        "A": [0.40, 0.41, 0.42],
+        "A-LRN": [0.40, 0.41, 0.42],
+        "B": [0.30, 0.31, 0.90],
+        "D": [0.3, 0.3, 0.3],
+    }
+    table, summary = conclude(errors, runs={"test_images": 10_000})
+    assert table.attrs["comparisons"] == 3
+    row = table.loc[BETTER_B_A.text]
+    assert "B learned nothing on seed 2 (kept: that is its error there)" in row["notes"]
+    assert summary.loc["B", "not_learned"] == [2]
+    assert row["level"] == pytest.approx(0.05 / 3)
+
+
+def test_more_comparisons_widen_every_interval():
     a = [0.300, 0.310, 0.320, 0.305]
     b = [x - 0.0075 + d for x, d in zip(a, [0.004, -0.004, 0.003, -0.002], strict=True)]
-    alone, _ = conclude({"A": a, "B": b}, [BETTER_B_A])
-    row = alone.loc[BETTER_B_A.text]
-    assert row["p"] < analysis.ALPHA and row["outcome"] == "supported"
-    # Alongside a second claim with a larger p, Holm multiplies the smaller p by 2.
-    lrn = [x + 0.0 for x in a]
-    both, _ = conclude(
-        {"A": a, "B": b, "A-LRN": [x + 0.03 * (-1) ** i for i, x in enumerate(lrn)]},
-        [BETTER_B_A, NO_BETTER_LRN],
-    )
-    row = both.loc[BETTER_B_A.text]
-    assert row["p"] == pytest.approx(alone.loc[BETTER_B_A.text, "p"])
-    assert row["p_holm"] == pytest.approx(2 * row["p"]) and row["p_holm"] > analysis.ALPHA
-    assert row["outcome"] == "inconclusive"
+    alone = conclude({"A": a, "B": b}, [BETTER_B_A])[0].iloc[0]
+    both = conclude({"A": a, "B": b, "A-LRN": [x + 0.02 for x in a]}, [BETTER_B_A, NO_BETTER_LRN])[0]
+    shared = both.loc[BETTER_B_A.text]
+    assert shared["level"] == pytest.approx(alone["level"] / 2)
+    assert shared["ci_high"] - shared["ci_low"] > alone["ci_high"] - alone["ci_low"]
+    assert alone["outcome"] == "supported" and shared["outcome"] == "undecided"  # 2.5% each
 
 
-def test_seeds_needed_matches_statsmodels_power():
-    from statsmodels.stats.power import TTestPower
-
-    sd, effect, n_claims = 0.004, 0.003, 3
-    n = analysis.seeds_needed("better", sd, effect, MARGIN, n_claims)
-    alpha = analysis.ALPHA / n_claims
-    power = TTestPower().power(effect_size=effect / sd, nobs=n, alpha=alpha, alternative="larger")
-    before = TTestPower().power(effect_size=effect / sd, nobs=n - 1, alpha=alpha, alternative="larger")
-    assert power >= analysis.POWER > before
-    # Equivalence plans: each one-sided test at sqrt(POWER), against the margin.
-    n_eq = analysis.seeds_needed("no better", sd, effect, MARGIN, n_claims)
-    eq_power = TTestPower().power(effect_size=MARGIN / sd, nobs=n_eq, alpha=alpha, alternative="larger")
-    assert eq_power >= math.sqrt(analysis.POWER)
-
-
-def test_the_plan_does_not_depend_on_the_observed_difference():
-    noise = [0.002, -0.003, 0.001, 0.0]
-    small = conclude({"A": [0.3] * 4, "B": [0.3 - 0.0005 + d for d in noise]}, [BETTER_B_A])[0]
-    large = conclude({"A": [0.3] * 4, "B": [0.3 - 0.02 + d for d in noise]}, [BETTER_B_A])[0]
-    assert small.iloc[0]["seeds_needed"] == large.iloc[0]["seeds_needed"]
+def test_plans_use_the_upper_limit_of_the_spread_and_say_both_effects():
+    noise = [0.012, -0.018, 0.006, 0.0, 0.009, -0.009]
+    row = conclude({"A": [0.3] * 6, "B": [0.3 - 0.002 + d for d in noise]}, [BETTER_B_A])[0].iloc[0]
+    assert row["state"] == "maximum"
+    assert row["sd_upper"] == pytest.approx(sequential.sd_upper(row["sd"], 6)) and row["sd_upper"] > row["sd"]
+    assert row["design_effect"] == pytest.approx(-0.01)
+    assert 2 <= row["plan_design"] < math.inf and row["plan_observed"] >= 2
 
 
 def test_a_missing_arch_lists_its_claim_as_not_tested():
@@ -148,18 +208,20 @@ def test_a_missing_arch_lists_its_claim_as_not_tested():
 
 def test_small_filters_compare_like_with_like():
     errors = {"A": [0.40, 0.41], "B": [0.30, 0.31], "B-5x5": [0.35, 0.36]}
-    # B started from A, B-5x5 from scratch: no comparison.
-    table, _ = conclude(errors, [SMALL_FILTERS], runs={"init": {"B": "from_A"}})
+    # B started from A, B-5x5 from scratch, and no scratch B among the nets: no comparison.
+    table, _ = conclude(errors, [SMALL_FILTERS], runs={"init": {"B": "from_A"}}, from_a=True)
     assert table.iloc[0]["outcome"].startswith("not tested here")
     # With a scratch B in the study, B-5x5 is compared with it.
     raw = runs(errors, init={"B": "from_A"})
     scratch = raw[raw["arch"] == "B"].assign(init="kaiming", test_err1=[0.33, 0.34], run_id=["s0", "s1"])
     tidy = pd.concat([raw, scratch], ignore_index=True).drop(columns="net")
     tidy["net"] = analysis.tidy(_as_mlflow(tidy))["net"]
-    res = analysis.results(tidy)
-    summary = analysis.per_arch(res)
+    summary = analysis.per_arch(analysis.results(tidy))
     assert "B (scratch)" in summary.index
-    row = analysis.test_conclusions(res, summary, [SMALL_FILTERS], margin=MARGIN).iloc[0]
+    nets = ["A", "B", "B-5x5", "B (scratch)"]
+    design = analysis.make_design([0, 1], None, 0, 0.05, 1)
+    row = analysis.conclusions(tidy, nets, True, design.rule, MARGINS, design.order, design.stages,
+                               claims=[SMALL_FILTERS]).iloc[0]  # fmt: skip
     assert row["first"] == "B (scratch)" and row["diff"] == pytest.approx(-0.02)
 
 
@@ -172,42 +234,15 @@ def _as_mlflow(df: pd.DataFrame) -> pd.DataFrame:
     return raw
 
 
-def test_one_collapsed_seed_blocks_the_verdict_and_is_named():
-    errors = runs({"A": [0.40, 0.41, 0.42], "B": [0.30, 0.31, 0.90]})
-    errors.loc[errors["run_id"] == "B-2", "learned"] = "false"
-    res = analysis.results(errors)
-    summary = analysis.per_arch(res)
-    assert summary.loc["B", "not_learned"] == [2] and not summary.loc["B", "at_chance"]
-    row = analysis.test_conclusions(res, summary, [BETTER_B_A], margin=MARGIN).iloc[0]
-    assert row["outcome"] == "no verdict: B seed 2 learned nothing"
-
-
 def test_learned_from_the_binomial_test_when_untagged():
     res = analysis.results(runs({"A": [0.60, 0.895]}, test_images=1000))
     assert list(res.sort_values("seed")["learned"]) == [True, False]
 
 
-def test_budget_caveat_names_the_nets_still_improving_whatever_the_outcome():
-    curves = []
-    for net, last_drop in (("A", 0.0), ("B", 0.03)):
-        for seed in range(3):
-            for epoch, err in enumerate([0.5, 0.4, 0.35, 0.35 - last_drop / 2, 0.35 - last_drop]):
-                curves.append({"net": net, "seed": seed, "epoch": epoch, "val/err1": err + 0.001 * seed})
-    improving = analysis.still_improving(pd.DataFrame(curves), val_images=5000)
-    assert improving.to_dict() == {"A": False, "B": True}
-    table, _ = conclude({"A": [0.40, 0.41, 0.42], "B": [0.30, 0.31, 0.32]}, [BETTER_B_A], improving=improving)
-    row = table.iloc[0]
-    assert (
-        row["outcome"] == "supported"
-        and row["not_converged"] == ["B"]
-        and "B still improving" in row["caveat"]
-    )
-
-
-def test_one_seed_is_inconclusive_not_a_crash():
+def test_one_seed_is_undecided_not_a_crash():
     table, _ = conclude({"A": [0.4], "B": [0.3]}, [BETTER_B_A])
     row = table.loc[BETTER_B_A.text]
-    assert row["outcome"] == "inconclusive" and math.isnan(row["p"])
+    assert row["outcome"] == "no verdict yet: fewer than 2 paired seeds" and math.isnan(row["diff"])
 
 
 def test_only_finished_runs_with_test_metrics_count_once_per_cell():

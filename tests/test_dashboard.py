@@ -38,7 +38,7 @@ def test_a_study_is_one_parent_run_with_its_report_tables_and_verdicts(study):
     assert len(all_runs(workdir)) == 4
     assert {a.path for a in client.list_artifacts(pid, "report")} == {
         "report/smoke.md", "report/smoke-error-vs-depth.png", "report/smoke-learning-curves.png",
-        "report/smoke-params-vs-error.png",
+        "report/smoke-params-vs-error.png", "report/smoke-runs.csv",
     }  # fmt: skip
     mlflow.set_tracking_uri(store_uri(workdir))  # load_table searches through the fluent API's store
     summary = client.load_table(parent.info.experiment_id, "summary.json", run_ids=[pid])
@@ -46,7 +46,7 @@ def test_a_study_is_one_parent_run_with_its_report_tables_and_verdicts(study):
     claims = client.load_table(parent.info.experiment_id, "claims.json", run_ids=[pid])
     assert len(claims) == 7  # the paper's conclusions, one row per comparison
     assert parent.data.tags["claim2/B_vs_A"].startswith(
-        ("supported", "contradicted", "inconclusive", "no verdict")
+        ("supported", "contradicted", "no relevant difference", "undecided", "no verdict")
     )
     assert parent.data.tags["claim2/E_vs_D"].startswith("not tested here")
     assert "claim2/B_vs_A/delta_err1_points" in parent.data.metrics

@@ -1,8 +1,12 @@
 """A tiny real study through the CLI: Hydra multirun -> MLflow -> report; a re-run adds nothing."""
 
-import pytest
+import json
+from pathlib import Path
 
-from .conftest import TINY, all_runs, run_cli
+import pytest
+from mlflow.tracking import MlflowClient
+
+from .conftest import TINY, all_runs, run_cli, store_uri, study_runs
 
 pytestmark = pytest.mark.slow
 
@@ -25,8 +29,8 @@ def test_tiny_study_then_rerun_skips_finished_cells(workdir):
 
     report = (workdir / "reports" / "smoke.md").read_text()
     assert "## Results per network" in report and "## The paper's conclusions, tested" in report
-    assert "Depth helps: B (13 layers) beats A (11)" in report and "paired t, 2 paired seeds" in report
-    assert "p (Holm)" in report and "not tested here (needs D and B in the study)" in report
+    assert "Depth helps: B (13 layers) beats A (11)" in report and "interval the verdict used" in report
+    assert "at most 5% (family-wise" in report and "not tested here (needs D and B in the study)" in report
     assert "digest `" in report and "### Planning the next study" in report
     assert "| A " in report and "| B " in report
     for plot in ("error-vs-depth", "learning-curves", "params-vs-error"):
@@ -82,7 +86,7 @@ def test_deeper_nets_start_from_the_trained_a_of_their_seed(workdir):
     assert "| B (scratch) " in out.stdout
     report = (workdir / "reports" / "smoke.md").read_text()
     claim4 = next(line for line in report.splitlines() if line.startswith("| 4 "))
-    assert "not tested" not in claim4 and ("paired" in claim4 or "Welch" in claim4), claim4
+    assert "not tested" not in claim4 and "fewer than 2 paired seeds" in claim4, claim4  # one seed
     assert runs["A-LRN"].data.params["init"] == "kaiming"  # as deep as A: from scratch, a fair test
     assert runs["A"].info.end_time <= runs["B"].info.start_time  # A trained first
     # A's first four convs land on B's block-1 conv 1, block-2 conv 1, block-3 convs 1 and 2, and the FCs
@@ -112,3 +116,42 @@ def test_a_compiled_from_a_study_loads_its_checkpoints_and_never_recompiles_for_
     assert reasons and not [r for r in reasons if "size" in r or "stride" in r], reasons
     assert "recompile_limit" not in out.stderr and "cache_size_limit" not in out.stderr
     assert sum("[0/1] [__recompiles] Recompiling" in line for line in out.stderr.splitlines()) == 3
+
+
+def test_a_study_runs_until_decided_and_stops_the_decided_nets(workdir):
+    # A-LRN with an LRN 10^4 times stronger than the paper's learns nothing: A-LRN vs A decides at
+    # the first look (A-LRN worse, claim 1 supported) and A-LRN gets no more seeds; B vs A at this
+    # budget is too close to call, so A and B get the second look's seeds.
+    study = ["study", "experiment=smoke", "study.name=sequential", "model.width=0.0625", "trainer.max_epochs=1",
+             "trainer.limit_train_batches=12", "trainer.limit_val_batches=1", "trainer.limit_test_batches=4",
+             "data.batch_size=64", "study.archs=[A,A-LRN,B]", "study.seeds=[0,1,2]", "study.max_seeds=5",
+             "model.lrn_scale=1e4"]  # fmt: skip
+    out = run_cli([*study, "study.seeds_per_look=2"], workdir)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    cells = sorted((r.data.params["arch"], int(r.data.params["seed"])) for r in all_runs(workdir))
+    assert [s for a, s in cells if a == "A-LRN"] == [0, 1, 2]  # stopped after its first look
+    assert [s for a, s in cells if a == "B"] == [0, 1, 2, 3, 4]
+    assert "look 1 of at most 2: A, A-LRN, B get seeds 0-2" in out.stdout
+    assert "look 2 of at most 2: A, B get seeds 3-4" in out.stdout
+    assert "A-LRN vs A: 3 paired seeds" in out.stdout and ": supported" in out.stdout
+    report = (workdir / "reports" / "sequential.md").read_text()
+    assert "### The looks" in report and "looks at 3, 5 seeds per net" in report
+    claim1 = next(line for line in report.splitlines() if line.startswith("| 1 "))
+    assert "**supported** (A-LRN worse)" in claim1
+    assert "A-LRN vs A: decided: stops" in report
+    assert "Stopped: " in report
+    parent = study_runs(workdir)[0]
+    assert parent.data.params["rule.horizon"] == "5" and parent.data.params["rule.comparisons"] == "2"
+    looks = MlflowClient(store_uri(workdir)).download_artifacts(
+        parent.info.run_id, "looks.json", str(workdir)
+    )
+    assert json.loads(Path(looks).read_text())["stages_done"] == 2
+    # the same command again: nothing new to train, the same verdicts; another rule is refused
+    again = run_cli([*study, "study.seeds_per_look=2"], workdir)
+    assert again.returncode == 0 and again.stdout.count("already FINISHED") == len(cells)
+    assert len(all_runs(workdir)) == len(cells)
+    assert (workdir / "reports" / "sequential.md").read_text().count("**supported** (A-LRN worse)") == 1
+    other = run_cli([*study, "study.max_seeds=6", "study.seeds_per_look=3"], workdir)
+    assert (
+        other.returncode == 2 and "was registered with another rule (seeds_per_look 2 -> 3)" in other.stderr
+    )

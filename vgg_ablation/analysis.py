@@ -1,48 +1,43 @@
 """From MLflow runs to verdicts on the paper's conclusions.
 
 `load_runs` reads a study's runs into one tidy DataFrame; `results` keeps one FINISHED run per
-(net, seed); `per_arch` aggregates over seeds; `test_conclusions` decides each claim.
+(net, seed); `per_arch` aggregates over seeds; `conclusions` decides each claim.
 
-How a claim is decided (every test is on test top-1 error, in points):
-- **Paired where the design is paired.** A seed fixes a run's validation split, data order,
-  augmentation draws and initial weights (and, with init=from_A, the trained A it starts from),
-  so two nets run on the same seeds are compared through their per-seed differences: a paired t
-  interval. (A mixed model with seed as a random intercept gives the same estimate and interval
-  for one run per net and seed; the paired t says it in one line.) Where the seed sets differ,
-  Welch's t on the two samples; the report says which test each row used.
-- **Precise outcomes, one rule strength.** Each outcome is a one-sided t-test at ALPHA = 0.025
-  (the two halves of a 95% interval), against 0 or against the study's margin `study.margin`,
-  fixed in the study's config before the runs:
-  - a "better" claim (X beats Y): *supported* if X's error is lower (p of diff < 0), *contradicted,
-    the other way* if it is higher (diff > 0);
-  - a "no better" claim (X is no better than Y: LRN, saturation): *supported* by equivalence
-    (TOST: diff > -margin and diff < +margin, both significant), *contradicted, the other way*
-    if X is better by more than the margin, *contradicted, it degrades* if X is worse by more
-    than the margin.
-  Otherwise *inconclusive*.
-- **Multiplicity.** Holm's step-down across the claims of one report, on each claim's smallest
-  outcome p (only one outcome of a claim can be significant at this level); raw and adjusted p
-  are shown, verdicts use the adjusted ones.
-- **Planning, not post-hoc power.** Seeds needed to detect the pre-registered smallest effect of
-  interest `study.min_effect` (or, for "no better" claims, to show equivalence within the margin
-  when the true difference is 0) at 80% power, at the strictest Holm level (ALPHA / claims),
-  with the observed spread of the per-seed differences: a plan for the next study.
-- **Caveats from data.** A run whose test accuracy is not above chance is named and its claim not
-  decided; a net whose validation error was still falling at the end is named in the budget
-  caveat of every claim it enters, whatever the outcome.
+How a claim is decided (on test top-1 error, in points):
+- **Paired on the seeds both nets have.** A seed fixes a run's data order, augmentation draws
+  and initial weights (and, with init=from_A, the trained A it starts from); the validation split
+  is the same for every run. Two nets are compared through their differences on the seeds both
+  FINISHED; a seed on which either net FAILED is left out of the pairs and counted in the
+  outcome ("D failed on 2 of 9 seeds"). A run that FINISHED but learned nothing is a result (that
+  net's error at that seed) and stays in, named in the outcome.
+- **Which claims are tested is fixed by the study's nets**, before any run (`testable`): the
+  family's error is split over them (Bonferroni).
+- **Verdicts from repeated confidence intervals** (`sequential`): "better" claims end supported,
+  contradicted or no relevant difference (inside +/-margin); "no better" claims (LRN, saturation)
+  are non-superiority claims, supported when the first net is not better by the margin or more.
+  Margins are per claim, in the study's config, fixed before the runs. A study that runs until
+  decided looks after each stage of seeds; `replay` walks its stages in order on the recorded
+  runs, so a report regenerated later reaches the verdicts the study itself reached.
+- **Plans, not post-hoc power**: for a claim left undecided, the seeds a new study needs under the
+  same rule for an 80% chance of a verdict, from the 80% upper confidence limit of the spread of
+  its differences, at the design's effect and at the observed one.
+- Identical results on every paired seed (an LRN that did nothing, say) give no interval and no
+  verdict: they are named as such.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 from scipy import stats
 
-ALPHA = 0.025  # per one-sided test: the halves of a two-sided 95% interval
-POWER = 0.8
+from vgg_ablation import sequential
+from vgg_ablation.sequential import OPEN, Rule
+
+POWER = 0.8  # plans: the chance of a verdict a new study is sized for
 CHANCE_ALPHA = 0.01  # a run "learned" when its test accuracy beats chance at this level
 LRN_INACTIVE = 1.01  # mean LRN denominator / k below this: the layer changed activations by < ~1%
 
@@ -50,9 +45,11 @@ LRN_INACTIVE = 1.01  # mean LRN denominator / k below this: the layer changed ac
 @dataclass(frozen=True)
 class Claim:
     """`first` should have lower test top-1 error than `second` (kind='better'), or `first` should
-    be no better than `second` (kind='no better': the paper's LRN and saturation findings)."""
+    be no better than `second` (kind='no better': the paper's LRN and saturation findings).
+    `key` names its margin in `study.margins`."""
 
     number: int
+    key: str
     text: str
     first: str
     second: str
@@ -62,14 +59,15 @@ class Claim:
 
 # facts.md, "The conclusions to test" (paper section 4.1).
 CLAIMS = (
-    Claim(1, "LRN does not help: A-LRN is no better than A", "A-LRN", "A", "no better"),
-    Claim(2, "Depth helps: B (13 layers) beats A (11)", "B", "A", "better"),
-    Claim(2, "Depth helps: D (16) beats B (13)", "D", "B", "better"),
-    Claim(2, "Depth saturates: E (19) is no better than D (16)", "E", "D", "no better"),
-    Claim(3, "Extra non-linearity helps: C (1x1) beats B", "C", "B", "better"),
-    Claim(3, "Spatial context matters more: D (3x3) beats C (1x1)", "D", "C", "better"),
+    Claim(1, "lrn", "LRN does not help: A-LRN is no better than A", "A-LRN", "A", "no better"),
+    Claim(2, "depth", "Depth helps: B (13 layers) beats A (11)", "B", "A", "better"),
+    Claim(2, "depth", "Depth helps: D (16) beats B (13)", "D", "B", "better"),
+    Claim(2, "saturation", "Depth saturates: E (19) is no better than D (16)", "E", "D", "no better"),
+    Claim(3, "nonlinearity", "Extra non-linearity helps: C (1x1) beats B", "C", "B", "better"),
+    Claim(3, "context", "Spatial context matters more: D (3x3) beats C (1x1)", "D", "C", "better"),
     Claim(
         4,
+        "filters",
         "Small filters win: B beats B-5x5 (one 5x5 per pair of 3x3)",
         "B",
         "B-5x5",
@@ -96,6 +94,7 @@ RUN_COLUMNS = {
     "metrics.test/err5": "test_err5",
     "metrics.test/acc1": "test_acc1",
     "metrics.images_seen": "images_seen",
+    "metrics.val/acc1_best": "val_acc1_best",
     "metrics.flops_per_image": "flops_per_image",
     "metrics.lrn/denominator_mean": "lrn_mean",
     "metrics.lrn/denominator_p99": "lrn_p99",
@@ -211,225 +210,246 @@ def per_arch(res: pd.DataFrame, order: list[str] | None = None) -> pd.DataFrame:
     return table.loc[order]
 
 
-# -- one comparison -----------------------------------------------------------------------------
-def compare(first: pd.Series, second: pd.Series, margin: float) -> dict[str, float | str]:
-    """first - second on errors indexed by seed: paired on the common seeds when both nets ran
-    the same seeds, else Welch. Returns diff, 95% CI, sd of what is averaged, dof, and the
-    one-sided p of each outcome."""
-    first, second = first.dropna(), second.dropna()
-    paired = len(first) >= 2 and set(first.index) == set(second.index)
-    out: dict[str, float | str] = {
-        "test": "paired t" if paired else "Welch t",
-        "n": f"{len(first)} vs {len(second)}",
-    }
-    if paired:
-        d = (first - second.loc[first.index]).to_numpy(float)
-        diff, n = float(d.mean()), len(d)
-        sd = float(d.std(ddof=1))
-        se, dof = sd / math.sqrt(n), n - 1
-        out["n"] = f"{n} paired seeds"
-    else:
-        a, b = first.to_numpy(float), second.to_numpy(float)
-        diff = float(a.mean() - b.mean()) if len(a) and len(b) else math.nan
-        if len(a) < 2 or len(b) < 2:
-            return {
-                **out,
-                "diff": diff,
-                **dict.fromkeys(("ci_low", "ci_high", "sd", "dof", *OUTCOME_P), math.nan),
-            }
-        va, vb = a.var(ddof=1), b.var(ddof=1)
-        se = math.sqrt(va / len(a) + vb / len(b))
-        dof = (
-            (va / len(a) + vb / len(b)) ** 2
-            / ((va / len(a)) ** 2 / (len(a) - 1) + (vb / len(b)) ** 2 / (len(b) - 1))
-            if se > 0
-            else len(a) + len(b) - 2
-        )
-        sd = math.sqrt((va + vb) / 2) * math.sqrt(2)  # spread of a difference of two runs
-    out.update(diff=diff, sd=sd, dof=float(dof))
-    if se == 0:  # identical differences on every seed: the difference is exact
-        out.update(ci_low=diff, ci_high=diff)
-        exact = {
-            "p_lower": diff < 0,
-            "p_higher": diff > 0,
-            "p_below_margin": diff < -margin,
-            "p_above_margin": diff > margin,
-        }
-        out.update({k: 0.0 if v else 1.0 for k, v in exact.items()})
-        out["p_equivalent"] = 0.0 if abs(diff) < margin else 1.0
-        return out
-    half = float(stats.t.ppf(1 - ALPHA, dof)) * se
-    t = stats.t(dof)
-    out.update(
-        ci_low=diff - half,
-        ci_high=diff + half,
-        p_lower=float(t.cdf(diff / se)),  # H1: diff < 0
-        p_higher=float(t.sf(diff / se)),  # H1: diff > 0
-        p_below_margin=float(t.cdf((diff + margin) / se)),  # H1: diff < -margin
-        p_above_margin=float(t.sf((diff - margin) / se)),  # H1: diff > +margin
-    )
-    # TOST: equivalent when both "diff > -margin" and "diff < +margin" are significant
-    out["p_equivalent"] = max(float(t.sf((diff + margin) / se)), float(t.cdf((diff - margin) / se)))
+# -- which claims a study tests, decided before any run ------------------------------------------
+@dataclass(frozen=True)
+class Comparison:
+    """A claim as one study tests it: the two nets (labels as in `tidy`) it compares."""
+
+    claim: Claim
+    first: str
+    second: str
+
+
+def testable(
+    nets: list[str], from_a: bool, claims=CLAIMS
+) -> tuple[list[Comparison], list[tuple[Claim, str]]]:
+    """The comparisons a study with these nets tests, and the claims it cannot with what they
+    need. Fixed by the study's design, not by which runs finished: the family's error is split
+    over exactly these."""
+    tested, untested = [], []
+    for claim in claims:
+        first = f"B{SCRATCH}" if claim.key == "filters" and from_a else claim.first
+        if first in nets and claim.second in nets:
+            tested.append(Comparison(claim, first, claim.second))
+        else:
+            needs = (
+                claim.needs if claim.key == "filters" else f"{claim.first} and {claim.second} in the study"
+            )
+            untested.append((claim, needs))
+    return tested, untested
+
+
+# -- a study's looks, replayed from its runs ---------------------------------------------------------
+@dataclass
+class Outcome:
+    """Where one comparison stands after the looks the data allow."""
+
+    comparison: Comparison
+    looks: list[sequential.Look] = field(default_factory=list)
+    code: int = OPEN
+    state: str = "no data"  # decided | open (seeds still to come) | maximum | identical | no data
+    pairs: list[int] = field(default_factory=list)  # the seeds of the last look
+
+    @property
+    def last(self) -> sequential.Look | None:
+        return self.looks[-1] if self.looks else None
+
+
+@dataclass
+class Observed:
+    """A study's runs as the looks read them."""
+
+    res: pd.DataFrame  # one FINISHED run per (net, seed): the results
+    errors: dict[str, dict[int, float]]  # test top-1 error per net and seed (FINISHED)
+    failed: dict[str, dict[int, str]]  # per net, seeds that FAILED (no FINISHED run), with the reason
+    settled: dict[str, set[int]]  # per net, seeds FINISHED or FAILED: what a look may count
+
+
+def observe(runs: pd.DataFrame) -> Observed:
+    res = results(runs)
+    errors = {n: dict(zip(g["seed"].astype(int), g["test_err1"], strict=True)) for n, g in res.groupby("net")}
+    failed = failures(runs, res)
+    settled = {n: set(errors.get(n, {})) | set(failed.get(n, {})) for n in set(errors) | set(failed)}
+    return Observed(res, errors, failed, settled)
+
+
+def replay(
+    comparisons: list[Comparison],
+    seen: Observed,
+    order: list[int],
+    stages: list[int],
+    rule: Rule,
+    margins: dict[str, float],
+    stages_done: int | None = None,
+) -> list[Outcome]:
+    """Walk the study's first `stages_done` stages (all by default) in order: at stage k the first
+    `stages[k]` seeds of `order`, once every one of them is settled (FINISHED or FAILED) for both
+    nets of a comparison, are a look at it, paired on the seeds both FINISHED; a comparison stops
+    at its first verdict.
+
+    A KILLED, running or missing cell holds its stage open: no look until it is settled."""
+    out = []
+    for comp in comparisons:
+        first, second = seen.errors.get(comp.first, {}), seen.errors.get(comp.second, {})
+        done = seen.settled.get(comp.first, set()) & seen.settled.get(comp.second, set())
+        sizes, samples, reached = [], [], 0
+        for size in stages[:stages_done]:
+            seeds = order[:size]
+            if not set(seeds) <= done:
+                break  # this stage is still being trained
+            reached = size
+            pairs = [s for s in seeds if s in first and s in second]
+            if len(pairs) >= 2 and (not sizes or len(pairs) > sizes[-1]):
+                sizes.append(len(pairs))
+                samples.append(pairs)
+        outcome = Outcome(comp)
+        margin = margins[comp.claim.key]
+        levels = rule.levels(tuple(sizes)) if sizes else ()
+        for pairs, level in zip(samples, levels, strict=True):
+            diffs = np.array([first[s] - second[s] for s in pairs])
+            look = sequential.look_at(diffs, level, comp.claim.kind, margin)
+            outcome.looks.append(look)
+            outcome.pairs = pairs
+            if not look.sd > 0:  # the same difference on every seed: no interval, ever
+                outcome.state = "identical"
+                break
+            if look.code != OPEN:
+                outcome.code, outcome.state = look.code, "decided"
+                break
+        else:
+            if outcome.looks:
+                outcome.state = "maximum" if reached >= stages[-1] else "open"
+        out.append(outcome)
     return out
 
 
-OUTCOME_P = ("p_lower", "p_higher", "p_below_margin", "p_above_margin", "p_equivalent")
-# For each kind of claim: its possible outcomes, each with the p that decides it.
-OUTCOMES = {
-    "better": (("supported", "p_lower"), ("contradicted, the other way", "p_higher")),
-    "no better": (
-        ("supported", "p_equivalent"),
-        ("contradicted, the other way", "p_below_margin"),
-        ("contradicted, it degrades", "p_above_margin"),
-    ),
-}
+def nets_to_grow(outcomes: list[Outcome]) -> set[str]:
+    """Nets that need the next stage's seeds: those of a comparison still open."""
+    return {
+        n
+        for o in outcomes
+        if o.state in ("open", "no data")
+        for n in (o.comparison.first, o.comparison.second)
+    }
 
 
-def holm(p: pd.Series) -> pd.Series:
-    """Holm's step-down adjusted p-values (family-wise error control without independence)."""
-    valid = p.dropna()
-    if valid.empty:
-        return p.copy()
-    from statsmodels.stats.multitest import multipletests
-
-    adjusted = pd.Series(multipletests(valid.to_numpy(float), method="holm")[1], index=valid.index)
-    return adjusted.reindex(p.index)
-
-
-def seeds_needed(kind: str, sd: float, min_effect: float, margin: float, n_claims: int) -> float:
-    """A plan: paired seeds per net for POWER to decide a claim of this kind at the strictest
-    Holm level (ALPHA / n_claims, one-sided), given the spread `sd` of per-seed differences.
-
-    'better': to detect a true gain of `min_effect`. 'no better': to show equivalence within
-    `margin` when the true difference is 0 (TOST; each one-sided test gets power sqrt(POWER))."""
-    from statsmodels.stats.power import TTestPower
-
-    if not sd or math.isnan(sd):
-        return math.nan
-    alpha = ALPHA / max(1, n_claims)
-    if kind == "better":
-        effect, power = min_effect / sd, POWER
-    else:
-        effect, power = margin / sd, math.sqrt(POWER)
-    # The smallest n that reaches the power (solve_power's root finder fails below n = 2).
-    ns = np.arange(2, 10_001)
-    reached = TTestPower().power(effect_size=effect, nobs=ns, alpha=alpha, alternative="larger") >= power
-    return float(ns[reached.argmax()]) if reached.any() else math.inf
-
-
-def still_improving(curves: pd.DataFrame, val_images: float, last: int = 3) -> pd.Series:
-    """Per net: was validation top-1 error still falling over the last `last` epochs by more than
-    its noise? The drop err[E-last+1] - err[E], averaged over seeds, against twice its standard
-    error: the larger of the seed-to-seed SE and the binomial SE of a difference of two
-    validation errors."""
-    flags = {}
-    if curves.empty:
-        return pd.Series(flags, dtype=bool)
-    for net, c in curves.groupby("net"):
-        drops = []
-        for _, s in c.groupby("seed"):
-            s = s.sort_values("epoch")
-            if len(s) >= last:
-                drops.append(float(s["val/err1"].iloc[-last] - s["val/err1"].iloc[-1]))
-        if not drops:
-            continue
-        mean = float(np.mean(drops))
-        err = float(c.sort_values("epoch").groupby("seed")["val/err1"].last().mean())
-        binomial = math.sqrt(2 * err * (1 - err) / max(1.0, val_images or 1.0)) / math.sqrt(len(drops))
-        spread = float(np.std(drops, ddof=1)) / math.sqrt(len(drops)) if len(drops) > 1 else 0.0
-        flags[net] = bool(mean > 2 * max(binomial, spread))
-    return pd.Series(flags, dtype=bool)
-
-
-def test_conclusions(
-    res: pd.DataFrame,
-    summary: pd.DataFrame,
-    claims=CLAIMS,
-    margin: float = 0.005,
+# -- the verdict table --------------------------------------------------------------------------------
+def conclusions(
+    runs: pd.DataFrame,
+    nets: list[str],
+    from_a: bool,
+    rule: Rule,
+    margins: dict[str, float],
+    order: list[int],
+    stages: list[int],
     min_effect: float = 0.01,
-    improving: pd.Series | None = None,
+    claims=CLAIMS,
 ) -> pd.DataFrame:
-    """One row per claim: the test used, Δ with its 95% CI, raw and Holm-adjusted p, the outcome,
-    the nets that had not converged, and the seeds a decisive study would need. Margins and
-    effects are fractions of top-1 error (0.005 = 0.5 points)."""
-    if "net" not in res:
-        res = res.assign(net=res["arch"])
-    improving = improving if improving is not None else pd.Series(dtype=bool)
+    """One row per claim: the comparison, its looks, the interval the verdict used, the verdict,
+    what it assumed, and for an undecided one, a plan. Errors, margins and effects are fractions
+    of top-1 error (0.005 = 0.5 points)."""
+    seen = observe(runs)
+    tested, untested = testable(nets, from_a, claims)
+    outcomes = replay(tested, seen, order, stages, rule, margins)
+    learned = {(r["net"], int(r["seed"])): bool(r["learned"]) for _, r in seen.res.iterrows()}
     rows = []
-    for claim in claims:
-        first, second = claim.first, claim.second
-        if claim.number == 4 and f"B{SCRATCH}" in summary.index:
-            first = f"B{SCRATCH}"  # B-5x5 trains from scratch: compare it with the scratch B
-        row = {
-            "claim": claim.number,
-            "statement": claim.text,
-            "kind": claim.kind,
-            "first": first,
-            "second": second,
-        }
-        missing = [n for n in (first, second) if n not in summary.index]
-        if claim.number == 4 and not missing and _init(summary, first) != _init(summary, second):
-            missing = ["a B trained from the same kind of start as B-5x5"]
-        if missing:
-            needs = claim.needs if claim.number == 4 else f"{first} and {second} in the study"
-            rows.append({**row, "outcome": f"not tested here (needs {needs})", "test": "", "n": ""})
-            continue
-        a = res[res["net"] == first].set_index("seed")["test_err1"]
-        b = res[res["net"] == second].set_index("seed")["test_err1"]
-        c = compare(a, b, margin)
-        collapsed = [
-            f"{net} seed {int(s)}" for net in (first, second) for s in summary.loc[net, "not_learned"]
-        ]
-        row.update(c)
-        row["not_converged"] = [n for n in (first, second) if bool(improving.get(n, False))]
-        row["seeds_needed"] = math.nan  # planned below, once the size of the family is known
-        if collapsed:
-            row["outcome"] = f"no verdict: {', '.join(collapsed)} learned nothing"
-        rows.append(row)
-    table = pd.DataFrame(rows)
-    if table.empty:
-        return table
-    for column in ("diff", "ci_low", "ci_high", *OUTCOME_P, "sd", "seeds_needed"):
-        if column not in table:
-            table[column] = math.nan
-    if "not_converged" not in table:
-        table["not_converged"] = [[] for _ in range(len(table))]
-    table["not_converged"] = table["not_converged"].map(lambda v: v if isinstance(v, list) else [])
-    # Each claim enters the family with the p of its best-supported outcome.
-    decidable = table["outcome"].isna() if "outcome" in table else pd.Series(True, index=table.index)
-    best_p, best_outcome = [], []
-    for _, r in table.iterrows():
-        options = [(r[p], name) for name, p in OUTCOMES[r["kind"]] if not pd.isna(r[p])]
-        p, name = min(options) if options else (math.nan, "inconclusive")
-        best_p.append(p)
-        best_outcome.append(name)
-    table["p"] = best_p
-    table["p_holm"] = holm(table["p"].where(decidable))
-    family = int(table["p_holm"].notna().sum())  # the claims actually tested here
-    table["seeds_needed"] = [
-        seeds_needed(r["kind"], r["sd"], min_effect, margin, family) if not pd.isna(r["sd"]) else math.nan
-        for _, r in table.iterrows()
-    ]
-    table.attrs["family"] = family
-    outcomes = []
-    for i, r in table.iterrows():
-        if not decidable[i]:
-            outcomes.append(r["outcome"])
-        elif not pd.isna(r["p_holm"]) and r["p_holm"] < ALPHA:
-            outcomes.append(best_outcome[i])
+    for o in outcomes:
+        c, last = o.comparison, o.last
+        margin = margins[c.claim.key]
+        notes = _notes(o, seen.failed, learned, order)
+        if o.state == "identical":
+            outcome = "no verdict: identical results on every paired seed (the two nets did not differ)"
+            if last is not None and last.mean != 0:
+                outcome = "no verdict: the same difference on every paired seed (no spread to test against)"
+        elif o.state == "decided":
+            outcome = sequential.VERDICTS[o.code]
+        elif o.state == "no data":
+            outcome = "no verdict yet: fewer than 2 paired seeds"
         else:
-            outcomes.append("inconclusive")
-    table["outcome"] = outcomes
-    table["caveat"] = [
-        f"{' and '.join(nets)} still improving at the end: a longer budget may change this" if nets else ""
-        for nets in table["not_converged"]
-    ]
-    return table
+            outcome = "undecided"
+        row = {
+            "claim": c.claim.number,
+            "statement": c.claim.text,
+            "kind": c.claim.kind,
+            "key": c.claim.key,
+            "first": c.first,
+            "second": c.second,
+            "margin": margin,
+            "outcome": outcome,
+            "detail": sequential.detail(c.claim.kind, o.code, last.low, last.high, margin, c.first)
+            if o.state == "decided"
+            else "",
+            "state": o.state,
+            "looks": len(o.looks),
+            "n": last.n if last else 0,
+            "diff": last.mean if last else math.nan,
+            "sd": last.sd if last else math.nan,
+            "level": last.level if last else math.nan,
+            "ci_low": last.low if last else math.nan,
+            "ci_high": last.high if last else math.nan,
+            "notes": notes,
+            "history": [
+                (lk.n, lk.level, lk.mean, lk.low, lk.high, sequential.VERDICTS[lk.code]) for lk in o.looks
+            ],
+        }
+        row.update(_plans(c, last, margin, min_effect, rule) if o.state in ("maximum", "open") else {})
+        rows.append(row)
+    for claim, needs in untested:
+        rows.append({"claim": claim.number, "statement": claim.text, "kind": claim.kind, "key": claim.key,
+                     "first": claim.first, "second": claim.second, "margin": margins.get(claim.key, math.nan),
+                     "outcome": f"not tested here (needs {needs})", "state": "not tested", "notes": ""})  # fmt: skip
+    table = pd.DataFrame(rows)
+    table.attrs["comparisons"] = len(tested)
+    table.attrs["rule"] = rule
+    return table.sort_values("claim", kind="stable").reset_index(drop=True) if not table.empty else table
 
 
-def _init(summary: pd.DataFrame, net: str) -> str:
-    init = summary.loc[net].get("init", "") if "init" in summary else ""
-    return "from_A" if init == "from_A" else "scratch"
+def failures(runs: pd.DataFrame, res: pd.DataFrame) -> dict[str, dict[int, str]]:
+    """Per net, the seeds whose cell FAILED (and has no FINISHED run), with the reason."""
+    counted = {(r["net"], int(r["seed"])) for _, r in res.iterrows()}
+    out: dict[str, dict[int, str]] = {}
+    failed = runs[(runs["status"] == "FAILED") & runs["seed"].notna()]
+    for _, r in failed.iterrows():
+        key = (r["net"], int(r["seed"]))
+        if key not in counted:
+            reason = r["failure_reason"] if isinstance(r.get("failure_reason"), str) else ""
+            out.setdefault(r["net"], {})[key[1]] = reason
+    return out
+
+
+def _notes(o: Outcome, failed: dict[str, dict[int, str]], learned: dict, order: list[int]) -> str:
+    """What the verdict assumed beyond the pairs: seeds left out, results at chance."""
+    c, parts = o.comparison, []
+    for net in (c.first, c.second):
+        lost = sorted(s for s in failed.get(net, {}) if s in order)
+        if lost:
+            how = "diverged" if all("non-finite" in failed[net][s] for s in lost) else "failed"
+            parts.append(f"{net} {how} on {len(lost)} seed{'s' if len(lost) > 1 else ''} "
+                         f"({', '.join(map(str, lost))}): left out of the pairs")  # fmt: skip
+    for net in (c.first, c.second):
+        flat = [s for s in o.pairs if not learned.get((net, s), True)]
+        if flat:
+            parts.append(f"{net} learned nothing on seed{'s' if len(flat) > 1 else ''} "
+                         f"{', '.join(map(str, flat))} (kept: that is its error there)")  # fmt: skip
+    return "; ".join(parts)
+
+
+def _plans(c: Comparison, last: sequential.Look | None, margin: float, min_effect: float, rule: Rule) -> dict:
+    """Seeds per net a new study under the same design needs for an 80% chance of a verdict,
+    with the spread at its 80% upper confidence limit: at the design's effect (a `min_effect`
+    gain for a 'better' claim, no difference for a 'no better' one) and at the observed one."""
+    if last is None or not last.sd > 0:
+        return {}
+    sd = sequential.sd_upper(last.sd, last.n)
+    design_effect = -min_effect if c.claim.kind == "better" else 0.0
+    at_design, _ = sequential.plan(c.claim.kind, design_effect, sd, margin, rule, POWER)
+    at_observed, _ = sequential.plan(c.claim.kind, last.mean, sd, margin, rule, POWER)
+    return {
+        "sd_upper": sd,
+        "design_effect": design_effect,
+        "plan_design": at_design,
+        "plan_observed": at_observed,
+    }
 
 
 def lrn_activity(summary: pd.DataFrame) -> pd.DataFrame:
@@ -463,3 +483,33 @@ def compute_table(summary: pd.DataFrame) -> pd.DataFrame:
     own = summary["flops_per_image"] * seen
     table["training PFLOPs (3x fwd, incl. A's)"] = 3 * (own + np.where(from_a, a_flops * a_seen, 0)) / 1e15
     return table
+
+
+# -- a study's design: its seeds, stages and rule -------------------------------------------------------
+@dataclass(frozen=True)
+class Design:
+    """The seeds a study may train (in the order it takes them), the seeds per net at each of
+    its looks, and its stopping rule."""
+
+    order: list[int]
+    stages: list[int]
+    rule: Rule
+
+    @property
+    def sequential(self) -> bool:
+        return self.rule.sequential
+
+
+def make_design(seeds: list[int], max_seeds: int | None, seeds_per_look: int, alpha: float,
+                comparisons: int, horizon: int | None = None) -> Design:  # fmt: skip
+    """The first look has `seeds`; with `max_seeds`, every later look adds `seeds_per_look`
+    seeds (the next ones after the largest) up to `max_seeds`. `horizon` is the maximum the study
+    was registered with (its rule spends (1 - reserve) of the error by then); a larger
+    `max_seeds` continues it past that."""
+    first = len(seeds)
+    if not max_seeds or max_seeds <= first:
+        return Design(list(seeds), [first], Rule.fixed(alpha, comparisons, first))
+    rule = Rule(alpha, comparisons, first, seeds_per_look, horizon or max_seeds)
+    top = max(seeds)
+    order = list(seeds) + list(range(top + 1, top + 1 + max_seeds - first))
+    return Design(order, rule.looks(max_seeds), rule)

@@ -95,19 +95,44 @@ class LoggerConfig:
 
 
 @dataclass
+class MarginsConfig:
+    """Per claim, in points of top-1 error, fixed before the runs (the verdicts use them; they
+    change no run). A 'better' claim ends *no relevant difference* when its interval lies inside
+    +/-margin; a 'no better' claim is *supported* when the first net is not better by the margin.
+    Wider margins decide with fewer seeds; these are the sizes below which a difference would not
+    change what a practitioner builds."""
+
+    # A-LRN vs A: the paper's "does not help" is a 0.1-point difference (Table 3); half a point is
+    # about one standard error of a 10,000-image test error near 25% (0.43 points).
+    lrn: float = 0.5
+    # B vs A, D vs B: the paper's depth steps are 0.9 and 1.7 points; a step under 1 point is not
+    # what the paper means by "error falls with depth".
+    depth: float = 1.0
+    saturation: float = 0.5  # E vs D: the paper's E is 0.3 points *worse* than D; as strict as LRN
+    nonlinearity: float = 1.0  # C vs B: 0.6 points in the paper, the smallest gain it calls real
+    context: float = 1.0  # D vs C: 1.1 points in the paper
+    filters: float = 1.0  # B vs B-5x5: 7 points in the paper (sec. 4.1): 1 point is generous
+
+
+@dataclass
 class StudyConfig:
     name: str = "train"  # the study this run belongs to (MLflow experiment vgg-ablation/<name>)
     archs: list[str] = field(default_factory=lambda: ["A", "A-LRN", "B", "C", "D", "E"])
+    # The seeds of the first look. A study with max_seeds unset has this one look; with max_seeds,
+    # it runs until decided: after each look, the nets of every comparison still open get
+    # seeds_per_look more seeds (the next ones after the largest), up to max_seeds per net.
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    description: str = ""
-    # Fixed before the runs (the report's tests use them; they change no run):
-    # margin: points of top-1 error within which two nets count as equivalent ("no better"
-    # claims, TOST). 0.5: under the smallest gain the paper reports as real (C over B, 0.6 points
-    # in Table 3), and about 1.5 standard errors of a 10,000-image test error near 25%.
-    margin: float = 0.5
-    # min_effect: the smallest gain worth detecting, in points, for planning seeds: 1 point, the
-    # size of the paper's depth steps (A->B 0.9, B->D 1.7 points).
+    max_seeds: int | None = None
+    seeds_per_look: int = 3
+    alpha: float = 0.05  # family-wise error: the chance that any verdict of the report is wrong
+    margins: MarginsConfig = field(default_factory=MarginsConfig)
+    # Planning only: the smallest gain worth detecting, in points, for sizing the next study (1
+    # point: the size of the paper's depth steps, A->B 0.9, B->D 1.7 points).
     min_effect: float = 1.0
+    # Minutes of wall time after which the study starts no new cell (a cell already training
+    # finishes) and writes its report with what it has; None: no limit.
+    time_limit: float | None = None
+    description: str = ""
 
 
 @dataclass

@@ -1,4 +1,7 @@
-"""`vgg-ablation report`: reports/<study>.md and its plots, regenerated from MLflow alone."""
+"""`vgg-ablation report`: reports/<study>.md, its plots and its runs CSV, from MLflow alone.
+
+`gather` reads everything once; one renderer per section turns it into lines; `write_report`
+writes the document and puts it on the study's run."""
 
 from __future__ import annotations
 
@@ -6,12 +9,22 @@ import math
 import os
 import re
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from vgg_ablation import analysis, design, tracking
+from vgg_ablation import __version__, analysis, design, tracking
+from vgg_ablation.cells import (
+    SCRATCH_LABEL,
+    design_of,
+    margins_of,
+    needs_scratch_b,
+    net_labels,
+    scratch_config,
+    study_fingerprints,
+)
 from vgg_ablation.errors import UserError
 from vgg_ablation.models import PAPER_STEPS
 
@@ -127,16 +140,158 @@ def _plots(
     return names
 
 
-def _arch_table(summary: pd.DataFrame, improving: pd.Series, links: dict[str, str] | None = None) -> str:
+# -- gather: everything a report shows, read once from MLflow --------------------------------------------
+@dataclass
+class Gathered:
+    cfg: DictConfig
+    uri: str
+    experiment: str
+    exp: object  # the MLflow experiment
+    parent: object  # the study's run, or None
+    fingerprints: list[str]
+    runs: pd.DataFrame  # every run of the study's configs
+    res: pd.DataFrame  # the results: one FINISHED run per net and seed
+    summary: pd.DataFrame
+    curves: pd.DataFrame
+    design: analysis.Design
+    concl: pd.DataFrame
+    stop_reason: str
+    client: object = field(repr=False, default=None)
+
+    @property
+    def order(self) -> list[str]:
+        return [*self.cfg.study.archs, SCRATCH_LABEL]
+
+
+def gather(cfg: DictConfig, stop_reason: str = "") -> Gathered:
+    uri = tracking.tracking_uri(cfg.logger.tracking_uri)
+    tracking.check_reachable(uri)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise UserError(
+            f"no runs recorded for study {cfg.study.name!r}: there is no MLflow store at {uri}; "
+            f"run `vgg-ablation study experiment={cfg.study.name}` first (or set MLFLOW_TRACKING_URI)"
+        )
+    experiment = tracking.experiment_name(cfg)
+    fps = study_fingerprints(cfg)
+    runs = analysis.load_runs(uri, experiment, fps)
+    if runs.empty:
+        raise UserError(
+            f"no runs recorded for study {cfg.study.name!r} (this config) in {uri}; "
+            f"run `vgg-ablation study experiment={cfg.study.name}` first"
+        )
+    res = analysis.results(runs)
+    if res.empty:
+        raise UserError(f"study {cfg.study.name!r} has runs in {uri} but none FINISHED yet")
+    client = tracking.client(uri)
+    exp = client.get_experiment_by_name(experiment)
+    parent = tracking.find_study_run(client, exp.experiment_id, cfg) if exp else None
+    design = design_of(cfg, dict(parent.data.params) if parent else None)
+    summary = analysis.per_arch(res, order=[*cfg.study.archs, SCRATCH_LABEL])
+    concl = analysis.conclusions(
+        runs, net_labels(cfg), cfg.model.init == "from_A", design.rule, margins_of(cfg), design.order,
+        design.stages, min_effect=cfg.study.min_effect / 100,
+    )  # fmt: skip
+    if not stop_reason and design.sequential:
+        states = set(concl["state"])
+        stop_reason = ("every claim decided" if states <= {"decided", "not tested", "identical"}
+                       else "maximum reached" if "open" not in states and "no data" not in states
+                       else "still running, or stopped before its maximum: this is an interim report")  # fmt: skip
+    return Gathered(cfg, uri, experiment, exp, parent, fps, runs, res, summary, _histories(client, res),
+                    design, concl, stop_reason, client)  # fmt: skip
+
+
+# -- one renderer per section ------------------------------------------------------------------------
+def budget_words(cfg: DictConfig) -> str:
+    """The budget every verdict of a study is conditional on, in one phrase."""
+    return (
+        f"{cfg.trainer.max_epochs} epochs, width x{cfg.model.width:g}, batch norm {'on' if cfg.model.batch_norm else 'off'}, "
+        f"init `{cfg.model.init}`, lr {cfg.optim.lr:g} ({cfg.optim.schedule})"
+    )
+
+
+def rule_words(design: analysis.Design, alpha: float) -> str:
+    """The decision rule in plain words, with its error rate."""
+    rule = design.rule
+    k = rule.comparisons
+    share = f"{alpha:g}/{k} = {rule.per_comparison:.4g}" if k > 1 else f"{alpha:g}"
+    if not design.sequential:
+        how = (f"one look at {design.stages[0]} seeds: each interval is a paired t interval at "
+               f"{1 - rule.per_comparison:.2%} confidence ({share} of the error per comparison)")  # fmt: skip
+    else:
+        how = (f"looks at {', '.join(map(str, design.stages))} seeds per net, each comparison stopping at its "
+               f"first verdict; its intervals are repeated confidence intervals that spend its {share} of the "
+               f"error over the looks (Pocock-type error spending, 10% of it kept for a continuation past "
+               f"{rule.horizon} seeds), so each look's interval is wider than a single look's would be")  # fmt: skip
+    return (f"the chance that any verdict here is wrong is at most {alpha:.0%} (family-wise, split evenly over "
+            f"the {k} comparison{'s' if k != 1 else ''} tested); {how}")  # fmt: skip
+
+
+def _header(g: Gathered) -> list[str]:
+    cfg, res, runs = g.cfg, g.res, g.runs
+    not_results = runs[~runs["run_id"].isin(res["run_id"])]
+    wall = (res["end_time"].max() - res["start_time"].min()).total_seconds()
+    seeds = ", ".join(f"{md_escape(n)} {int(r['seeds'])}" for n, r in g.summary.iterrows())
+    version = __version__
+    return [
+        f"# Study `{md_escape(cfg.study.name)}`: do the VGG conclusions hold here?",
+        "",
+        md_escape(cfg.study.description) if cfg.study.description else "",
+        "",
+        "| | |",
+        "|---|---|",
+        _dataset_line(res, cfg, g.client),
+        f"| budget | {budget_words(cfg)}, batch {cfg.data.batch_size}, dropout {cfg.model.dropout}, "
+        f"LRN scale `{cfg.model.lrn_scale}` |",
+        f"| seeds per net | {seeds} (seeds {_seed_range(sorted(res['seed'].astype(int).unique()))}) |",
+        f"| rule | {rule_words(g.design, cfg.study.alpha)}; margins (points): "
+        + ", ".join(f"{k} ±{v:g}" for k, v in OmegaConf.to_container(cfg.study.margins).items())
+        + " |",
+        f"| hardware | {md_escape(', '.join(sorted(res['device'].dropna().unique())))}, "
+        f"{os.cpu_count()} CPU cores where this report was written |",
+        f"| versions | vgg-ablation {version}, torch {md_escape(', '.join(sorted(res['torch_version'].dropna().unique())))}, "
+        f"Lightning {md_escape(', '.join(sorted(res['lightning_version'].dropna().unique())))}, MLflow {_mlflow_version()} |",
+        f"| git commit | {md_escape(', '.join(sorted(res['git_commit'].dropna().unique())))} |",
+        f"| runs | {len(res)} results (one FINISHED run per net and seed) of {len(runs)} recorded; "
+        f"{len(not_results)} not counted |",
+        f"| wall time | {wall / 60:.1f} min ({wall:.0f} s, first run's start to last run's end; "
+        f"{res['seconds'].sum() / 60:.1f} min of it training and testing) |",
+        f"| written | {time.strftime('%Y-%m-%d %H:%M %Z')} from MLflow experiment `{md_escape(g.experiment)}` "
+        f"(id {g.exp.experiment_id if g.exp else '?'}), config fingerprint{'s' if len(g.fingerprints) > 1 else ''} "
+        f"{', '.join(f'`{f}`' for f in g.fingerprints)} |",
+        _mlflow_line(cfg, g.exp, g.parent),
+        "",
+    ]
+
+
+def _headline(g: Gathered) -> list[str]:
+    concl = g.concl
+    tested = concl[concl["state"] != "not tested"]
+    decided = tested[tested["state"] == "decided"]
+    words = [
+        f"claim {r['claim']} ({md_escape(r['first'])} vs {md_escape(r['second'])}) **{r['outcome']}**"
+        + (f" ({md_escape(r['detail'])})" if r["detail"] else "")
+        for _, r in decided.iterrows()
+    ]
+    stop = f" Stopped: {g.stop_reason}." if g.stop_reason else ""
+    return [
+        f"**{len(decided)} of the {len(tested)} comparisons tested here decided** at this budget "
+        f"({budget_words(g.cfg)}; {len(concl) - len(tested)} of the paper's {len(concl)} not tested)"
+        + (": " + "; ".join(words) if words else "")
+        + f".{stop}",
+        "",
+        _undecided_note(concl),
+        "",
+    ]
+
+
+def _per_network(g: Gathered) -> list[str]:
+    links = _run_links(g.cfg, g.exp.experiment_id, g.summary.index) if g.exp else {}
+    seen = analysis.observe(g.runs)
     rows = []
-    links = links or {}
-    for net, r in summary.iterrows():
+    for net, r in g.summary.iterrows():
         paper = PAPER_TABLE3.get(net)
-        if net == "B-5x5":
-            paper_text = "B + ~7 (sec. 4.1)"
-        else:
-            paper_text = f"{paper[0]} / {paper[1]}" if paper else ""
-        collapsed = r["not_learned"]
+        paper_text = "B + ~7 (sec. 4.1)" if net == "B-5x5" else (f"{paper[0]} / {paper[1]}" if paper else "")
+        collapsed, failed = r["not_learned"], sorted(seen.failed.get(net, {}))
         rows.append(
             {
                 "net": f"[{md_escape(net)}]({links[net]})" if net in links else md_escape(net),
@@ -151,74 +306,314 @@ def _arch_table(summary: pd.DataFrame, improving: pd.Series, links: dict[str, st
                 "learned": "**no: seeds " + ", ".join(map(str, collapsed)) + "**"
                 if collapsed
                 else "every seed",
-                "still improving at the end": "yes" if improving.get(net, False) else "no",
+                "failed": f"**{len(failed)} of {len(failed) + int(r['seeds'])} seeds**" if failed else "none",
             }
         )
-    return pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)
+    return [
+        "## Results per network",
+        "",
+        "Test top-1/top-5 error on this data, mean ± standard deviation over seeds, beside the paper's "
+        "ImageNet errors (Table 3). The absolute numbers are not comparable across datasets; the "
+        "ordering is what the paper's conclusions are about.",
+        "",
+        pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True),
+        "",
+    ]
 
 
-def _seed_table(res: pd.DataFrame, order: list[str]) -> str:
+def _verdicts(g: Gathered) -> list[str]:
+    cfg = g.cfg
+    rows = []
+    for _, r in g.concl.iterrows():
+        tested = r["state"] != "not tested"
+        looks = int(r["looks"]) if tested else 0
+        rows.append(
+            {
+                "#": r["claim"],
+                "paper's claim": md_escape(r["statement"]),
+                "margin (pts)": f"±{100 * r['margin']:g}" if tested else "",
+                "paired seeds": (f"{int(r['n'])}" + (f" ({looks} looks)" if looks > 1 else ""))
+                if tested
+                else "",
+                "Δ top-1 err (pts)": "" if not tested or pd.isna(r["diff"]) else f"{100 * r['diff']:+.2f}",
+                "interval the verdict used": _interval(r) if tested else "",
+                "verdict": f"**{md_escape(r['outcome'])}**"
+                + (f" ({md_escape(r['detail'])})" if r["detail"] else ""),
+                "assumed": md_escape(_text(r, "notes")),
+            }
+        )
+    body = pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True) if rows else ""
+    return [
+        "## The paper's conclusions, tested",
+        "",
+        "Δ is the first net's test top-1 error minus the second's, in points (negative: the first is "
+        "better), averaged over the seeds both nets finished (a seed fixes each run's data order, "
+        "augmentation and initial weights; the validation split is the same for every run). A 'better' "
+        "claim is *supported* when the whole interval lies below 0, *contradicted* when above 0, and "
+        "ends in *no relevant difference* when it lies inside ±margin; a 'no better' claim (LRN, "
+        "saturation) is *supported* when the interval lies above −margin (the first net is not better "
+        "by the margin or more: it says whether it is worse or equivalent), *contradicted* when below "
+        f"−margin. {rule_words(g.design, cfg.study.alpha).capitalize()}. The interval shown is the one "
+        "the verdict used, with its own confidence level. Every verdict holds for this budget only: "
+        f"{budget_words(cfg)}.",
+        "",
+        body,
+        "",
+    ]
+
+
+def _text(row, key: str) -> str:
+    """A text column of the verdict table ('' where a row has none: not-tested claims)."""
+    value = row.get(key)
+    return value if isinstance(value, str) else ""
+
+
+def _interval(r) -> str:
+    if pd.isna(r.get("ci_low")):
+        return "n/a"
+    return f"[{100 * r['ci_low']:+.2f}, {100 * r['ci_high']:+.2f}] ({1 - r['level']:.2%})"
+
+
+def _looks(g: Gathered) -> list[str]:
+    if not g.design.sequential:
+        return []
+    rows = []
+    for _, r in g.concl[g.concl["state"] != "not tested"].iterrows():
+        for k, (n, level, mean, low, high, verdict) in enumerate(r["history"], 1):
+            rows.append(
+                {
+                    "comparison": f"{md_escape(r['first'])} vs {md_escape(r['second'])}",
+                    "look": k,
+                    "paired seeds": n,
+                    "confidence": f"{1 - level:.2%}",
+                    "Δ (pts)": f"{100 * mean:+.2f}",
+                    "interval": f"[{100 * low:+.2f}, {100 * high:+.2f}]" if not math.isnan(low) else "n/a",
+                    "verdict": verdict if verdict != "undecided" else "open",
+                }
+            )
+    state = {"decided": "decided: stops", "maximum": "undecided at the maximum", "open": "open: more seeds next look",
+             "identical": "identical results: stops", "no data": "no look yet"}  # fmt: skip
+    after = "; ".join(
+        f"{md_escape(r['first'])} vs {md_escape(r['second'])}: {state.get(r['state'], r['state'])}"
+        for _, r in g.concl[g.concl["state"] != "not tested"].iterrows()
+    )
+    return [
+        "### The looks",
+        "",
+        f"Seeds per net at each planned look: {', '.join(map(str, g.design.stages))}. A net gets the next "
+        f"look's seeds only while one of its comparisons is open. After the last look: {after}.",
+        "",
+        pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True) if rows else "_No look yet._",
+        "",
+    ]
+
+
+def _seeds(g: Gathered) -> list[str]:
     """Test top-1 error per net and seed: the paired design, visible."""
+    res = g.res
     table = res.pivot_table(index="seed", columns="net", values="test_err1", aggfunc="first")
-    table = table[[n for n in order if n in table.columns]]
+    table = table[[n for n in g.order if n in table.columns]]
     shown = table.map(lambda v: pct(v, 2))
     for _, r in res[~res["learned"].astype(bool)].iterrows():
         shown.loc[r["seed"], r["net"]] += " (not above chance)"
     shown.index = pd.Index([int(i) for i in shown.index], name="seed")
     shown.columns = [md_escape(c) for c in shown.columns]
-    return shown.to_markdown(disable_numparse=True)
-
-
-def _p(value: float) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return ""
-    return "<0.001" if value < 0.001 else f"{value:.3f}"
-
-
-def _conclusion_table(concl: pd.DataFrame) -> str:
-    def ci(r) -> str:
-        if pd.isna(r.get("ci_low")):
-            return "n/a" if r["test"] else ""
-        return f"[{100 * r['ci_low']:+.2f}, {100 * r['ci_high']:+.2f}]"
-
-    rows = [
-        {
-            "#": r["claim"],
-            "paper's claim": md_escape(r["statement"]),
-            "test": r["test"] + (f", {r['n']}" if r["n"] else ""),
-            "Δ top-1 err (pts)": "" if pd.isna(r.get("diff")) else f"{100 * r['diff']:+.2f}",
-            "95% CI": ci(r),
-            "p": _p(r.get("p")),
-            "p (Holm)": _p(r.get("p_holm")),
-            "outcome": f"**{md_escape(r['outcome'])}**",
-            "caveat": md_escape(r.get("caveat") or ""),
-        }
-        for _, r in concl.iterrows()
+    return [
+        "### Seeds per network and seed (test top-1 error, %)",
+        "",
+        shown.to_markdown(disable_numparse=True),
+        "",
+        f"Every run as a CSV (net, seed, status, errors, epochs, seconds, run id): [{g.cfg.study.name}-runs.csv]"
+        f"({g.cfg.study.name}-runs.csv).",
+        "",
     ]
-    return pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)
 
 
-def _plan_table(concl: pd.DataFrame, margin: float, min_effect: float) -> str:
+def _planning(g: Gathered) -> list[str]:
+    concl = g.concl
     rows = []
-    for _, r in concl.iterrows():
-        if pd.isna(r.get("sd")):
+    for _, r in concl[concl["state"].isin(["open", "maximum"])].iterrows():
+        if pd.isna(r.get("sd_upper")):
             continue
-        target = (
-            f"a {min_effect:g}-point gain"
-            if r["kind"] == "better"
-            else f"equivalence within ±{margin:g} points"
+        effect = (
+            "a " + f"{100 * -r['design_effect']:g}-point gain" if r["kind"] == "better" else "no difference"
         )
-        needed = r["seeds_needed"]
         rows.append(
             {
-                "#": r["claim"],
                 "comparison": f"{md_escape(r['first'])} vs {md_escape(r['second'])}",
-                "sd of one difference (pts)": f"{100 * r['sd']:.2f}",
-                "to detect": target,
-                "paired seeds per net (plan)": "" if pd.isna(needed) else f"{int(needed)}",
+                "sd of one difference (pts), measured": f"{100 * r['sd']:.2f} ({int(r['n'])} seeds)",
+                "planned with (80% upper limit)": f"{100 * r['sd_upper']:.2f}",
+                f"seeds per net if the truth is {effect}": _seeds_text(r["plan_design"]),
+                f"if it is the Δ seen here ({100 * r['diff']:+.2f})": _seeds_text(r["plan_observed"]),
             }
         )
-    return pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True) if rows else ""
+    if not rows:
+        return []
+    kind = "run-until-decided" if g.design.sequential else "fixed-seed"
+    return [
+        "### Planning the next study",
+        "",
+        f"Not post-hoc power: for each comparison left open, the maximum seeds per net a new {kind} study "
+        f"with this study's design (first look, seeds per look, {g.cfg.study.alpha:.0%} family-wise over "
+        f"{g.design.rule.comparisons} comparisons) needs for an 80% chance of a verdict, simulated under the "
+        "rule itself, with the spread of the per-seed differences at its 80% upper confidence limit (the "
+        "spread measured from a few seeds is itself uncertain): once at the effect the study was designed "
+        "for, once at the difference seen here. A new study needs new seeds: these ones have been looked at.",
+        "",
+        pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True),
+        "",
+    ]
+
+
+def _seeds_text(n) -> str:
+    return "more than 400" if n == math.inf else ("" if pd.isna(n) else f"{int(n)}")
+
+
+def _undecided_note(concl: pd.DataFrame) -> str:
+    open_ = concl[concl["state"].isin(["open", "maximum"])] if not concl.empty else concl
+    if open_.empty:
+        return ""
+    parts = [
+        f"claim {r['claim']} ({md_escape(r['first'])} vs {md_escape(r['second'])}): Δ {100 * r['diff']:+.2f} points, "
+        f"interval {_interval(r)} straddles "
+        + ("0 and a margin edge" if r["kind"] == "better" else f"−{100 * r['margin']:g}")
+        + f", on {int(r['n'])} paired seeds"
+        for _, r in open_.iterrows()
+    ]
+    return "Not decided: " + "; ".join(parts) + " (see *Planning the next study*)."
+
+
+def _compute(g: Gathered) -> list[str]:
+    compute = analysis.compute_table(g.summary)
+    if compute.empty:
+        return []
+    return [
+        "## Compute",
+        "",
+        "Forward FLOPs per image (torch's FlopCounterMode, multiply-add = 2) and images seen in "
+        "training; nets that start from the trained A also count A's training.",
+        "",
+        compute.to_markdown(floatfmt=(",.0f", ",.2f", ",.0f", ",.0f", ",.4f")),
+        "",
+    ]
+
+
+def _designs() -> list[str]:
+    return [
+        "### From the designs themselves (no training; computed from the model definitions)",
+        "",
+        design.stack_comparison()
+        .assign(**{"weights saved": lambda d: d["weights saved"].map("{:.1%}".format)})
+        .to_markdown(index=False),
+        "",
+        "Each block halves the feature map and doubles the filters (up to 512): "
+        + ", ".join(f"{a} {'yes' if design.halves_map_doubles_filters(a) else 'no'}" for a in PAPER_STEPS)
+        + ".",
+        "",
+    ]
+
+
+def _not_counted(g: Gathered) -> list[str]:
+    not_results = g.runs[~g.runs["run_id"].isin(g.res["run_id"])]
+    if not len(not_results):
+        return []
+    lines = ["## Runs not counted", "", "| run | net | seed | status | reason |", "|---|---|---|---|---|"]
+    for _, r in not_results.iterrows():
+        orphaned = r["status"] == "RUNNING" and _orphaned(g.client, r["run_id"])
+        status = "RUNNING (orphaned: its process is gone)" if orphaned else r["status"]
+        reason = r["failure_reason"] if isinstance(r["failure_reason"], str) else ""
+        lines.append(
+            f"| `{r['run_id'][:8]}` | {md_escape(r['net'])} | {r['seed']:.0f} | {status} | {md_escape(reason)} |"
+        )
+    return [*lines, ""]
+
+
+def _dashboard(g: Gathered) -> list[str]:
+    return [
+        "## Open these runs in the MLflow dashboard",
+        "",
+        "```bash",
+        "vgg-ablation ui            # = mlflow ui --backend-store-uri <this store>, on 127.0.0.1:5000",
+        "```",
+        "",
+        f"Store: `{md_escape(_display_uri(g.uri))}`, experiment `{md_escape(g.experiment)}`. "
+        f"Regenerate this report with `vgg-ablation report experiment={md_escape(g.cfg.study.name)}`.",
+        "",
+    ]
+
+
+RUN_CSV_COLUMNS = ["net", "arch", "seed", "status", "test_err1", "test_err5", "val_err1_best", "epochs",
+                   "seconds", "learned", "failure_reason", "run_id"]  # fmt: skip
+
+
+def write_runs_csv(g: Gathered, path: Path) -> None:
+    """Every run of the study, one row each: enough to recheck the statistics without the store."""
+    runs = g.runs.assign(val_err1_best=1 - g.runs["val_acc1_best"])
+    runs = runs.sort_values(["net", "seed", "start_time"])[RUN_CSV_COLUMNS]
+    _atomic_write(path, lambda p: runs.to_csv(p, index=False, float_format="%.6g"))
+
+
+def write_report(cfg: DictConfig, out_dir: Path = REPORTS_DIR, stop_reason: str = "") -> Path:
+    """reports/<study>.md, its plots and its runs CSV; also onto the study's MLflow run."""
+    g = gather(cfg, stop_reason)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plots = _plots(cfg.study.name, g.summary, g.res, g.curves, out_dir)
+    sections = [
+        _header(g),
+        _headline(g),
+        _per_network(g),
+        _verdicts(g),
+        _looks(g),
+        _seeds(g),
+        _planning(g),
+        _lrn_section(g.summary, g.res),
+        _compute(g),
+        _designs(),
+        ["## Plots", "", *[f"![{name}]({name})" for name in plots], ""],
+        _not_counted(g),
+        _dashboard(g),
+    ]
+    path = out_dir / f"{cfg.study.name}.md"
+    text = "\n".join(line for section in sections for line in section)
+    _atomic_write(path, lambda p: p.write_text(re.sub(r"\n{3,}", "\n\n", text)))
+    csv = out_dir / f"{cfg.study.name}-runs.csv"
+    write_runs_csv(g, csv)
+    if g.parent is not None:
+        publish(
+            g.client, g.parent.info.run_id, [path, csv, *[out_dir / n for n in plots]], g.summary, g.concl
+        )
+    return path
+
+
+def _seed_range(seeds: list[int]) -> str:
+    """0-5, 10, 12-14: a list of seeds, short."""
+    parts, start = [], None
+    for i, s in enumerate(seeds):
+        if start is None:
+            start = s
+        if i + 1 == len(seeds) or seeds[i + 1] != s + 1:
+            parts.append(f"{start}" if start == s else f"{start}-{s}")
+            start = None
+    return ", ".join(parts)
+
+
+def _mlflow_version() -> str:
+    import mlflow
+
+    return mlflow.__version__
+
+
+def _dataset_line(res: pd.DataFrame, cfg: DictConfig, client) -> str:
+    digests = ", ".join(f"`{d}`" for d in sorted(res["data_digest"].dropna().unique())) or "not recorded"
+    counts = res.iloc[0]
+    inputs = client.get_run(counts["run_id"]).inputs.dataset_inputs
+    name = inputs[0].dataset.name if inputs else cfg.data.name
+    val = f"{int(counts['val_images']):,} validation, " if not pd.isna(counts.get("val_images")) else ""
+    return (
+        f"| data | {md_escape(name)} (`data={md_escape(cfg.data.name)}`), digest {digests}: {int(counts['train_images']):,} training, "
+        f"{val}{int(counts['test_images']):,} test images, {int(counts['num_classes'])} classes; "
+        f"normalize `{cfg.data.normalize}` |"
+    )
 
 
 def _lrn_section(summary: pd.DataFrame, runs_res: pd.DataFrame) -> list[str]:
@@ -250,253 +645,6 @@ def _lrn_section(summary: pd.DataFrame, runs_res: pd.DataFrame) -> list[str]:
     return [*lines, ""]
 
 
-def budget_caveat(cfg: DictConfig, concl: pd.DataFrame, improving: pd.Series) -> str:
-    """The budget caveat, exactly where a compared net had not converged, whatever the outcome."""
-    if concl.empty or not concl["not_converged"].map(len).any():
-        return ""
-    nets = sorted({n for ns in concl["not_converged"] for n in ns})
-    claims = [
-        str(r["claim"]) + " (" + f"{r['first']} vs {r['second']}" + ")"
-        for _, r in concl.iterrows()
-        if r["not_converged"]
-    ]
-    return (
-        f"> **Budget caveat.** {md_escape(', '.join(nets))} {'was' if len(nets) == 1 else 'were'} still improving "
-        f"at the end ({cfg.trainer.max_epochs} epochs: validation error fell over the last 3 epochs by more than "
-        f"twice its noise), so the outcomes of claims {md_escape(', '.join(claims))} describe this budget; "
-        "a longer one may change them. Raise `trainer.max_epochs`, or run on a GPU."
-    )
-
-
-def _undecided_note(concl: pd.DataFrame) -> str:
-    """For each tested claim left inconclusive: what stopped it, and what budget would decide it."""
-    rows = concl[(concl["outcome"] == "inconclusive") & concl["sd"].notna()] if not concl.empty else concl
-    if rows.empty:
-        return ""
-    parts = []
-    for _, r in rows.iterrows():
-        raw = " (significant alone, not after Holm)" if r["p"] < analysis.ALPHA else ""
-        parts.append(
-            f"claim {r['claim']} ({md_escape(r['first'])} vs {md_escape(r['second'])}): Δ {100 * r['diff']:+.2f} "
-            f"points, 95% CI [{100 * r['ci_low']:+.2f}, {100 * r['ci_high']:+.2f}], p {_p(r['p'])}, Holm "
-            f"{_p(r['p_holm'])}{raw}; the per-seed differences spread by {100 * r['sd']:.2f} points, and "
-            f"deciding it needs about {int(r['seeds_needed'])} paired seeds"
-        )
-    return "Why not decided: " + "; ".join(parts) + " (see *Planning the next study*)."
-
-
-def study_fingerprints(cfg: DictConfig) -> list[str]:
-    from vgg_ablation.study import needs_scratch_b, scratch_config
-
-    fps = [tracking.fingerprint(cfg)]
-    if needs_scratch_b(cfg):
-        fps.append(tracking.fingerprint(scratch_config(cfg)))
-    return fps
-
-
-def _dataset_line(res: pd.DataFrame, cfg: DictConfig, client) -> str:
-    digests = ", ".join(f"`{d}`" for d in sorted(res["data_digest"].dropna().unique())) or "not recorded"
-    counts = res.iloc[0]
-    inputs = client.get_run(counts["run_id"]).inputs.dataset_inputs
-    name = inputs[0].dataset.name if inputs else cfg.data.name
-    val = f"{int(counts['val_images']):,} validation, " if not pd.isna(counts.get("val_images")) else ""
-    return (
-        f"| data | {md_escape(name)} (`data={md_escape(cfg.data.name)}`), digest {digests}: {int(counts['train_images']):,} training, "
-        f"{val}{int(counts['test_images']):,} test images, {int(counts['num_classes'])} classes; "
-        f"normalize `{cfg.data.normalize}` |"
-    )
-
-
-def write_report(cfg: DictConfig, out_dir: Path = REPORTS_DIR) -> Path:
-    import mlflow
-
-    uri = tracking.tracking_uri(cfg.logger.tracking_uri)
-    tracking.check_reachable(uri)
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        raise UserError(
-            f"no runs recorded for study {cfg.study.name!r}: there is no MLflow store at {uri}; "
-            f"run `vgg-ablation study experiment={cfg.study.name}` first (or set MLFLOW_TRACKING_URI)"
-        )
-    experiment = tracking.experiment_name(cfg)
-    fps = study_fingerprints(cfg)
-    runs = analysis.load_runs(uri, experiment, fps)
-    if runs.empty:
-        raise UserError(
-            f"no runs recorded for study {cfg.study.name!r} (this config) in {uri}; "
-            f"run `vgg-ablation study experiment={cfg.study.name}` first"
-        )
-    res = analysis.results(runs)
-    if res.empty:
-        raise UserError(f"study {cfg.study.name!r} has runs in {uri} but none FINISHED yet")
-    order = [*cfg.study.archs, f"B{analysis.SCRATCH}"]
-    summary = analysis.per_arch(res, order=order)
-    client = tracking.client(uri)
-    curves = _histories(client, res)
-    val_images = float(res["val_images"].dropna().iloc[0]) if res["val_images"].notna().any() else 5000.0
-    improving = analysis.still_improving(curves, val_images)
-    margin, min_effect = cfg.study.margin, cfg.study.min_effect
-    concl = analysis.test_conclusions(
-        res, summary, margin=margin / 100, min_effect=min_effect / 100, improving=improving
-    )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    plots = _plots(cfg.study.name, summary, res, curves, out_dir)
-    compute = analysis.compute_table(summary)
-
-    orphaned = [r for _, r in runs.iterrows() if r["status"] == "RUNNING" and _orphaned(client, r["run_id"])]
-    not_results = runs[~runs["run_id"].isin(res["run_id"])]
-    wall = (res["end_time"].max() - res["start_time"].min()).total_seconds()
-    exp = client.get_experiment_by_name(experiment)
-    parent = tracking.find_study_run(client, exp.experiment_id, cfg) if exp else None
-    links = _run_links(cfg, exp.experiment_id, summary.index) if exp else {}
-    decided = (
-        concl[concl["outcome"].str.startswith(("supported", "contradicted"))] if not concl.empty else concl
-    )
-    lines = [
-        f"# Study `{md_escape(cfg.study.name)}`: do the VGG conclusions hold here?",
-        "",
-        md_escape(cfg.study.description) if cfg.study.description else "",
-        "",
-        "| | |",
-        "|---|---|",
-        _dataset_line(res, cfg, client),
-        f"| budget | {cfg.trainer.max_epochs} epochs, batch {cfg.data.batch_size}, width x{cfg.model.width}, "
-        f"batch norm {'on' if cfg.model.batch_norm else 'off'}, init `{cfg.model.init}`, "
-        f"lr {cfg.optim.lr} ({cfg.optim.schedule}), dropout {cfg.model.dropout}, LRN scale `{cfg.model.lrn_scale}` |",
-        f"| nets x seeds | {', '.join(md_escape(n) for n in summary.index)} x seeds {', '.join(map(str, cfg.study.seeds))} |",
-        f"| tests | margin ±{margin:g} points of top-1 error (equivalence), smallest effect of interest "
-        f"{min_effect:g} {'point' if min_effect == 1 else 'points'} "
-        f"(planning); one-sided tests at {analysis.ALPHA} (95% intervals), Holm across the "
-        f"{concl.attrs.get('family', 0)} claims tested |",
-        f"| hardware | {md_escape(', '.join(sorted(res['device'].dropna().unique())))}, "
-        f"{os.cpu_count()} CPU cores where this report was written |",
-        f"| versions | torch {md_escape(', '.join(sorted(res['torch_version'].dropna().unique())))}, "
-        f"Lightning {md_escape(', '.join(sorted(res['lightning_version'].dropna().unique())))}, "
-        f"MLflow {mlflow.__version__} |",
-        f"| git commit | {md_escape(', '.join(sorted(res['git_commit'].dropna().unique())))} |",
-        f"| runs | {len(res)} results (one FINISHED run per net and seed) of {len(runs)} recorded; "
-        f"{len(not_results)} not counted |",
-        f"| wall time | {wall / 60:.1f} min ({wall:.0f} s, first run's start to last run's end) |",
-        f"| written | {time.strftime('%Y-%m-%d %H:%M %Z')} from MLflow experiment `{md_escape(experiment)}` "
-        f"(id {exp.experiment_id if exp else '?'}), config fingerprint{'s' if len(fps) > 1 else ''} "
-        f"{', '.join(f'`{f}`' for f in fps)} |",
-        _mlflow_line(cfg, exp, parent),
-        "",
-        f"**{len(decided)} of the {concl.attrs.get('family', 0)} claims tested here decided** "
-        f"({len(concl) - concl.attrs.get('family', 0)} of the paper's {len(concl)} not tested)"
-        + (
-            ": "
-            + "; ".join(
-                f"claim {r['claim']} ({md_escape(r['first'])} vs {md_escape(r['second'])}) {r['outcome']}"
-                for _, r in decided.iterrows()
-            )
-            if len(decided)
-            else ""
-        )
-        + ".",
-        "",
-        _undecided_note(concl),
-        "",
-        "## Results per network",
-        "",
-        "Test top-1/top-5 error on this data, mean ± standard deviation over seeds, beside the paper's "
-        "ImageNet errors (Table 3). The absolute numbers are not comparable across datasets; the "
-        "ordering is what the paper's conclusions are about.",
-        "",
-        _arch_table(summary, improving, links),
-        "",
-        "## The paper's conclusions, tested",
-        "",
-        "Δ is the first net's test top-1 error minus the second's, in points (negative: the first is "
-        "better), with its 95% interval. Nets run on the same seeds are compared seed by seed (paired "
-        "t: a seed fixes the validation split, data order, augmentation and initial weights); "
-        "otherwise Welch's t. 'Better' claims are supported when the first net's error is "
-        f"significantly lower; 'no better' claims when the two are equivalent within ±{margin:g} points "
-        "(two one-sided tests), contradicted when the first net is better, or worse ('it degrades'), by "
-        "more than the margin. p is the deciding outcome's one-sided p; verdicts use Holm's "
-        f"adjustment across the claims below, at {analysis.ALPHA}.",
-        "",
-        _conclusion_table(concl) if not concl.empty else "_No claim has both of its nets in this study._",
-        "",
-        budget_caveat(cfg, concl, improving),
-        "",
-        "### Seeds per network and seed (test top-1 error, %)",
-        "",
-        _seed_table(res, order),
-        "",
-        "### Planning the next study",
-        "",
-        "Not post-hoc power: paired seeds per net that a study needs for 80% power to decide each "
-        f"comparison at the strictest Holm level ({analysis.ALPHA}/{concl.attrs.get('family', 0)}), given the spread of "
-        "the per-seed differences measured here.",
-        "",
-        _plan_table(concl, margin, min_effect),
-        "",
-        *_lrn_section(summary, res),
-    ]
-    if not compute.empty:
-        lines += [
-            "## Compute",
-            "",
-            "Forward FLOPs per image (torch's FlopCounterMode, multiply-add = 2) and images seen in "
-            "training; nets that start from the trained A also count A's training.",
-            "",
-            compute.to_markdown(floatfmt=(",.0f", ",.2f", ",.0f", ",.0f", ",.4f")),
-            "",
-        ]
-    lines += [
-        "### From the designs themselves (no training; computed from the model definitions)",
-        "",
-        design.stack_comparison()
-        .assign(**{"weights saved": lambda d: d["weights saved"].map("{:.1%}".format)})
-        .to_markdown(index=False),
-        "",
-        "Each block halves the feature map and doubles the filters (up to 512): "
-        + ", ".join(f"{a} {'yes' if design.halves_map_doubles_filters(a) else 'no'}" for a in PAPER_STEPS)
-        + ".",
-        "",
-        "## Plots",
-        "",
-        *[f"![{name}]({name})" for name in plots],
-        "",
-    ]
-    if len(not_results):
-        lines += [
-            "## Runs not counted",
-            "",
-            "| run | net | seed | status | reason |",
-            "|---|---|---|---|---|",
-        ]
-        for _, r in not_results.iterrows():
-            status = (
-                "RUNNING (orphaned: its process is gone)"
-                if r["run_id"] in {o["run_id"] for o in orphaned}
-                else r["status"]
-            )
-            reason = r["failure_reason"] if isinstance(r["failure_reason"], str) else ""
-            lines.append(
-                f"| `{r['run_id'][:8]}` | {md_escape(r['net'])} | {r['seed']:.0f} | {status} | {md_escape(reason)} |"
-            )
-        lines.append("")
-    lines += [
-        "## Open these runs in the MLflow dashboard",
-        "",
-        "```bash",
-        "vgg-ablation ui            # = mlflow ui --backend-store-uri <this store>, on 127.0.0.1:5000",
-        "```",
-        "",
-        f"Store: `{md_escape(_display_uri(uri))}`, experiment `{md_escape(experiment)}`. "
-        "Regenerate this report with "
-        f"`vgg-ablation report experiment={md_escape(cfg.study.name)}`.",
-        "",
-    ]
-    path = out_dir / f"{cfg.study.name}.md"
-    text = "\n".join(line for line in lines)
-    _atomic_write(path, lambda p: p.write_text(re.sub(r"\n{3,}", "\n\n", text)))
-    if parent is not None:
-        publish(client, parent.info.run_id, path, [out_dir / name for name in plots], summary, concl)
-    return path
-
-
 def _mlflow_line(cfg: DictConfig, exp, parent) -> str:
     if exp is None:
         return ""
@@ -511,8 +659,6 @@ def _mlflow_line(cfg: DictConfig, exp, parent) -> str:
 
 def _run_links(cfg: DictConfig, experiment_id: str, nets) -> dict[str, str]:
     """Each net's runs in the dashboard: the runs page filtered to its config and arch."""
-    from vgg_ablation.study import needs_scratch_b, scratch_config
-
     links = {}
     for net in nets:
         scratch = net == f"B{analysis.SCRATCH}"
@@ -523,15 +669,13 @@ def _run_links(cfg: DictConfig, experiment_id: str, nets) -> dict[str, str]:
     return links
 
 
-def publish(
-    client, run_id: str, report: Path, plots: list[Path], summary: pd.DataFrame, concl: pd.DataFrame
-) -> None:
+def publish(client, run_id: str, files: list[Path], summary: pd.DataFrame, concl: pd.DataFrame) -> None:
     """The report onto the study's run: the markdown and its plots as artifacts (report/), the
     per-net summary and the verdicts as MLflow tables, each claim's verdict as a tag and its Δ
     and each net's mean error as metrics (comparable across studies in the runs table)."""
     from mlflow.entities import Metric
 
-    for file in [report, *plots]:
+    for file in files:
         client.log_artifact(run_id, str(file), "report")
     client.log_table(run_id, summary.reset_index().rename(columns={"index": "net"}), "summary.json")
     now = int(time.time() * 1000)
@@ -540,7 +684,21 @@ def publish(
         for net, r in summary.iterrows()
     ]
     if not concl.empty:
-        wanted = ["claim", "first", "second", "outcome", "diff", "ci_low", "ci_high", "p", "p_holm", "test"]
+        wanted = [
+            "claim",
+            "first",
+            "second",
+            "margin",
+            "outcome",
+            "detail",
+            "n",
+            "looks",
+            "diff",
+            "level",
+            "ci_low",
+            "ci_high",
+            "notes",
+        ]
         shown = concl[[c for c in wanted if c in concl]]
         client.log_table(run_id, shown, "claims.json")
         for _, r in concl.iterrows():  # a claim may have several comparisons (depth: B-A, D-B, E-D)

@@ -31,6 +31,7 @@ from pytorch_lightning.plugins.environments import LightningEnvironment
 from pytorch_lightning.utilities import rank_zero_only
 
 from vgg_ablation import distributed, tracking
+from vgg_ablation.cells import DEADLINE_ENV, PROGRESS_ENV
 from vgg_ablation.checkpoints import AtomicCheckpointIO, choose_resume
 from vgg_ablation.config import register
 from vgg_ablation.data import make_datamodule
@@ -780,6 +781,10 @@ def task(cfg: DictConfig, multirun: bool) -> float | None:
         run_cell(cfg)
         return None
     progress = Progress.from_env(_job_num() if multirun else 0)
+    deadline = os.environ.get(DEADLINE_ENV)
+    if deadline and time.time() >= float(deadline):  # the study's time limit: start no new cell
+        print(f"{cfg.arch} seed={cfg.seed}: not started (the study's time limit has passed)", flush=True)
+        return None
     if progress:
         # one line per cell as it starts and one as it ends: Lightning's device banner and
         # fit-stopped notes would add five more per cell
@@ -816,8 +821,6 @@ class Progress:
 
     @classmethod
     def from_env(cls, job_num: int) -> Progress | None:
-        from vgg_ablation.study import PROGRESS_ENV
-
         value = os.environ.get(PROGRESS_ENV)
         if not value:
             return None

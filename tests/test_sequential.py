@@ -1,0 +1,190 @@
+"""The stopping rule, checked by simulation: its boundaries against the published z tables, and the
+whole decision procedure (claims, Bonferroni, looks, verdicts: `analysis.replay` itself) on
+thousands of simulated studies whose truth is known."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from vgg_ablation import analysis, sequential
+from vgg_ablation.sequential import CONTRADICTED, NO_RELEVANT_DIFFERENCE, OPEN, SUPPORTED, Rule
+
+# Jennison & Turnbull (2000), Tables 2.1 and 2.3: two-sided alpha 0.05, K equally spaced looks.
+POCOCK = {2: 2.178, 3: 2.289, 4: 2.361, 5: 2.413, 10: 2.555}
+OBRIEN_FLEMING = {2: 1.977, 3: 2.004, 4: 2.024, 5: 2.040, 10: 2.087}
+
+
+@pytest.mark.parametrize("looks", sorted(POCOCK))
+def test_the_engine_reproduces_the_published_z_boundaries(looks):
+    grid = list(range(1, looks + 1))
+    # Monte Carlo on 400,000 studies: the quantile is good to about +-0.005
+    assert sequential.constant_boundary(grid, 0.05, "pocock") == pytest.approx(POCOCK[looks], abs=0.012)
+    assert sequential.constant_boundary(grid, 0.05, "obf") == pytest.approx(OBRIEN_FLEMING[looks], abs=0.012)
+
+
+def test_at_small_n_the_z_constants_would_not_hold_for_t():
+    # 5 looks at 3..11 seeds with an estimated spread: Pocock's z constant applied to the t
+    # statistics rejects a true null far more often than 5%.
+    looks = (3, 5, 7, 9, 11)
+    p = np.array(list(sequential._increments(looks, 100_000, np.random.default_rng(3))))
+    from scipy import stats
+
+    t = np.array([stats.t.isf(pk / 2, n - 1) for pk, n in zip(p, looks, strict=True)])
+    assert np.mean((t > POCOCK[5]).any(0)) > 0.12
+    # calibrated on the t scale, the same design holds its 5%
+    level = 2 * stats.norm.sf(sequential.constant_boundary(list(looks), 0.05, "pocock", known_sd=False))
+    assert np.mean((p <= level).any(0)) == pytest.approx(0.05, abs=0.004)
+
+
+def test_each_look_spends_what_the_spending_function_allows():
+    rule = Rule(0.05, 2, 6, 3, 18)
+    looks = tuple(rule.looks(18))
+    levels = rule.levels(looks)
+    assert looks == (6, 9, 12, 15, 18) and levels[0] == pytest.approx(rule.spent(6))
+    # Fresh random numbers (not the calibration's): first crossings per look, t statistic.
+    p = np.array(list(sequential._increments(looks, 200_000, np.random.default_rng(7))))
+    crossed = p <= np.array(levels)[:, None]
+    first = np.where(crossed.any(0), crossed.argmax(0), -1)
+    spent = [np.mean(first == k) for k in range(len(looks))]
+    allowed = np.diff([0.0, *[rule.spent(n) for n in looks]])
+    assert np.allclose(spent, allowed, atol=4 * math.sqrt(0.025 / 200_000))
+    assert sum(spent) == pytest.approx(0.9 * 0.025, abs=0.0015)  # a tenth kept for a continuation
+    # past the horizon, the reserve: by 2x the horizon, half of it
+    assert rule.spent(36) == pytest.approx(0.025 * (0.9 + 0.1 * 0.5))
+
+
+def test_a_fixed_study_is_one_plain_t_interval():
+    rule = Rule.fixed(0.05, 3, 5)
+    assert rule.levels((5,)) == (pytest.approx(0.05 / 3),) and rule.levels((4,)) == (pytest.approx(0.05 / 3),)
+    d = np.array([-0.3, -0.5, -0.1, -0.4, -0.2])
+    look = sequential.look_at(d, 0.05 / 3, "better", 1.0)
+    from scipy import stats
+
+    half = stats.t.isf(0.05 / 6, 4) * d.std(ddof=1) / math.sqrt(5)
+    assert look.low == pytest.approx(d.mean() - half) and look.code == SUPPORTED
+
+
+def test_verdicts_partition_the_interval_space():
+    m = 1.0
+    assert sequential.verdict("better", -2.0, -0.1, m) == SUPPORTED
+    assert sequential.verdict("better", 0.1, 2.0, m) == CONTRADICTED
+    assert sequential.verdict("better", -0.5, 0.5, m) == NO_RELEVANT_DIFFERENCE
+    assert sequential.verdict("better", -1.5, 0.5, m) == OPEN
+    assert sequential.verdict("better", -0.9, -0.1, m) == SUPPORTED  # a real gain under the margin
+    assert sequential.verdict("no better", -0.9, 3.0, m) == SUPPORTED
+    assert sequential.verdict("no better", -3.0, -1.1, m) == CONTRADICTED
+    assert sequential.verdict("no better", -1.5, 0.5, m) == OPEN
+
+
+# -- the whole procedure, simulated -------------------------------------------------------------------
+DEPTH = [c for c in analysis.CLAIMS if c.key == "depth"]  # B vs A, D vs B: share the net B
+MARGINS = {"depth": 0.01, "lrn": 0.005}
+
+
+def simulate_studies(means, sds, design, comparisons, studies, seed, corr=None):
+    """Run `analysis.replay` on simulated studies: per-seed errors N(mean, sd) per net (optionally
+    correlated across nets), every seed present, the procedure stopping where it stops. Returns
+    each study's outcomes and the seeds each net trained."""
+    rng = np.random.default_rng(seed)
+    nets = list(means)
+    chol = np.linalg.cholesky(corr) if corr is not None else np.eye(len(nets))
+    results = []
+    for _ in range(studies):
+        z = chol @ rng.standard_normal((len(nets), len(design.order)))
+        errors = {
+            n: dict(zip(design.order, means[n] + sds[n] * z[i], strict=True)) for i, n in enumerate(nets)
+        }
+        seen = analysis.Observed(pd.DataFrame(), errors, {}, {n: set(design.order) for n in nets})
+        outcomes = analysis.replay(comparisons, seen, design.order, design.stages, design.rule, MARGINS)
+        results.append(outcomes)
+    return results
+
+
+def wrong(outcome, truth, margin):
+    """Is this verdict wrong, for a true difference `truth`?"""
+    kind, code = outcome.comparison.claim.kind, outcome.code
+    if kind == "better":
+        return (
+            (code == SUPPORTED and truth >= 0)
+            or (code == CONTRADICTED and truth <= 0)
+            or (code == NO_RELEVANT_DIFFERENCE and abs(truth) >= margin)
+        )
+    return (code == SUPPORTED and truth <= -margin) or (code == CONTRADICTED and truth >= -margin)
+
+
+def depth_design(max_seeds=18):
+    tested, _ = analysis.testable(["A", "B", "D"], False, DEPTH)
+    return tested, analysis.make_design(list(range(6)), max_seeds, 3, 0.05, len(tested))
+
+
+def test_family_wise_error_under_the_global_null_is_at_most_alpha():
+    tested, design = depth_design()
+    means = {"A": 0.27, "B": 0.27, "D": 0.27}
+    sds = dict.fromkeys(means, 0.009)
+    studies = simulate_studies(means, sds, design, tested, 3000, seed=1)
+    errors = np.mean([any(wrong(o, 0.0, 0.01) for o in s) for s in studies])
+    # 2 comparisons x 0.025 x 0.9 (a tenth kept) = 0.045 at most; 3,000 studies: +-0.0038 (1 sd)
+    assert errors <= 0.045 + 3 * math.sqrt(0.045 * 0.955 / 3000)
+    assert errors > 0.015  # the error is spent, not wasted: the rule is not needlessly strict
+
+
+def test_worst_cases_at_the_margins_hold_the_error():
+    # A difference of exactly the margin: calling it "no relevant difference" is wrong.
+    tested, design = depth_design()
+    at_edge = simulate_studies(
+        {"A": 0.27, "B": 0.28, "D": 0.29}, dict.fromkeys("ABD", 0.009), design, tested, 2000, 2
+    )
+    rate = np.mean([any(wrong(o, 0.01, 0.01) for o in s) for s in at_edge])
+    assert rate <= 0.045 + 3 * math.sqrt(0.045 / 2000)
+    # LRN better by exactly the margin: "supported" (not better by the margin) is wrong, and so is
+    # "contradicted" (better by more than the margin): both tails can err, at most alpha in all.
+    lrn = [c for c in analysis.CLAIMS if c.key == "lrn"]
+    tested, _ = analysis.testable(["A", "A-LRN"], False, lrn)
+    design = analysis.make_design(list(range(6)), 30, 4, 0.05, 1)
+    studies = simulate_studies(
+        {"A": 0.30, "A-LRN": 0.295}, {"A": 0.007, "A-LRN": 0.007}, design, tested, 2000, 3
+    )
+    rate = np.mean([wrong(s[0], -0.005, 0.005) for s in studies])
+    assert rate <= 0.05 * 0.9 + 3 * math.sqrt(0.045 / 2000)
+
+
+def test_at_the_pilot_spreads_the_depth_study_decides_as_the_docs_say():
+    # facts.md's pilot (full CIFAR-10, width 1/8, BN, 12 epochs): B-A -1.47, D-B +1.13 points,
+    # sd of differences 1.37 and 0.87 (nets' own sd ~0.88, D and B correlated +0.5).
+    tested, design = depth_design()
+    means = {"A": 0.2780, "B": 0.2633, "D": 0.2746}
+    sds = dict.fromkeys(means, 0.00877)
+    corr = np.array([[1, 0, 0], [0, 1, 0.5], [0, 0.5, 1.0]])
+    studies = simulate_studies(means, sds, design, tested, 2000, seed=4, corr=corr)
+    decided = np.array([[o.state == "decided" for o in s] for s in studies])
+    right = np.array([[s[0].code == SUPPORTED, s[1].code == CONTRADICTED] for s in studies])
+    assert decided.mean(0)[0] >= 0.90 and decided.mean(0)[1] >= 0.93  # docs: about 95% and 98%
+    assert right.mean(0)[0] >= 0.88 and right.mean(0)[1] >= 0.92
+    seeds_used = np.mean([max(o.last.n for o in s) for s in studies])
+    assert seeds_used < 13  # stops early on average: the fixed plan would use 18
+
+
+def test_a_true_null_ends_no_relevant_difference_with_enough_seeds():
+    tested, design = depth_design(max_seeds=60)
+    studies = simulate_studies(
+        {"A": 0.27, "B": 0.27, "D": 0.27}, dict.fromkeys("ABD", 0.009), design, tested, 1000, 5
+    )
+    codes = np.array([[o.code for o in s] for s in studies])
+    assert np.mean(codes == NO_RELEVANT_DIFFERENCE) >= 0.9
+    assert np.mean(codes == OPEN) <= 0.02  # the maximum is rarely reached
+
+
+def test_simulate_and_plan_agree_with_the_replay():
+    # The vectorised simulation that plans use is the same rule as the replay.
+    rule = Rule(0.05, 1, 4, 2, 12)
+    codes, used = sequential.simulate("better", -0.01, 0.01, 0.01, rule, 12, studies=4000, seed=0)
+    tested, _ = analysis.testable(["A", "B"], False, [DEPTH[0]])
+    design = analysis.make_design(list(range(4)), 12, 2, 0.05, 1)
+    studies = simulate_studies({"A": 0.30, "B": 0.29}, {"A": 0.01 / math.sqrt(2), "B": 0.01 / math.sqrt(2)}, design,
+                               tested, 2000, 6)  # fmt: skip
+    replayed = np.mean([s[0].code != OPEN for s in studies])
+    assert np.mean(codes != OPEN) == pytest.approx(replayed, abs=0.04)
+    n, mean_used = sequential.plan("better", -0.01, 0.01, 0.01, rule)
+    assert 4 <= n <= 40 and mean_used <= n
