@@ -151,7 +151,7 @@ def test_lrn_under_bf16_autocast_is_computed_in_fp32():
 
 def test_both_benchmark_paths_time_between_the_same_two_syncs(tmp_path):
     from vgg_ablation import bench
-    from vgg_ablation.cli import compose
+    from vgg_ablation.config import compose
 
     cfg = compose(["model.width=0.0625", "data.batch_size=8", "optim.schedule=none", "trainer.progress_bar=false",
                    "data.input_size=32"])  # fmt: skip

@@ -227,7 +227,7 @@ def test_a_moved_folder_keeps_its_cells_and_other_data_gets_new_ones(workdir):
 
 def test_the_task_returns_validation_accuracy_never_test(workdir, monkeypatch):
     """What a sweeper (Optuna, Ax) optimises is the task's return value."""
-    from vgg_ablation.cli import compose
+    from vgg_ablation.config import compose
     from vgg_ablation.train import task
 
     monkeypatch.chdir(workdir)

@@ -161,17 +161,23 @@ def results(runs: pd.DataFrame) -> pd.DataFrame:
     return done
 
 
+def above_chance(acc1: float, test_images: int, num_classes: int) -> tuple[bool, float]:
+    """Did a run learn? Its test top-1 accuracy against 1/classes: a one-sided binomial test at
+    CHANCE_ALPHA; (verdict, p). The run records it (tag `learned`); the report reads that tag."""
+    correct = int(round(acc1 * test_images))
+    p = stats.binomtest(correct, int(test_images), 1 / num_classes, alternative="greater").pvalue
+    return bool(p < CHANCE_ALPHA), float(p)
+
+
 def run_learned(row: pd.Series) -> bool:
-    """The run's own verdict (tag `learned`), else a one-sided binomial test of its test
-    accuracy against 1/classes at CHANCE_ALPHA."""
+    """The run's own verdict (tag `learned`), else `above_chance` on its recorded metrics."""
     tag = row.get("learned")
     if isinstance(tag, str) and tag in ("true", "false"):
         return tag == "true"
     k, n, acc = row.get("num_classes"), row.get("test_images"), row.get("test_acc1")
     if not k or not n or pd.isna(k) or pd.isna(n) or pd.isna(acc):
         return bool(acc > 1.5 / k) if k and not pd.isna(k) else True
-    p = stats.binomtest(int(round(acc * n)), int(n), 1 / k, alternative="greater").pvalue
-    return bool(p < CHANCE_ALPHA)
+    return above_chance(acc, int(n), int(k))[0]
 
 
 def per_arch(res: pd.DataFrame, order: list[str] | None = None) -> pd.DataFrame:

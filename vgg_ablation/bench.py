@@ -99,7 +99,7 @@ def plain_loop(
 ) -> float:
     """Images/s of the textbook loop: forward, cross-entropy, backward, SGD step."""
     torch.manual_seed(0)
-    from vgg_ablation.train import apply_device_flags, is_deterministic
+    from vgg_ablation.build import apply_device_flags, is_deterministic
 
     # the same algorithm choice and device flags as the Lightning path (make_module) sets
     accelerator = "gpu" if device.type == "cuda" else "cpu"
@@ -175,7 +175,7 @@ class _Timer(pl.Callback):
 
 def lightning_path(cfg: DictConfig, arch: str, train_batches, steps: int, warmup: int, tmp: Path) -> float:
     """Images/s of the project's own training step: our Trainer settings, module and callbacks."""
-    from vgg_ablation.train import device_choice, make_module, make_trainer
+    from vgg_ablation.build import device_choice, make_module, make_trainer
 
     accelerator, precision, channels_last = device_choice(cfg)
     torch.manual_seed(0)
@@ -218,8 +218,8 @@ def parse_args(args: list[str]) -> tuple[dict, list[str]]:
 def run_bench(args: list[str]) -> int:
     import tempfile
 
-    from vgg_ablation.cli import compose
-    from vgg_ablation.train import apply_device_flags, device_choice, get_arch_or_error, prepare
+    from vgg_ablation.build import apply_device_flags, arch_of, device_choice, prepare
+    from vgg_ablation.config import compose
 
     options, overrides = parse_args(args)
     if not any(o.startswith("data=") for o in overrides):
@@ -231,7 +231,7 @@ def run_bench(args: list[str]) -> int:
     steps, warmup, rounds = options["steps"], options["warmup"], options["rounds"]
     archs = list(PAPER_STEPS) if options["archs"] == "all" else options["archs"].split(",")
     for a in archs:
-        get_arch_or_error(a)
+        arch_of(a)
     accelerator, precision, channels_last = device_choice(cfg)
     apply_device_flags(cfg, accelerator)  # before the first round: both paths get the same kernels
     device = torch.device("cuda" if accelerator == "gpu" else "cpu")
@@ -343,8 +343,8 @@ def folder_paths(cfg: DictConfig, overrides: list[str], options: dict) -> dict:
       path) vs the same images pre-decoded in memory."""
     import tempfile
 
-    from vgg_ablation.cli import compose
-    from vgg_ablation.train import prepare
+    from vgg_ablation.build import prepare
+    from vgg_ablation.config import compose
 
     base = [o for o in overrides if not o.startswith(("data=", "data.root=", "data.input_size="))]
     base = ["optim.schedule=none", *base, "trainer.progress_bar=false"]

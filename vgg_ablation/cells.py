@@ -8,6 +8,10 @@ here, and nothing here trains or launches anything.
 
 from __future__ import annotations
 
+import hashlib
+import json
+from typing import Any
+
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vgg_ablation import analysis, tracking
@@ -19,6 +23,67 @@ SCRATCH_LABEL = f"B{SCRATCH}"
 # Set by the study for its cells (environment, so that any Hydra launcher carries them):
 PROGRESS_ENV = "VGG_ABLATION_PROGRESS"  # "<cells before this launch>:<cells in the study>:<start time>"
 DEADLINE_ENV = "VGG_ABLATION_DEADLINE"  # epoch seconds after which a cell of the study does not start
+
+
+# Keys that do not change what a run computes: excluded from the fingerprint.
+NON_SEMANTIC = {
+    "arch",
+    "seed",
+    "study.archs",
+    "study.seeds",
+    "study.description",
+    "study.margins",
+    "study.min_effect",
+    "study.max_seeds",
+    "study.seeds_per_look",
+    "study.alpha",
+    "study.time_limit",
+    "logger",
+    "trainer.progress_bar",
+    "trainer.threads",
+    "trainer.compile",  # speed settings: a study resumed with compile on keeps its finished cells
+    "trainer.compile_backend",
+    "data.num_workers",
+    "data.root",
+}
+
+
+def fingerprint(cfg: DictConfig) -> str:
+    """Short hash of everything that changes what a cell computes (not arch, seed, logging).
+    The data enters by its digest (file list and sizes), not its path: a moved folder keeps its
+    cells, different images under the same name get new ones."""
+    from vgg_ablation.data import identify
+
+    flat: dict[str, Any] = {"data.digest": identify(cfg.data).digest}
+
+    def walk(node: Any, prefix: str) -> None:
+        if prefix in NON_SEMANTIC:
+            return
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}.{key}" if prefix else key)
+        else:
+            flat[prefix] = node
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def cell_cfg(cfg: DictConfig, arch: str, seed: int) -> DictConfig:
+    """The config of another cell (arch, seed) of the same study."""
+    cell = cfg.copy()
+    with open_dict(cell):
+        cell.arch, cell.seed = arch, seed
+    return cell
+
+
+def cell_key(cfg: DictConfig) -> str:
+    return f"{cfg.study.name}/{cfg.data.name}/{cfg.arch}/seed={cfg.seed}/{fingerprint(cfg)}"
+
+
+def study_run_key(cfg: DictConfig) -> str:
+    """The tag that finds a study's own run: one per study and config fingerprint."""
+    return f"{cfg.study.name}/{fingerprint(cfg)}"
 
 
 def needs_scratch_b(cfg: DictConfig) -> bool:
@@ -48,9 +113,9 @@ def net_labels(cfg: DictConfig) -> list[str]:
 
 
 def study_fingerprints(cfg: DictConfig) -> list[str]:
-    fps = [tracking.fingerprint(cfg)]
+    fps = [fingerprint(cfg)]
     if needs_scratch_b(cfg):
-        fps.append(tracking.fingerprint(scratch_config(cfg)))
+        fps.append(fingerprint(scratch_config(cfg)))
     return fps
 
 
@@ -111,7 +176,9 @@ def registered_rule(cfg: DictConfig, client=None) -> dict:
     """The params of the study's run (its registered rule among them), {} when it has none."""
     client = client or tracking.client(tracking.tracking_uri(cfg.logger.tracking_uri))
     experiment = client.get_experiment_by_name(tracking.experiment_name(cfg))
-    run = tracking.find_study_run(client, experiment.experiment_id, cfg) if experiment else None
+    run = (
+        tracking.find_study_run(client, experiment.experiment_id, study_run_key(cfg)) if experiment else None
+    )
     return dict(run.data.params) if run else {}
 
 

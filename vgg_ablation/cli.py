@@ -15,9 +15,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from vgg_ablation.config import compose, one_line
 from vgg_ablation.errors import UserError
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 COMMANDS = {
     "summary": "per-layer table of a network: summary arch=D [input_size=224 num_classes=1000 width=1]",
     "train": "one training run (one cell): train arch=C seed=1 data=sample [overrides]",
@@ -34,45 +34,6 @@ def usage() -> str:
     lines = ["usage: vgg-ablation <command> [key=value ...]", "", "commands:"]
     lines += [f"  {name:8s} {text}" for name, text in COMMANDS.items()]
     return "\n".join(lines)
-
-
-def compose(overrides: list[str], config_name: str = "train"):
-    """Compose the config as Hydra will, turning Hydra's errors into one line."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.errors import HydraException, MissingConfigException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from vgg_ablation.config import register
-
-    register()
-    sweep_free = [o for o in overrides if not o.startswith(("hydra.", "hydra/", "--"))]
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return hydra_compose(config_name=config_name, overrides=sweep_free)
-    except MissingConfigException as exc:
-        raise UserError(_missing_choice(exc)) from None
-    except (HydraException, OmegaConfBaseException) as exc:
-        raise UserError(_one_line(exc)) from None
-
-
-def _missing_choice(exc: Exception) -> str:
-    text = str(exc)
-    for group in sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir()):
-        if f"'{group}/" in text:
-            options = sorted(f.stem for f in (CONF_DIR / group).glob("*.yaml"))
-            chosen = text.split(f"'{group}/", 1)[1].split("'", 1)[0]
-            name = "study" if group == "experiment" else group
-            return f"unknown {name} {chosen!r}; choose one of: {', '.join(options)}"
-    return _one_line(exc)
-
-
-def _one_line(exc: BaseException) -> str:
-    parts = [str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__]
-    cause = exc.__cause__
-    if cause is not None and str(cause).strip():
-        parts.append(str(cause).strip().splitlines()[0])
-    return " ".join(parts)
 
 
 def _require_key_value(overrides: list[str]) -> None:
@@ -122,7 +83,7 @@ def cmd_summary(args: list[str]) -> int:
 
 def cmd_train(args: list[str]) -> int:
     from vgg_ablation import tracking
-    from vgg_ablation.train import prepare
+    from vgg_ablation.build import prepare
 
     _require_key_value(args)
     cfg = compose(args)
@@ -216,7 +177,8 @@ def cmd_ui(args: list[str]) -> int:
 
 def _print_study_addresses(study: list[str], uri: str, base: str) -> None:
     from vgg_ablation import tracking
-    from vgg_ablation.study import study_overrides
+    from vgg_ablation.cells import study_run_key
+    from vgg_ablation.config import study_overrides
 
     cfg = compose(study_overrides(study))
     client = tracking.client(uri)
@@ -228,7 +190,7 @@ def _print_study_addresses(study: list[str], uri: str, base: str) -> None:
         )
         return
     print(f"  study {cfg.study.name}, every run: {tracking.runs_url(base, experiment.experiment_id)}")
-    parent = tracking.find_study_run(client, experiment.experiment_id, cfg)
+    parent = tracking.find_study_run(client, experiment.experiment_id, study_run_key(cfg))
     # this config's study run, else every study run of the experiment (other overrides)
     parents = [parent] if parent is not None else client.search_runs(
         [experiment.experiment_id], filter_string=f"tags.{tracking.STUDY_RUN_TAG} LIKE '{cfg.study.name}/%'")  # fmt: skip
@@ -272,7 +234,7 @@ def cmd_sync(args: list[str]) -> int:
         try:
             run_id, sent = sync(journal, uri)
         except MlflowException as exc:
-            raise UserError(f"{journal.path}: the tracking store refused: {_one_line(exc)}") from None
+            raise UserError(f"{journal.path}: the tracking store refused: {one_line(exc)}") from None
         print(f"sent {sent} records to run {run_id}; {journal.path} removed")
     return 0
 

@@ -1,14 +1,22 @@
-"""The typed config schema. Registered in Hydra's ConfigStore, so a misspelt key fails at once.
+"""The typed config schema, and `compose`: the one way any command loads a config.
 
-The YAML files in `conf/` pick values; every field and its default lives here, once.
+The schema is registered in Hydra's ConfigStore, so a misspelt key fails at once. The YAML files
+in the package's `conf/` (the repository's top-level `conf/` and `experiments/` link there) pick
+values; every field and its default lives here, once.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+
+from vgg_ablation.errors import UserError
+
+CONF_DIR = Path(__file__).resolve().parent / "conf"  # inside the package: a wheel carries it
+DEFAULT_STUDY = "sample"
 
 
 @dataclass
@@ -150,3 +158,52 @@ class Config:
 def register() -> None:
     cs = ConfigStore.instance()
     cs.store(name="schema", node=Config)
+
+
+def compose(overrides: list[str], config_name: str = "train"):
+    """Compose the config as Hydra will, turning Hydra's errors into one line."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException, MissingConfigException
+    from omegaconf.errors import OmegaConfBaseException
+
+    register()
+    sweep_free = [o for o in overrides if not o.startswith(("hydra.", "hydra/", "--"))]
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return hydra_compose(config_name=config_name, overrides=sweep_free)
+    except MissingConfigException as exc:
+        raise UserError(_missing_choice(exc)) from None
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise UserError(one_line(exc)) from None
+
+
+def study_overrides(args: list[str]) -> list[str]:
+    """A study's overrides: the user's, with the default study when none is named, and
+    Lightning's per-epoch bars off (a study prints a line per cell; trainer.progress_bar=true,
+    later on the line, wins)."""
+    quiet = ["trainer.progress_bar=false"]
+    experiment = [a for a in args if a.split("=", 1)[0].lstrip("+~") == "experiment"]
+    if not experiment:
+        return [f"experiment={DEFAULT_STUDY}", *quiet, *args]
+    return [*experiment, *quiet, *[a for a in args if a not in experiment]]
+
+
+def _missing_choice(exc: Exception) -> str:
+    text = str(exc)
+    for group in sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir()):
+        if f"'{group}/" in text:
+            options = sorted(f.stem for f in (CONF_DIR / group).glob("*.yaml"))
+            chosen = text.split(f"'{group}/", 1)[1].split("'", 1)[0]
+            name = "study" if group == "experiment" else group
+            return f"unknown {name} {chosen!r}; choose one of: {', '.join(options)}"
+    return one_line(exc)
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception (and its cause) as one line for an `error:` message."""
+    parts = [str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__]
+    cause = exc.__cause__
+    if cause is not None and str(cause).strip():
+        parts.append(str(cause).strip().splitlines()[0])
+    return " ".join(parts)

@@ -119,15 +119,17 @@ def _close_assistant(page) -> None:
 
 def main(argv: list[str]) -> int:
     from vgg_ablation import tracking
-    from vgg_ablation.cli import compose
-    from vgg_ablation.study import study_overrides
+    from vgg_ablation.cells import study_run_key
+    from vgg_ablation.config import compose, study_overrides
 
     out = Path(next((a.split("=", 1)[1] for a in argv if a.startswith("out=")), "reports"))
     study_args = [a for a in argv if not a.startswith("out=")]
     cfg = compose(study_overrides(study_args))
     client = tracking.client(tracking.tracking_uri(cfg.logger.tracking_uri))
     experiment = client.get_experiment_by_name(tracking.experiment_name(cfg))
-    parent = tracking.find_study_run(client, experiment.experiment_id, cfg) if experiment else None
+    parent = (
+        tracking.find_study_run(client, experiment.experiment_id, study_run_key(cfg)) if experiment else None
+    )
     if parent is None:
         print(
             f"error: no study run for {cfg.study.name!r} (this config) in this folder's store",

@@ -68,8 +68,8 @@ class SyncWatch(pl.Callback):
 def count_step_syncs(dry_run: bool) -> dict:
     """Two epochs of A-LRN (the net with every layer kind) on the sample, data on the device,
     bf16 on a GPU: the sync warnings raised inside training steps."""
-    from vgg_ablation.cli import compose
-    from vgg_ablation.train import device_choice, make_module, make_trainer, model_for, prepare
+    from vgg_ablation.build import device_choice, make_module, make_trainer, model_for, prepare
+    from vgg_ablation.config import compose
 
     size = ["model.width=0.0625", "trainer.limit_train_batches=4", "data.batch_size=16"] if dry_run else []
     cfg = compose(["arch=A-LRN", "data=sample", "logger=none", "trainer.max_epochs=2", "trainer.progress_bar=false",

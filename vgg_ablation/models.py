@@ -230,13 +230,22 @@ def lrn_activity(model: nn.Module, batches, max_images: int = 1024) -> dict[str,
 
 
 class Net(nn.Module):
-    """features -> (flatten | global average pool) -> classifier, like torchvision's VGG."""
+    """features -> (flatten | global average pool) -> classifier, like torchvision's VGG. It
+    keeps the Arch it was built from and the head actually built (what a run records)."""
 
-    def __init__(self, features: nn.Sequential, pool: nn.Module, classifier: nn.Sequential):
+    def __init__(
+        self,
+        features: nn.Sequential,
+        pool: nn.Module,
+        classifier: nn.Sequential,
+        arch: Arch | None = None,
+        head: str = "",
+    ):
         super().__init__()
         self.features = features
         self.pool = pool
         self.classifier = classifier
+        self.arch, self.head = arch, head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
@@ -363,7 +372,7 @@ def build_model(
             fc.append(nn.Dropout(dropout))
         flat = h
     fc.append(nn.Linear(flat, num_classes))
-    model = Net(nn.Sequential(*layers), pool, nn.Sequential(*fc))
+    model = Net(nn.Sequential(*layers), pool, nn.Sequential(*fc), spec, head)
     initialise(model, init)
     return model
 

@@ -19,11 +19,13 @@ from vgg_ablation import __version__, analysis, design, tracking
 from vgg_ablation.cells import (
     SCRATCH_LABEL,
     design_of,
+    fingerprint,
     margins_of,
     needs_scratch_b,
     net_labels,
     scratch_config,
     study_fingerprints,
+    study_run_key,
 )
 from vgg_ablation.errors import UserError
 from vgg_ablation.models import PAPER_STEPS
@@ -184,7 +186,7 @@ def gather(cfg: DictConfig, stop_reason: str = "") -> Gathered:
         raise UserError(f"study {cfg.study.name!r} has runs in {uri} but none FINISHED yet")
     client = tracking.client(uri)
     exp = client.get_experiment_by_name(experiment)
-    parent = tracking.find_study_run(client, exp.experiment_id, cfg) if exp else None
+    parent = tracking.find_study_run(client, exp.experiment_id, study_run_key(cfg)) if exp else None
     design = design_of(cfg, dict(parent.data.params) if parent else None)
     summary = analysis.per_arch(res, order=[*cfg.study.archs, SCRATCH_LABEL])
     concl = analysis.conclusions(
@@ -338,7 +340,7 @@ def _verdicts(g: Gathered) -> list[str]:
                 "Δ top-1 err (pts)": "" if not tested or pd.isna(r["diff"]) else f"{100 * r['diff']:+.2f}",
                 "interval the verdict used": _interval(r) if tested else "",
                 "verdict": f"**{md_escape(r['outcome'])}**"
-                + (f" ({md_escape(r['detail'])})" if r["detail"] else ""),
+                + (f" ({md_escape(r['detail'])})" if _text(r, "detail") else ""),
                 "assumed": md_escape(_text(r, "notes")),
             }
         )
@@ -664,7 +666,7 @@ def _run_links(cfg: DictConfig, experiment_id: str, nets) -> dict[str, str]:
         scratch = net == f"B{analysis.SCRATCH}"
         net_cfg = scratch_config(cfg) if scratch and needs_scratch_b(cfg) else cfg
         arch = "B" if scratch else net
-        search = f"tags.fingerprint = '{tracking.fingerprint(net_cfg)}' and params.arch = '{arch}'"
+        search = f"tags.fingerprint = '{fingerprint(net_cfg)}' and params.arch = '{arch}'"
         links[net] = tracking.runs_url(cfg.logger.ui_url, experiment_id, search)
     return links
 

@@ -29,32 +29,24 @@ from vgg_ablation.cells import (
     PROGRESS_ENV,
     SCRATCH_CONTROL,
     SCRATCH_LABEL,
+    cell_cfg,
     cell_configs,
+    cell_key,
     check_registered,
     design_of,
+    fingerprint,
     rule_params,
     study_looks,
+    study_run_key,
 )
+from vgg_ablation.config import compose, study_overrides
 from vgg_ablation.errors import UserError
 from vgg_ablation.models import build_model, get_arch
-
-DEFAULT_STUDY = "sample"
-
-
-def study_overrides(args: list[str]) -> list[str]:
-    """The user's overrides, with the default study when none is named."""
-    # Inside a study, a line per cell tells the progress; Lightning's per-epoch bars are off
-    # unless asked for (trainer.progress_bar=true, later on the line, wins).
-    quiet = ["trainer.progress_bar=false"]
-    if not any(a.split("=", 1)[0].lstrip("+~") == "experiment" for a in args):
-        return [f"experiment={DEFAULT_STUDY}", *quiet, *args]
-    experiment = [a for a in args if a.split("=", 1)[0].lstrip("+~") == "experiment"]
-    return [*experiment, *quiet, *[a for a in args if a not in experiment]]
 
 
 def check_study(cfg: DictConfig):
     """Refuse a study that cannot run, before any job starts; returns its data module."""
-    from vgg_ablation.train import prepare
+    from vgg_ablation.build import prepare
 
     if not cfg.study.archs:
         raise UserError("study.archs is empty: name at least one arch")
@@ -123,7 +115,7 @@ def cell_states(cfg: DictConfig, cells: list[tuple[str, int]] | None = None) -> 
         net_cfg, arch = configs[label], label.split(" ")[0]
         runs = []
         if experiment is not None:
-            key = tracking.cell_key(tracking.cell_cfg(net_cfg, arch, seed))
+            key = cell_key(cell_cfg(net_cfg, arch, seed))
             runs = tracking.runs_of_cell(client, experiment.experiment_id, key)
         finished = [r for r in runs if r.info.status == "FINISHED"]
         run = (finished or runs or [None])[0]
@@ -192,8 +184,6 @@ def launch(
 
 
 def run_study(args: list[str]) -> int:
-    from vgg_ablation.cli import compose
-
     args = study_overrides(args)
     cfg = compose(args)
     datamodule = check_study(cfg)
@@ -206,10 +196,12 @@ def run_study(args: list[str]) -> int:
     client = tracking.client(uri)
     experiment_id = tracking.ensure_experiment(client, tracking.experiment_name(cfg))
     tracking.describe_experiment(client, experiment_id, cfg.study.description)
-    existing = tracking.find_study_run(client, experiment_id, cfg)
+    existing = tracking.find_study_run(client, experiment_id, study_run_key(cfg))
     registered = dict(existing.data.params) if existing else {}
     check_registered(cfg, registered)
-    parent = tracking.open_study_run(client, experiment_id, cfg, {**study_params(cfg), **rule_params(cfg)})
+    parent = tracking.open_study_run(
+        client, experiment_id, cfg, study_run_key(cfg), {**study_params(cfg), **rule_params(cfg)}
+    )
     design = design_of(cfg, registered or None)
     # Pin the store for the jobs, so a relative default cannot drift between processes; every
     # cell becomes a child of the study's run.
@@ -368,5 +360,5 @@ def study_params(cfg: DictConfig) -> dict:
             f"{k}={v:g}" for k, v in OmegaConf.to_container(cfg.study.margins).items()
         ),
         "min_effect_points": cfg.study.min_effect,
-        "fingerprint": tracking.fingerprint(cfg),
+        "fingerprint": fingerprint(cfg),
     }

@@ -1,14 +1,12 @@
 """MLflow: where runs go, how a study's cells are found again, and what a run records.
 
-One MLflow experiment per study (`vgg-ablation/<study>`), one run per cell. A cell is
-(study, data, arch, seed) under one config fingerprint: a re-run of the same command finds its
-cells again by the `cell` tag, skips the FINISHED ones and resumes the others.
+One MLflow experiment per study (`vgg-ablation/<study>`), one run per cell, found again by its
+`cell` tag (what a cell is called lives in cells.py): a re-run of the same command skips the
+FINISHED ones and resumes the others. Nothing here knows about data or models.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import socket
 import subprocess
@@ -17,9 +15,8 @@ import urllib.error
 import urllib.request
 from functools import cache
 from pathlib import Path
-from typing import Any
 
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from vgg_ablation.errors import UserError
 
@@ -30,27 +27,6 @@ os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 EXPERIMENT_PREFIX = "vgg-ablation/"
-# Keys that do not change what a run computes: excluded from the fingerprint.
-NON_SEMANTIC = {
-    "arch",
-    "seed",
-    "study.archs",
-    "study.seeds",
-    "study.description",
-    "study.margins",
-    "study.min_effect",
-    "study.max_seeds",
-    "study.seeds_per_look",
-    "study.alpha",
-    "study.time_limit",
-    "logger",
-    "trainer.progress_bar",
-    "trainer.threads",
-    "trainer.compile",  # speed settings: a study resumed with compile on keeps its finished cells
-    "trainer.compile_backend",
-    "data.num_workers",
-    "data.root",
-}
 
 
 def tracking_uri(configured: str | None) -> str:
@@ -80,39 +56,6 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
 
 def experiment_name(cfg: DictConfig) -> str:
     return EXPERIMENT_PREFIX + cfg.study.name
-
-
-def fingerprint(cfg: DictConfig) -> str:
-    """Short hash of everything that changes what a cell computes (not arch, seed, logging).
-    The data enters by its digest (file list and sizes), not its path: a moved folder keeps its
-    cells, different images under the same name get new ones."""
-    from vgg_ablation.data import identify
-
-    flat: dict[str, Any] = {"data.digest": identify(cfg.data).digest}
-
-    def walk(node: Any, prefix: str) -> None:
-        if prefix in NON_SEMANTIC:
-            return
-        if isinstance(node, dict):
-            for key, value in node.items():
-                walk(value, f"{prefix}.{key}" if prefix else key)
-        else:
-            flat[prefix] = node
-
-    walk(OmegaConf.to_container(cfg, resolve=True), "")
-    return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def cell_cfg(cfg: DictConfig, arch: str, seed: int) -> DictConfig:
-    """The config of another cell (arch, seed) of the same study."""
-    cell = cfg.copy()
-    with open_dict(cell):
-        cell.arch, cell.seed = arch, seed
-    return cell
-
-
-def cell_key(cfg: DictConfig) -> str:
-    return f"{cfg.study.name}/{cfg.data.name}/{cfg.arch}/seed={cfg.seed}/{fingerprint(cfg)}"
 
 
 def client(uri: str):
@@ -277,10 +220,6 @@ def context_tags() -> dict[str, str]:
     return tags
 
 
-def study_run_key(cfg: DictConfig) -> str:
-    return f"{cfg.study.name}/{fingerprint(cfg)}"
-
-
 def describe_experiment(mlflow_client, experiment_id: str, description: str) -> None:
     """The study's description as the experiment's note, and the model-training view."""
     for key, value in {**EXPERIMENT_KIND, "mlflow.note.content": description}.items():
@@ -288,15 +227,16 @@ def describe_experiment(mlflow_client, experiment_id: str, description: str) -> 
             mlflow_client.set_experiment_tag(experiment_id, key, value)
 
 
-def find_study_run(mlflow_client, experiment_id: str, cfg: DictConfig):
+def find_study_run(mlflow_client, experiment_id: str, key: str):
+    """A study's own run, by its key (`cells.study_run_key`: the study and its config)."""
     found = mlflow_client.search_runs(
-        [experiment_id], filter_string=f"tags.{STUDY_RUN_TAG} = '{study_run_key(cfg)}'",
+        [experiment_id], filter_string=f"tags.{STUDY_RUN_TAG} = '{key}'",
         order_by=["attributes.start_time ASC"], max_results=1,
     )  # fmt: skip
     return found[0] if found else None
 
 
-def open_study_run(mlflow_client, experiment_id: str, cfg: DictConfig, params: dict) -> str:
+def open_study_run(mlflow_client, experiment_id: str, cfg: DictConfig, key: str, params: dict) -> str:
     """The study's parent run (one per study and config fingerprint), RUNNING again if it exists.
     Created under the store's lock: two launches of one study get one parent."""
     from mlflow.entities import Param
@@ -305,14 +245,14 @@ def open_study_run(mlflow_client, experiment_id: str, cfg: DictConfig, params: d
     # part of the fingerprint), and MLflow refuses a changed param.
     grid = {"archs": ",".join(cfg.study.archs), "seeds": ",".join(map(str, cfg.study.seeds))}
     with store_lock(mlflow_client.tracking_uri):
-        run = find_study_run(mlflow_client, experiment_id, cfg)
+        run = find_study_run(mlflow_client, experiment_id, key)
         if run is not None:
             mlflow_client.update_run(run.info.run_id, status="RUNNING")
             for key, value in grid.items():
                 mlflow_client.set_tag(run.info.run_id, key, value)
             return run.info.run_id
         tags = {
-            STUDY_RUN_TAG: study_run_key(cfg),
+            STUDY_RUN_TAG: key,
             "study": cfg.study.name,
             "mlflow.note.content": cfg.study.description or f"study {cfg.study.name}",
             **grid,
@@ -321,9 +261,7 @@ def open_study_run(mlflow_client, experiment_id: str, cfg: DictConfig, params: d
         run_id = mlflow_client.create_run(
             experiment_id, tags=tags, run_name=f"study {cfg.study.name}"
         ).info.run_id
-        winner = settle(
-            mlflow_client, experiment_id, f"tags.{STUDY_RUN_TAG} = '{study_run_key(cfg)}'", run_id
-        )
+        winner = settle(mlflow_client, experiment_id, f"tags.{STUDY_RUN_TAG} = '{key}'", run_id)
         if winner.info.run_id != run_id:  # another launch of this study made it a moment earlier
             return winner.info.run_id
     mlflow_client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
