@@ -155,11 +155,18 @@ def test_both_benchmark_paths_time_between_the_same_two_syncs(tmp_path):
 
     cfg = compose(["model.width=0.0625", "data.batch_size=8", "optim.schedule=none", "trainer.progress_bar=false",
                    "data.input_size=32"])  # fmt: skip
+    from vgg_ablation.build import model_for, prepare
+
     batches = bench.synthetic_batches(cfg, torch.device("cpu"), n=2)
+    datamodule, _ = prepare(cfg)
     before = bench.Stopwatch.syncs
-    plain = bench.plain_loop(cfg, "A", batches, 6, 2, torch.device("cpu"), "32-true", False)
+    plain = bench.plain_loop(
+        cfg, model_for(cfg, "A", datamodule), batches, 6, 2, torch.device("cpu"), "32-true", False
+    )
     plain_syncs = bench.Stopwatch.syncs - before
-    lightning = bench.lightning_path(cfg, "A", bench.Cycle(batches, 8), 6, 2, tmp_path)
+    lightning = bench.lightning_path(
+        cfg, model_for(cfg, "A", datamodule), bench.Cycle(batches, 8), 6, 2, tmp_path
+    )
     lightning_syncs = bench.Stopwatch.syncs - before - plain_syncs
     assert plain_syncs == lightning_syncs == 2 and plain > 0 and lightning > 0
 

@@ -9,7 +9,8 @@ Three measurements, interleaved over `rounds` so that a shared machine's drift h
 3. each configuration's training images/s (plain loop), FLOPs per image computed from the model
    definition (torch's FlopCounterMode on the meta device) and, on a GPU, model FLOPs utilisation
    against the device's bf16 dense peak.
-Writes reports/bench-<device>.md and .json.
+`measure` takes them and returns a record; `render` turns a record into the report, computing
+nothing; `write_bench` writes reports/bench-<device>.md and .json.
 """
 
 from __future__ import annotations
@@ -24,41 +25,31 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
+from vgg_ablation.build import (
+    apply_device_flags,
+    arch_of,
+    device_choice,
+    is_deterministic,
+    make_module,
+    make_trainer,
+    model_for,
+    prepare,
+)
+from vgg_ablation.config import compose
 from vgg_ablation.errors import UserError
-from vgg_ablation.models import PAPER_STEPS, build_model, forward_flops
+from vgg_ablation.models import PAPER_STEPS, forward_flops
 
-BENCH_KEYS = {
-    "steps": 30,
-    "warmup": 5,
-    "rounds": 3,
-    "archs": "all",
-    "name": "",
-    "folders": 0,
-    "out": "reports",
-}  # name: file suffix; out: the folder the report goes to
 # bf16 dense tensor-core peaks, TFLOP/s (vendor datasheets), for model FLOPs utilisation.
 PEAK_BF16_TFLOPS = {"H100 SXM": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
-def arch_flops(cfg: DictConfig, arch: str, num_classes: int = 10) -> int:
+def arch_flops(cfg: DictConfig, arch: str, datamodule) -> int:
     """Forward FLOPs per image of `arch` under this config, counted on the meta device."""
     with torch.device("meta"):
-        model = _model(cfg, arch, num_classes)
-    return forward_flops(model, cfg.data.input_size)
-
-
-def _model(cfg: DictConfig, arch: str, num_classes: int):
-    return build_model(
-        arch,
-        num_classes=num_classes,
-        input_size=cfg.data.input_size,
-        width=cfg.model.width,
-        batch_norm=cfg.model.batch_norm,
-        head=cfg.model.head,
-        dropout=cfg.model.dropout,
-    )
+        model = model_for(cfg, arch, datamodule)
+    return forward_flops(model, datamodule.input_size)
 
 
 def peak_tflops(device_name: str) -> float | None:
@@ -69,6 +60,7 @@ def peak_tflops(device_name: str) -> float | None:
 
 
 def synthetic_batches(cfg: DictConfig, device: torch.device, n: int = 8, num_classes: int = 10):
+    """A few random batches of this config's shape, made once (what 'synthetic' means here)."""
     g = torch.Generator().manual_seed(0)
     size, b = cfg.data.input_size, cfg.data.batch_size
     return [
@@ -95,17 +87,14 @@ class Cycle:
 
 
 def plain_loop(
-    cfg: DictConfig, arch: str, batches, steps: int, warmup: int, device, precision: str, channels_last: bool
+    cfg: DictConfig, model, batches, steps: int, warmup: int, device, precision: str, channels_last: bool
 ) -> float:
-    """Images/s of the textbook loop: forward, cross-entropy, backward, SGD step."""
-    torch.manual_seed(0)
-    from vgg_ablation.build import apply_device_flags, is_deterministic
-
+    """Images/s of the textbook loop on `model`: forward, cross-entropy, backward, SGD step."""
     # the same algorithm choice and device flags as the Lightning path (make_module) sets
     accelerator = "gpu" if device.type == "cuda" else "cpu"
     torch.use_deterministic_algorithms(is_deterministic(cfg, accelerator))
     apply_device_flags(cfg, accelerator)
-    model = _model(cfg, arch, 10).to(device)
+    model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.train()
@@ -173,13 +162,10 @@ class _Timer(pl.Callback):
             self.seconds = self.watch.stop()
 
 
-def lightning_path(cfg: DictConfig, arch: str, train_batches, steps: int, warmup: int, tmp: Path) -> float:
-    """Images/s of the project's own training step: our Trainer settings, module and callbacks."""
-    from vgg_ablation.build import device_choice, make_module, make_trainer
-
+def lightning_path(cfg: DictConfig, model, train_batches, steps: int, warmup: int, tmp: Path) -> float:
+    """Images/s of the project's own training step on `model`: our Trainer settings, module and
+    callbacks."""
     accelerator, precision, channels_last = device_choice(cfg)
-    torch.manual_seed(0)
-    model = _model(cfg, arch, 10)
     timer = _Timer(warmup, steps)
     trainer = make_trainer(
         cfg,
@@ -196,40 +182,33 @@ def lightning_path(cfg: DictConfig, arch: str, train_batches, steps: int, warmup
     return timer.images / timer.seconds
 
 
-def parse_args(args: list[str]) -> tuple[dict, list[str]]:
-    options, rest = dict(BENCH_KEYS), []
-    for arg in args:
-        key, _, value = arg.partition("=")
-        if key in BENCH_KEYS:
-            if key in ("archs", "name", "out"):
-                options[key] = value
-                continue
-            try:
-                options[key] = int(value)
-            except ValueError:
-                raise UserError(f"{key} must be an integer, got {value!r}") from None
-            if options[key] < (0 if key == "folders" else 1):
-                raise UserError(f"{key} must be positive, got {value}")
-        else:
-            rest.append(arg)
-    return options, rest
-
-
 def run_bench(args: list[str]) -> int:
-    import tempfile
-
-    from vgg_ablation.build import apply_device_flags, arch_of, device_choice, prepare
-    from vgg_ablation.config import compose
-
-    options, overrides = parse_args(args)
+    """`vgg-ablation bench`: measure, then write the report (bench.* keys in the schema)."""
+    overrides = list(args)
     if not any(o.startswith("data=") for o in overrides):
         overrides = ["data=sample", *overrides]
     if not any(o.startswith("model.width=") for o in overrides):
         overrides.append("model.width=0.125")
     # Throughput only: no validation (so no plateau schedule), no progress bar.
     cfg = compose(["optim.schedule=none", *overrides, "trainer.progress_bar=false"])
-    steps, warmup, rounds = options["steps"], options["warmup"], options["rounds"]
-    archs = list(PAPER_STEPS) if options["archs"] == "all" else options["archs"].split(",")
+    for key in ("steps", "rounds"):
+        if cfg.bench[key] < 1:
+            raise UserError(f"bench.{key} must be positive, got {cfg.bench[key]}")
+    if cfg.bench.warmup < 0:
+        raise UserError(f"bench.warmup must be 0 or more, got {cfg.bench.warmup}")
+    record = measure(cfg, overrides)
+    path = write_bench(record, Path(cfg.bench.out), args)
+    print(f"wrote {path}")
+    return 0
+
+
+def measure(cfg: DictConfig, overrides: list[str]) -> dict:
+    """Every measurement of one benchmark, as a record (what `render` shows, nothing computed there)."""
+    import tempfile
+
+    opts = cfg.bench
+    steps, warmup, rounds = opts.steps, opts.warmup, opts.rounds
+    archs = list(opts.archs) if opts.archs else list(PAPER_STEPS)
     for a in archs:
         arch_of(a)
     accelerator, precision, channels_last = device_choice(cfg)
@@ -241,9 +220,13 @@ def run_bench(args: list[str]) -> int:
         cfg.data.input_size = datamodule.input_size
     if device.type == "cuda" and hasattr(datamodule, "move_to"):
         datamodule.move_to(device)
-    synthetic = synthetic_batches(cfg, device)
-    n_steps = warmup + steps
+    synthetic = synthetic_batches(cfg, device, num_classes=datamodule.num_classes)
     results: dict[str, list[float]] = {"plain": [], "lightning_synthetic": [], "lightning_real": []}
+
+    def fresh(arch: str):  # the same initial weights for every measurement of a net
+        torch.manual_seed(0)
+        return model_for(cfg, arch, datamodule)
+
     print(
         f"bench: arch={cfg.arch} data={cfg.data.name} batch={cfg.data.batch_size} width={cfg.model.width} "
         f"precision={precision} on {device_name}; {rounds} rounds of {steps} steps (+{warmup} warm-up)",
@@ -252,42 +235,22 @@ def run_bench(args: list[str]) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(rounds):
             results["plain"].append(
-                plain_loop(cfg, cfg.arch, synthetic, steps, warmup, device, precision, channels_last)
+                plain_loop(cfg, fresh(cfg.arch), synthetic, steps, warmup, device, precision, channels_last)
             )
+            cycle = Cycle(synthetic, warmup + steps)
             results["lightning_synthetic"].append(
-                lightning_path(cfg, cfg.arch, Cycle(synthetic, n_steps), steps, warmup, Path(tmp))
+                lightning_path(cfg, fresh(cfg.arch), cycle, steps, warmup, Path(tmp))
             )
             real = datamodule.train_dataloader()  # epochs repeat as needed, as in training
-            results["lightning_real"].append(lightning_path(cfg, cfg.arch, real, steps, warmup, Path(tmp)))
+            results["lightning_real"].append(
+                lightning_path(cfg, fresh(cfg.arch), real, steps, warmup, Path(tmp))
+            )
             print(
                 f"  round {r + 1}: " + ", ".join(f"{k} {v[-1]:.0f} img/s" for k, v in results.items()),
                 flush=True,
             )
-        med = {k: statistics.median(v) for k, v in results.items()}
-        per_arch = []
-        for a in archs:
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-            ips = statistics.median(
-                plain_loop(cfg, a, synthetic, steps, warmup, device, precision, channels_last)
-                for _ in range(max(1, rounds - 1))
-            )
-            peak_memory = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-            flops = arch_flops(cfg, a)
-            achieved = 3 * flops * ips  # forward + backward = 3x forward
-            peak = peak_tflops(device_name) if device.type == "cuda" else None
-            per_arch.append(
-                {
-                    "arch": a,
-                    "forward MFLOPs/img": flops / 1e6,
-                    "train img/s": ips,
-                    "achieved TFLOP/s": achieved / 1e12,
-                    "MFU": achieved / (peak * 1e12) if peak else None,
-                    "peak GPU GiB": peak_memory,
-                }
-            )
-            print(f"  {a}: {ips:.0f} img/s, {flops / 1e6:.1f} MFLOPs/img forward", flush=True)
+        per_arch = [per_configuration(cfg, a, fresh, synthetic, device, device_name, precision, channels_last, datamodule)
+                    for a in archs]  # fmt: skip
     # Ratios of measurements taken side by side in the same round, then the median over rounds:
     # a shared machine's drift between rounds cancels out.
     ratios = {
@@ -299,9 +262,54 @@ def run_bench(args: list[str]) -> int:
             for real, syn in zip(results["lightning_real"], results["lightning_synthetic"], strict=True)
         ),
     }
-    folders = folder_paths(cfg, overrides, options) if options["folders"] else None
-    write_bench(cfg, device_name, precision, options, results, med, ratios, per_arch, args, folders)
-    return 0
+    return {
+        "device": device_name,
+        "torch": torch.__version__,
+        "lightning": pl.__version__,
+        "python": platform.python_version(),
+        "settings": {
+            "arch": cfg.arch,
+            "data": cfg.data.name,
+            "batch_size": cfg.data.batch_size,
+            "width": cfg.model.width,
+            "input_size": cfg.data.input_size,
+            "precision": precision,
+            **OmegaConf.to_container(opts),
+        },  # fmt: skip
+        "rounds_img_per_s": results,
+        "median_img_per_s": {k: statistics.median(v) for k, v in results.items()},
+        "ratios": ratios,
+        "per_arch": per_arch,
+        "data_paths": folder_paths(cfg, overrides) if opts.folders else None,
+        "written": time.strftime("%Y-%m-%d %H:%M %Z"),
+    }
+
+
+def per_configuration(
+    cfg, arch, fresh, synthetic, device, device_name, precision, channels_last, datamodule
+) -> dict:
+    """One net's training images/s (plain loop), its FLOPs, and on a GPU its MFU and peak memory."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    steps, warmup = cfg.bench.steps, cfg.bench.warmup
+    ips = statistics.median(
+        plain_loop(cfg, fresh(arch), synthetic, steps, warmup, device, precision, channels_last)
+        for _ in range(max(1, cfg.bench.rounds - 1))
+    )
+    peak_memory = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    flops = arch_flops(cfg, arch, datamodule)
+    achieved = 3 * flops * ips  # forward + backward = 3x forward
+    peak = peak_tflops(device_name) if device.type == "cuda" else None
+    print(f"  {arch}: {ips:.0f} img/s, {flops / 1e6:.1f} MFLOPs/img forward", flush=True)
+    return {
+        "arch": arch,
+        "forward MFLOPs/img": flops / 1e6,
+        "train img/s": ips,
+        "achieved TFLOP/s": achieved / 1e12,
+        "MFU": achieved / (peak * 1e12) if peak else None,
+        "peak GPU GiB": peak_memory,
+    }
 
 
 def _images_per_s(cfg: DictConfig, datamodule, steps: int, warmup: int) -> float:
@@ -309,8 +317,10 @@ def _images_per_s(cfg: DictConfig, datamodule, steps: int, warmup: int) -> float
 
     with open_dict(cfg):
         cfg.data.input_size = datamodule.input_size
+    torch.manual_seed(0)
+    model = model_for(cfg, cfg.arch, datamodule)
     with tempfile.TemporaryDirectory() as tmp:
-        return lightning_path(cfg, cfg.arch, datamodule.train_dataloader(), steps, warmup, Path(tmp))
+        return lightning_path(cfg, model, datamodule.train_dataloader(), steps, warmup, Path(tmp))
 
 
 def _write_folder(root: Path, side: int | None, per_class: int | None = None) -> Path:
@@ -335,7 +345,7 @@ def _write_folder(root: Path, side: int | None, per_class: int | None = None) ->
     return root
 
 
-def folder_paths(cfg: DictConfig, overrides: list[str], options: dict) -> dict:
+def folder_paths(cfg: DictConfig, overrides: list[str]) -> dict:
     """Two data-path ratios, interleaved rounds of the Lightning path, same net and batch:
     - 32 px: the sample laid out as a folder (data=imagefolder, decoded once into memory) vs
       data=sample;
@@ -343,12 +353,9 @@ def folder_paths(cfg: DictConfig, overrides: list[str], options: dict) -> dict:
       path) vs the same images pre-decoded in memory."""
     import tempfile
 
-    from vgg_ablation.build import prepare
-    from vgg_ablation.config import compose
-
     base = [o for o in overrides if not o.startswith(("data=", "data.root=", "data.input_size="))]
     base = ["optim.schedule=none", *base, "trainer.progress_bar=false"]
-    steps, warmup, rounds = options["steps"], options["warmup"], options["rounds"]
+    steps, warmup, rounds = cfg.bench.steps, cfg.bench.warmup, cfg.bench.rounds
     out: dict = {"32px": {"folder": [], "sample": []}, "224px": {"files": [], "in_memory": []}}
     with tempfile.TemporaryDirectory() as tmp:
         small = _write_folder(Path(tmp) / "small", None)
@@ -399,50 +406,44 @@ def folder_paths(cfg: DictConfig, overrides: list[str], options: dict) -> dict:
     return out
 
 
-def write_bench(
-    cfg, device_name, precision, options, results, med, ratios, per_arch, args, folders=None
-) -> Path:
+def write_bench(record: dict, out: Path, args: list[str]) -> Path:
+    """The record as reports/bench-<device>[-name].json and .md."""
+    settings = record["settings"]
+    slug = "cpu" if record["device"].startswith("cpu") else record["device"].lower().replace(" ", "-")
+    if settings["name"]:
+        slug += "-" + settings["name"]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"bench-{slug}.json").write_text(json.dumps(record, indent=2))
+    lines = render(record, args)
+    path = out / f"bench-{slug}.md"
+    path.write_text("\n".join(lines))
+    print("\n".join(lines[6:14]))
+    return path
+
+
+def render(record: dict, args: list[str]) -> list[str]:
+    """The benchmark report's lines, from its record alone."""
     import pandas as pd
 
-    slug = "cpu" if device_name.startswith("cpu") else device_name.lower().replace(" ", "-")
-    if options["name"]:
-        slug += "-" + options["name"]
-    out = Path(options["out"])
-    out.mkdir(parents=True, exist_ok=True)
-    record = {
-        "device": device_name,
-        "torch": torch.__version__,
-        "lightning": pl.__version__,
-        "python": platform.python_version(),
-        "settings": {
-            "arch": cfg.arch,
-            "data": cfg.data.name,
-            "batch_size": cfg.data.batch_size,
-            "width": cfg.model.width,
-            "input_size": cfg.data.input_size,
-            "precision": precision,
-            **options,
-        },
-        "rounds_img_per_s": results,
-        "median_img_per_s": med,
-        "ratios": ratios,
-        "per_arch": per_arch,
-        "data_paths": folders,
-        "written": time.strftime("%Y-%m-%d %H:%M %Z"),
-    }
-    (out / f"bench-{slug}.json").write_text(json.dumps(record, indent=2))
+    s, med, results, ratios = (
+        record["settings"],
+        record["median_img_per_s"],
+        record["rounds_img_per_s"],
+        record["ratios"],
+    )
+    device_name, folders = record["device"], record["data_paths"]
     # On a GPU a 32 px step is short and per-step overhead weighs most: the issue's 0.90 there.
     on_gpu = not device_name.startswith("cpu")
     targets = {"lightning / plain": 0.90 if on_gpu else 0.95, "real data / synthetic": 0.90}
     lines = [
         f"# Training throughput on {device_name}",
         "",
-        f"`vgg-ablation bench {' '.join(args)}` · torch {torch.__version__}, Lightning {pl.__version__}, "
-        f"Python {platform.python_version()} · {record['written']}",
+        f"`vgg-ablation bench {' '.join(args)}` · torch {record['torch']}, Lightning {record['lightning']}, "
+        f"Python {record['python']} · {record['written']}",
         "",
-        f"arch {cfg.arch}, data `{cfg.data.name}`, batch {cfg.data.batch_size}, width x{cfg.model.width}, "
-        f"input {cfg.data.input_size}px, precision {precision}; median of {options['rounds']} interleaved rounds of "
-        f"{options['steps']} steps after {options['warmup']} warm-up steps. Absolute images/s on a shared machine "
+        f"arch {s['arch']}, data `{s['data']}`, batch {s['batch_size']}, width x{s['width']}, "
+        f"input {s['input_size']}px, precision {s['precision']}; median of {s['rounds']} interleaved rounds of "
+        f"{s['steps']} steps after {s['warmup']} warm-up steps. Absolute images/s on a shared machine "
         "vary from run to run; the ratios (per round, side by side, then the median) are the result.",
         "",
         "| path | images/s (median) | rounds |",
@@ -455,40 +456,40 @@ def write_bench(
         "",
         "## Per configuration (plain loop, synthetic batches)",
         "",
-        pd.DataFrame(per_arch).to_markdown(index=False, floatfmt=".3g"),
+        pd.DataFrame(record["per_arch"]).to_markdown(index=False, floatfmt=".3g"),
         "",
         "FLOPs count multiply-adds as 2 (torch's FlopCounterMode); training = 3 x forward. "
         "MFU needs a GPU (bf16 dense peak of the device).",
         "",
     ]
     if folders:
-        targets = {
-            "32 px folder / data=sample": "≥ 0.90",
-            "224 px files (workers) / pre-decoded": "keeps the net fed",
-        }
-        lines += [
-            "## Data paths (Lightning path, same net; interleaved rounds)",
-            "",
-            "32 px: the embedded sample laid out as a user's folder (`data=imagefolder`, decoded once and held "
-            "in memory) against `data=sample`. 224 px: a folder of 256 px JPEGs (the sample's images, "
-            f"re-encoded) decoded per image by {folders['workers']} DataLoader workers (S=256, 224 crops, the "
-            "ImageNet path) against the same images pre-decoded in memory, batch 32.",
-            "",
-            "| path | images/s per round |",
-            "|---|---|",
-            *[
-                f"| {size} {path} | {', '.join(f'{v:.0f}' for v in vals)} |"
-                for size in ("32px", "224px")
-                for path, vals in folders[size].items()
-            ],
-            "",
-            "| ratio | measured (median of rounds) | target |",
-            "|---|---:|---|",
-            *[f"| {k} | {v:.3f} | {targets[k]} |" for k, v in folders["ratios"].items()],
-            "",
-        ]
-    path = out / f"bench-{slug}.md"
-    path.write_text("\n".join(lines))
-    print("\n".join(lines[6:14]))
-    print(f"wrote {path}")
-    return path
+        lines += _render_paths(folders)
+    return lines
+
+
+def _render_paths(folders: dict) -> list[str]:
+    targets = {
+        "32 px folder / data=sample": "≥ 0.90",
+        "224 px files (workers) / pre-decoded": "keeps the net fed",
+    }
+    return [
+        "## Data paths (Lightning path, same net; interleaved rounds)",
+        "",
+        "32 px: the embedded sample laid out as a user's folder (`data=imagefolder`, decoded once and held "
+        "in memory) against `data=sample`. 224 px: a folder of 256 px JPEGs (the sample's images, "
+        f"re-encoded) decoded per image by {folders['workers']} DataLoader workers (S=256, 224 crops, the "
+        "ImageNet path) against the same images pre-decoded in memory, batch 32.",
+        "",
+        "| path | images/s per round |",
+        "|---|---|",
+        *[
+            f"| {size} {path} | {', '.join(f'{v:.0f}' for v in vals)} |"
+            for size in ("32px", "224px")
+            for path, vals in folders[size].items()
+        ],
+        "",
+        "| ratio | measured (median of rounds) | target |",
+        "|---|---:|---|",
+        *[f"| {k} | {v:.3f} | {targets[k]} |" for k, v in folders["ratios"].items()],
+        "",
+    ]

@@ -39,6 +39,7 @@ NON_SEMANTIC = {
     "study.alpha",
     "study.time_limit",
     "logger",
+    "bench",
     "trainer.progress_bar",
     "trainer.threads",
     "trainer.compile",  # speed settings: a study resumed with compile on keeps its finished cells

@@ -1,242 +1,190 @@
-"""`vgg-ablation <command> [key=value ...]`: summary, train, study, report, bench, ui.
+"""`vgg-ablation <command> [key=value ...]`: dispatch, `--help` and `--version`, and the one place
+where a refused input becomes `error: ...` on stderr with exit code 2.
 
-Overrides are Hydra's (`arch=C seed=1 data=cifar10 trainer.max_epochs=30`). Before handing
-over to Hydra, the config is composed once here so that a misspelt key, an unknown choice or an
-impossible value is refused with one line and exit code 2, not a traceback.
+Every command's keys come from a typed schema (config.py): training ones are Hydra overrides
+(`arch=C seed=1 data=cifar10 trainer.max_epochs=30`), the others typed options. `--help` on any
+command prints what it does, its keys with their defaults and an example, and touches nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import inspect
 import logging
-import os
-import signal
-import subprocess
+import re
 import sys
-from pathlib import Path
+from dataclasses import dataclass
 
-from vgg_ablation.config import compose, one_line
 from vgg_ablation.errors import UserError
 
+
+@dataclass(frozen=True)
+class Command:
+    what: str  # one line: what it does
+    usage: str  # the arguments it takes
+    example: str
+    keys: str  # which keys --help lists: "train", "study", "report", "bench" or an options schema's name
+    notes: str = ""
+
+
 COMMANDS = {
-    "summary": "per-layer table of a network: summary arch=D [input_size=224 num_classes=1000 width=1]",
-    "train": "one training run (one cell): train arch=C seed=1 data=sample [overrides]",
-    "study": "the six-step study as a Hydra multirun: study [experiment=sample] [overrides]",
-    "report": "write reports/<study>.md from MLflow: report [experiment=sample]",
-    "bench": "images/s of the training path against plain PyTorch: bench [arch=A data=sample ...]",
-    "ui": "open the MLflow dashboard on this folder's runs (127.0.0.1): ui [port=5000 host=127.0.0.1]",
-    "sync": "send records kept while a tracking store was away: sync [JOURNAL ...] [tracking_uri=URI]",
-    "server": "a lab's shared tracking server, PostgreSQL + MLflow: server [root=lab-server port=5000 host=...]",
+    "summary": Command("the per-layer table of one network (the paper's geometry by default)",
+                       "summary [key=value ...]", "vgg-ablation summary arch=C input_size=32 num_classes=10 width=0.25",
+                       "SummaryOptions"),
+    "train": Command("one training run (one cell of a study), recorded in MLflow",
+                     "train [key=value ...]", "vgg-ablation train arch=C seed=1 trainer.max_epochs=30 optim=cosine",
+                     "train"),
+    "study": Command("a study: every net x seed as a Hydra multirun into one MLflow experiment, then its report",
+                     "study [experiment=NAME] [key=value ...]",
+                     "vgg-ablation study experiment=cifar10-cpu data.root=~/data/cifar10", "study",
+                     "A study with study.max_seeds runs until decided: seeds are added, a look at a time, only "
+                     "to the nets of a comparison still open. Running the same command again continues it."),
+    "report": Command("write reports/<study>.md (with plots and a runs CSV) from the study's MLflow runs",
+                      "report [experiment=NAME] [key=value ...]", "vgg-ablation report experiment=sample", "report"),
+    "bench": Command("training images/s: plain PyTorch against this project's Lightning path, and per net",
+                     "bench [key=value ...]", "vgg-ablation bench arch=A bench.rounds=5 bench.folders=true", "bench"),
+    "ui": Command("MLflow's dashboard on this folder's store; with a study's overrides, where that study is",
+                  "ui [host=... port=...] [experiment=NAME ...]", "vgg-ablation ui experiment=sample", "UiOptions"),
+    "sync": Command("send the records runs kept on disk while their tracking store was away",
+                    "sync [JOURNAL ...] [tracking_uri=URI]",
+                    "vgg-ablation sync checkpoints/<run>/outbox.jsonl", "",
+                    "With no journal named, every outbox.jsonl under ./checkpoints is sent."),
+    "server": Command("a lab's shared tracking server: PostgreSQL + MLflow with logins, under one folder",
+                      "server [key=value ...]", "vgg-ablation server root=/srv/vgg-ablation host=0.0.0.0",
+                      "ServerOptions"),
+}  # fmt: skip
+# The sections of the training config each command's --help lists.
+SECTIONS = {
+    "train": ("arch", "seed", "model", "optim", "data", "trainer", "logger"),
+    "study": ("study",),
+    "report": ("study", "logger.tracking_uri", "logger.ui_url"),
+    "bench": ("bench", "arch", "data.batch_size", "model.width", "trainer.precision"),
 }
 
 
 def usage() -> str:
-    lines = ["usage: vgg-ablation <command> [key=value ...]", "", "commands:"]
-    lines += [f"  {name:8s} {text}" for name, text in COMMANDS.items()]
+    lines = ["usage: vgg-ablation <command> [key=value ...]   (vgg-ablation <command> --help for its keys)",
+             "", "commands:"]  # fmt: skip
+    lines += [f"  {name:8s} {c.what}" for name, c in COMMANDS.items()]
     return "\n".join(lines)
 
 
-def _require_key_value(overrides: list[str]) -> None:
-    for o in overrides:
-        if "=" not in o and not o.startswith("-"):
-            raise UserError(f"expected key=value, got {o!r}")
+def help_text(name: str) -> str:
+    """What a command does, its keys with their defaults (from the schema), an example."""
+    from vgg_ablation import config
+
+    command = COMMANDS[name]
+    lines = [f"usage: vgg-ablation {command.usage}", "", command.what[0].upper() + command.what[1:] + "."]
+    if command.notes:
+        lines += ["", command.notes]
+    if command.keys in SECTIONS:
+        cfg = config.compose(config.study_overrides([]) if command.keys in ("study", "report") else [])
+        if command.keys in ("study", "report"):
+            lines += ["", f"experiment=NAME: the study, one of: {', '.join(config.studies())} "
+                          f"(files in {config.CONF_DIR / 'experiment'}); default {config.DEFAULT_STUDY}"]  # fmt: skip
+        lines += ["", "keys (default):"] + _config_keys(cfg, SECTIONS[command.keys])
+        if command.keys == "study":
+            lines += ["  ... and every key of `vgg-ablation train --help`"]
+    elif command.keys:
+        schema = getattr(config, command.keys)
+        lines += ["", "keys (default):"] + _schema_keys(schema, dataclasses.asdict(schema()))
+    else:
+        lines += [
+            "",
+            "keys:",
+            "  tracking_uri=URI    the store to send to (default: the one each journal names)",
+        ]
+    lines += ["", f"example: {command.example}"]
+    return "\n".join(lines)
 
 
-def cmd_summary(args: list[str]) -> int:
-    import torch
+def _config_keys(cfg, sections: tuple[str, ...]) -> list[str]:
+    from omegaconf import OmegaConf
 
-    from vgg_ablation.design import layer_table
-    from vgg_ablation.models import build_model, get_arch
+    from vgg_ablation import config
 
-    known = {
-        "arch": str,
-        "input_size": int,
-        "num_classes": int,
-        "width": float,
-        "batch_norm": None,
-        "head": str,
-    }
-    options: dict = {}
-    for arg in args:
-        key, _, value = arg.partition("=")
-        if key not in known or not value:
-            raise UserError(f"summary takes {', '.join(k + '=' for k in known)}; got {arg!r}")
-        try:
-            options[key] = value.lower() in ("1", "true", "yes") if known[key] is None else known[key](value)
-        except ValueError:
-            raise UserError(f"{key} must be a number, got {value!r}") from None
-    try:
-        arch = get_arch(options.pop("arch", "D"))
-        size = options.setdefault("input_size", arch.input_size)
-        with torch.device("meta"):
-            model = build_model(arch, **options)
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
-    table = layer_table(model, (arch.in_channels, size, size))
-    table["output shape"] = table["output shape"].map(lambda s: "(None, " + ", ".join(map(str, s)) + ")")
-    shown = table.assign(params=table["params"].map("{:,}".format), total=table["total"].map("{:,}".format))
-    print(f"{arch.name}: {arch.reference}; {arch.depth} weight layers")
-    print(shown.to_markdown(index=False, colalign=("left", "left", "right", "right")))
-    print(f"Total params: {int(table['params'].sum()):,}")
-    return 0
+    flat = _flatten(OmegaConf.to_container(cfg, resolve=False))
+    comments = {}
+    for schema, prefix in _schemas(config.Config):
+        comments.update({f"{prefix}{k}": v for k, v in _field_comments(schema).items()})
+    chosen = [k for k in flat if any(k == s or k.startswith(s + ".") for s in sections)]
+    return [_key_line(k, flat[k], comments.get(k, "")) for k in chosen]
 
 
-def cmd_train(args: list[str]) -> int:
-    from vgg_ablation import tracking
-    from vgg_ablation.build import prepare
-
-    _require_key_value(args)
-    cfg = compose(args)
-    prepare(cfg)  # bad data, shapes, numbers: refused here, before Hydra opens an output folder
-    if cfg.logger.enabled:
-        tracking.check_reachable(tracking.tracking_uri(cfg.logger.tracking_uri))
-    from vgg_ablation import train
-
-    sys.argv = [sys.argv[0], *args]
-    train.main()
-    return 0
+def _schema_keys(schema, defaults: dict) -> list[str]:
+    comments = _field_comments(schema)
+    return [_key_line(k, v, comments.get(k, "")) for k, v in defaults.items()]
 
 
-def cmd_study(args: list[str]) -> int:
-    from vgg_ablation.study import run_study
-
-    _require_key_value(args)
-    return run_study(args)
-
-
-def cmd_report(args: list[str]) -> int:
-    from vgg_ablation.report import write_report
-
-    _require_key_value(args)
-    path = write_report(compose(args))
-    print(f"wrote {path}")
-    return 0
+def _key_line(key: str, value, comment: str) -> str:
+    shown = "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+    comment = re.split(r"\.\s+(?=[A-Z])|; ", comment)[0]  # its first clause: --help is a list, not the docs
+    comment = comment if len(comment) <= 80 else comment[:77] + "..."
+    text = f"  {key}={shown}"
+    return f"{text:40s} {comment}".rstrip() if comment else text
 
 
-def cmd_bench(args: list[str]) -> int:
-    from vgg_ablation.bench import run_bench
-
-    _require_key_value(args)
-    return run_bench(args)
-
-
-def cmd_ui(args: list[str]) -> int:
-    """The MLflow dashboard on this folder's store; with experiment=..., where that study lives."""
-    from vgg_ablation import labserver, tracking
-
-    options = dict(a.partition("=")[::2] for a in args)
-    host, port = options.pop("host", "127.0.0.1"), options.pop("port", "5000")
-    study = [
-        f"{k}={v}"
-        for k, v in options.items()
-        if k == "experiment" or k.startswith(("study.", "data", "model", "optim", "trainer"))
-    ]
-    unknown = [k for k in options if f"{k}={options[k]}" not in study]
-    if unknown:
-        raise UserError(
-            f"ui takes host=, port= and a study's overrides (experiment=...); got {', '.join(unknown)}"
+def _flatten(node, prefix: str = "") -> dict:
+    if not isinstance(node, dict):
+        return {prefix: node}
+    out = {}
+    for key, value in node.items():
+        out.update(
+            _flatten(value, f"{prefix}{key}." if isinstance(value, dict) and value else f"{prefix}{key}")
         )
-    uri = tracking.tracking_uri(None)
-    base = f"http://{host}:{port}"
-    if uri.startswith("sqlite:///") and not os.path.exists(uri.removeprefix("sqlite:///")):
-        tracking.client(uri)  # a new store is created under our lock, not raced by the server
-    # The server starts first (one worker: it answers in a few seconds); the study's addresses are
-    # looked up while it does.
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", port,
-         "--workers", "1"],
-        start_new_session=True,  # its own group: stopping it stops the uvicorn worker it starts
-        env=labserver.server_env(),
-    )  # fmt: skip
-
-    def shutdown() -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-
-    def stop(signum, frame):  # a SIGTERM to this process stops the server too
-        shutdown()
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, stop)
-    try:
-        print(f"MLflow dashboard for {uri} on {base} (Ctrl-C stops it)", flush=True)
-        if study:
-            _print_study_addresses(study, uri, base)
-        return server.wait()
-    except KeyboardInterrupt:
-        shutdown()
-        return 130
-    except BaseException:
-        shutdown()
-        raise
+    return {k.rstrip("."): v for k, v in out.items()}
 
 
-def _print_study_addresses(study: list[str], uri: str, base: str) -> None:
-    from vgg_ablation import tracking
-    from vgg_ablation.cells import study_run_key
-    from vgg_ablation.config import study_overrides
-
-    cfg = compose(study_overrides(study))
-    client = tracking.client(uri)
-    experiment = client.get_experiment_by_name(tracking.experiment_name(cfg))
-    if experiment is None:
-        print(
-            f"  no runs of study {cfg.study.name!r} in {uri} yet: `vgg-ablation study {' '.join(study)}`",
-            flush=True,
-        )
-        return
-    print(f"  study {cfg.study.name}, every run: {tracking.runs_url(base, experiment.experiment_id)}")
-    parent = tracking.find_study_run(client, experiment.experiment_id, study_run_key(cfg))
-    # this config's study run, else every study run of the experiment (other overrides)
-    parents = [parent] if parent is not None else client.search_runs(
-        [experiment.experiment_id], filter_string=f"tags.{tracking.STUDY_RUN_TAG} LIKE '{cfg.study.name}/%'")  # fmt: skip
-    for run in parents:
-        url = tracking.run_url(base, experiment.experiment_id, run.info.run_id)
-        print(f"  the study's run {run.data.tags[tracking.STUDY_RUN_TAG]} (report, verdicts): {url}")
-    sys.stdout.flush()
+def _schemas(schema, prefix: str = ""):
+    yield schema, prefix
+    for f in dataclasses.fields(schema):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            yield from _schemas(type(default), f"{prefix}{f.name}.")
 
 
-def cmd_server(args: list[str]) -> int:
-    from vgg_ablation.labserver import run_server
+def _field_comments(schema) -> dict[str, str]:
+    """Each field's comment in the schema's source: the one on its line, else the block above."""
+    comments, above = {}, []
+    for line in inspect.getsource(schema).splitlines():
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            above.append(stripped.lstrip("# "))
+            continue
+        match = re.match(r"(\w+): [^=]+=.*?(?:  # (.*))?$", stripped)
+        if match:
+            comments[match.group(1)] = match.group(2) or " ".join(above)
+        above = []
+    return comments
 
-    return run_server(args)
+
+def version() -> str:
+    from vgg_ablation import __version__
+    from vgg_ablation.tracking import git_commit
+
+    commit = git_commit()
+    return f"vgg-ablation {__version__}" + (f" (git {commit})" if commit != "unknown" else "")
 
 
-def cmd_sync(args: list[str]) -> int:
-    """Send what runs kept in their outboxes while their tracking store was away: the journals
-    named, else every one under ./checkpoints (the default checkpoint root)."""
-    from vgg_ablation.outbox import JOURNAL, Journal, sync
-
-    uri = None
-    paths = []
-    for arg in args:
-        if arg.startswith("tracking_uri="):
-            uri = arg.partition("=")[2]
-        elif "=" in arg:
-            raise UserError(f"sync takes journal paths and tracking_uri=; got {arg!r}")
-        else:
-            paths.append(Path(arg))
-    journals = [Journal(p.parent if p.name == JOURNAL else p) for p in paths]
-    journals = journals or [Journal(p.parent) for p in sorted(Path("checkpoints").glob(f"*/{JOURNAL}"))]
-    missing = [str(j.path) for j in journals if not j.exists()]
-    if missing:
-        raise UserError(f"no outbox journal at {missing[0]}")
-    if not journals:
-        print("nothing to send: no outbox journal under checkpoints/")
-        return 0
-    from mlflow.exceptions import MlflowException
-
-    for journal in journals:
-        try:
-            run_id, sent = sync(journal, uri)
-        except MlflowException as exc:
-            raise UserError(f"{journal.path}: the tracking store refused: {one_line(exc)}") from None
-        print(f"sent {sent} records to run {run_id}; {journal.path} removed")
-    return 0
+def dispatch(name: str, args: list[str]) -> int:
+    if name == "summary":
+        from vgg_ablation.design import run_summary as run
+    elif name == "train":
+        from vgg_ablation.train import run_train as run
+    elif name == "study":
+        from vgg_ablation.study import run_study as run
+    elif name == "report":
+        from vgg_ablation.report import run_report as run
+    elif name == "bench":
+        from vgg_ablation.bench import run_bench as run
+    elif name == "ui":
+        from vgg_ablation.ui import run_ui as run
+    elif name == "sync":
+        from vgg_ablation.outbox import run_sync as run
+    else:
+        from vgg_ablation.labserver import run_server as run
+    return run(args) or 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -247,12 +195,21 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0
+    if argv[0] == "--version":
+        print(version())
+        return 0
     command, args = argv[0], argv[1:]
-    if command not in COMMANDS:
-        print(f"error: unknown command {command!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
-        return 2
     try:
-        return globals()[f"cmd_{command}"](args) or 0
+        if command not in COMMANDS:
+            raise UserError(f"unknown command {command!r}; choose one of: {', '.join(COMMANDS)}")
+        flags = [a for a in args if a.startswith("-")]
+        if any(f in ("-h", "--help") for f in flags):
+            with contextlib.suppress(BrokenPipeError):  # `... --help | head` is fine
+                print(help_text(command))
+            return 0
+        if flags:
+            raise UserError(f"unknown option {flags[0]!r} for {command}: it takes key=value (see --help)")
+        return dispatch(command, args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -7,6 +7,7 @@ values; every field and its default lives here, once.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -130,8 +131,8 @@ class StudyConfig:
     # it runs until decided: after each look, the nets of every comparison still open get
     # seeds_per_look more seeds (the next ones after the largest), up to max_seeds per net.
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    max_seeds: int | None = None
-    seeds_per_look: int = 3
+    max_seeds: int | None = None  # run until decided, up to this many seeds per net (None: one look)
+    seeds_per_look: int = 3  # seeds added at each later look to the nets of an open comparison
     alpha: float = 0.05  # family-wise error: the chance that any verdict of the report is wrong
     margins: MarginsConfig = field(default_factory=MarginsConfig)
     # Planning only: the smallest gain worth detecting, in points, for sizing the next study (1
@@ -144,6 +145,19 @@ class StudyConfig:
 
 
 @dataclass
+class BenchConfig:
+    """`vgg-ablation bench`: how long to measure, and where the report goes (no run reads these)."""
+
+    steps: int = 30  # timed training steps per measurement
+    warmup: int = 5  # untimed steps before them
+    rounds: int = 3  # interleaved rounds: the median is reported, a shared machine's drift cancels
+    archs: list[str] | None = None  # the nets of the per-configuration table; None: the paper's six
+    name: str = ""  # a suffix for the report's file name (reports/bench-<device>-<name>.md)
+    folders: bool = False  # also measure the data paths (the sample as a folder; 224 px JPEGs)
+    out: str = "reports"  # the folder the report goes to
+
+
+@dataclass
 class Config:
     arch: str = "A"
     seed: int = 0
@@ -153,6 +167,65 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     study: StudyConfig = field(default_factory=StudyConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+
+
+# -- the options of the commands that are not a training config --------------------------------------
+@dataclass
+class SummaryOptions:
+    """`vgg-ablation summary`: a net's per-layer table, the paper's geometry by default."""
+
+    arch: str = "D"  # A, A-LRN, B, C, D, E, B-5x5, lenet, alexnet
+    input_size: int | None = None  # None: the arch's own (224 for the VGGs, 28 LeNet, 227 AlexNet)
+    num_classes: int | None = None  # None: the arch's own (1000; 10 for LeNet)
+    width: float = 1.0  # multiplies every conv and hidden FC
+    batch_norm: bool = False  # BatchNorm after every conv
+    head: str = "auto"  # paper | compact | auto
+
+
+@dataclass
+class UiOptions:
+    """`vgg-ablation ui`: where MLflow's dashboard listens (a study's overrides may follow)."""
+
+    host: str = "127.0.0.1"  # 0.0.0.0 opens it to the network: every run readable by anyone there
+    port: int = 5000
+
+
+@dataclass
+class ServerOptions:
+    """`vgg-ablation server`: a lab's tracking server, PostgreSQL + MLflow, under one folder."""
+
+    root: str = "lab-server"  # the database cluster, the artifacts, the logs and the credentials
+    host: str = "127.0.0.1"  # the address MLflow listens on (0.0.0.0: every interface)
+    port: int = 5000  # MLflow's port
+    db_port: int = 5433  # PostgreSQL's port, on 127.0.0.1 only
+    workers: int = 4  # MLflow server workers
+    pool: int = 32  # database connections per worker: the writers it serves at once
+    allowed_hosts: list[str] = field(default_factory=list)  # more names the server answers to
+
+
+def options(schema: type, args: list[str], command: str):
+    """key=value arguments into a typed schema (OmegaConf: unknown keys and wrong types refused),
+    every error one line."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import ConfigKeyError, ValidationError
+
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if not sep or not key:
+            raise UserError(f"{command}: expected key=value, got {arg!r}")
+    try:
+        return OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.from_dotlist(list(args)))
+    except ConfigKeyError:
+        keys = [f.name for f in dataclasses.fields(schema)]
+        wrong = next(a.split("=", 1)[0] for a in args if a.split("=", 1)[0].split(".")[0] not in keys)
+        raise UserError(f"{command} takes {', '.join(k + '=' for k in keys)}; got {wrong!r}") from None
+    except ValidationError as exc:
+        kind = {int: "a positive whole number", float: "a number", bool: "true or false"}
+        field_type = {f.name: f.type for f in dataclasses.fields(schema)}.get(str(exc.key), "")
+        wanted = next((w for t, w in kind.items() if t.__name__ in str(field_type)), "valid")
+        value = dict(a.split("=", 1) for a in args).get(str(exc.key))
+        raise UserError(f"{exc.key} must be {wanted}, got {value!r}") from None
 
 
 def register() -> None:
@@ -176,6 +249,11 @@ def compose(overrides: list[str], config_name: str = "train"):
         raise UserError(_missing_choice(exc)) from None
     except (HydraException, OmegaConfBaseException) as exc:
         raise UserError(one_line(exc)) from None
+
+
+def studies() -> list[str]:
+    """The studies a user can name with experiment=..."""
+    return sorted(f.stem for f in (CONF_DIR / "experiment").glob("*.yaml"))
 
 
 def study_overrides(args: list[str]) -> list[str]:

@@ -121,3 +121,30 @@ def layer_table(model: nn.Module, input_shape: tuple[int, int, int]) -> pd.DataF
     df = pd.DataFrame(rows)
     df["total"] = df["params"].cumsum()
     return df
+
+
+def run_summary(args: list[str]) -> int:
+    """`vgg-ablation summary`: one net's layers, output shapes and parameters, built on the meta
+    device (no memory, no time), with the paper's total to check against."""
+    import torch
+
+    from vgg_ablation.config import SummaryOptions, options
+    from vgg_ablation.errors import UserError
+    from vgg_ablation.models import build_model, get_arch
+
+    opts = options(SummaryOptions, args, "summary")
+    try:
+        arch = get_arch(opts.arch)
+        size = opts.input_size or arch.input_size
+        with torch.device("meta"):
+            model = build_model(arch, num_classes=opts.num_classes, input_size=size, width=opts.width,
+                                batch_norm=opts.batch_norm, head=opts.head)  # fmt: skip
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    table = layer_table(model, (arch.in_channels, size, size))
+    table["output shape"] = table["output shape"].map(lambda s: "(None, " + ", ".join(map(str, s)) + ")")
+    shown = table.assign(params=table["params"].map("{:,}".format), total=table["total"].map("{:,}".format))
+    print(f"{arch.name}: {arch.reference}; {arch.depth} weight layers")
+    print(shown.to_markdown(index=False, colalign=("left", "left", "right", "right")))
+    print(f"Total params: {int(table['params'].sum()):,}")
+    return 0

@@ -37,15 +37,22 @@ SYNC_WARNING = "called a synchronizing CUDA operation"
 def bench_args(name: str, out: Path, dry_run: bool) -> list[str]:
     """The two bench settings; a dry run keeps their shape and shrinks their size."""
     if name == "d224":
-        real = ["arch=D", "archs=D", "data=synthetic", "data.input_size=224", "data.synthetic_size=1024",
-                "data.batch_size=128", "model.width=1", "model.head=paper", "steps=20", "warmup=8", "rounds=2"]  # fmt: skip
+        real = ["arch=D", "bench.archs=[D]", "data=synthetic", "data.input_size=224", "data.synthetic_size=1024",
+                "data.batch_size=128", "model.width=1", "model.head=paper", "bench.steps=20", "bench.warmup=8",
+                "bench.rounds=2"]  # fmt: skip
         small = ["data.input_size=64", "data.synthetic_size=16", "data.batch_size=4", "model.width=0.0625",
-                 "steps=2", "warmup=1", "rounds=1"]  # fmt: skip
+                 "bench.steps=2", "bench.warmup=1", "bench.rounds=1"]  # fmt: skip
     else:  # e32: the cifar10 study's nets, data on the GPU
-        real = ["arch=E", f"archs={','.join(STUDY_ARCHS)}", "data=sample", "data.batch_size=128",
-                "model.width=1", "steps=60", "warmup=15", "rounds=3"]  # fmt: skip
-        small = ["data.batch_size=8", "model.width=0.0625", "steps=2", "warmup=1", "rounds=1"]
-    return [*real, *(small if dry_run else []), "logger=none", f"name={name}", f"out={out}"]
+        real = ["arch=E", f"bench.archs=[{','.join(STUDY_ARCHS)}]", "data=sample", "data.batch_size=128",
+                "model.width=1", "bench.steps=60", "bench.warmup=15", "bench.rounds=3"]  # fmt: skip
+        small = [
+            "data.batch_size=8",
+            "model.width=0.0625",
+            "bench.steps=2",
+            "bench.warmup=1",
+            "bench.rounds=1",
+        ]
+    return [*real, *(small if dry_run else []), "logger=none", f"bench.name={name}", f"bench.out={out}"]
 
 
 class SyncWatch(pl.Callback):
@@ -126,7 +133,9 @@ def projected_cifar10_hours(per_arch: list[dict], lightning_ratio: float) -> dic
     5,000 validation images per epoch at ~3x the training speed (forward only)."""
     import yaml
 
-    spec = yaml.safe_load((Path(__file__).parent.parent / "experiments" / "cifar10.yaml").read_text())
+    from vgg_ablation.config import CONF_DIR
+
+    spec = yaml.safe_load((CONF_DIR / "experiment" / "cifar10.yaml").read_text())
     speed = {row["arch"]: row["train img/s"] * lightning_ratio for row in per_arch}
     archs, seeds, epochs = spec["study"]["archs"], spec["study"]["seeds"], spec["trainer"]["max_epochs"]
     if any(a not in speed for a in archs):

@@ -170,42 +170,24 @@ def mlflow_server(backend: str, artifacts: Path, host: str, port: int, workers: 
         )  # fmt: skip
 
 
-OPTIONS = {
-    "root": "lab-server",
-    "host": "127.0.0.1",
-    "port": "5000",
-    "db_port": "5433",
-    "workers": "4",
-    "pool": "32",
-}
-
-
-def parse(args: list[str]) -> dict[str, str]:
-    options = dict(OPTIONS)
-    for arg in args:
-        key, sep, value = arg.partition("=")
-        if not sep or key not in OPTIONS or not value:
-            raise UserError(f"server takes {', '.join(k + '=' for k in OPTIONS)}; got {arg!r}")
-        options[key] = value
-    for key in ("port", "db_port", "workers", "pool"):
-        if not options[key].isdigit() or int(options[key]) <= 0:
-            raise UserError(f"{key} must be a positive whole number, got {options[key]!r}")
-    return options
-
-
 def run_server(args: list[str]) -> int:
     """Start PostgreSQL and the MLflow server on it; serve until Ctrl-C or SIGTERM."""
-    options = parse(args)
+    from vgg_ablation.config import ServerOptions, options
+
+    opts = options(ServerOptions, args, "server")
+    for key in ("port", "db_port", "workers", "pool"):
+        if opts[key] <= 0:
+            raise UserError(f"{key} must be a positive whole number, got {opts[key]!r}")
     import importlib.util
 
     if importlib.util.find_spec("psycopg2") is None:
         raise UserError(
             "the lab server needs the PostgreSQL driver: pip install 'vgg-ablation[lab]' (psycopg2-binary)"
         )
-    root = Path(options["root"]).resolve()
+    root = Path(opts.root).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    host, port = options["host"], int(options["port"])
-    database = Postgres(root, int(options["db_port"]))
+    host, port = opts.host, opts.port
+    database = Postgres(root, opts.db_port)
     database.start()
     server = None
 
@@ -215,7 +197,7 @@ def run_server(args: list[str]) -> int:
     signal.signal(signal.SIGTERM, stop)
     try:
         server = mlflow_server(
-            database.uri, root / "artifacts", host, port, int(options["workers"]), int(options["pool"]),
+            database.uri, root / "artifacts", host, port, opts.workers, opts.pool,
             root / "mlflow.log",
         )  # fmt: skip
         url = f"http://{host if host != '0.0.0.0' else socket.gethostname()}:{port}"

@@ -344,3 +344,36 @@ def sync(journal: Journal, tracking_uri: str | None = None) -> tuple[str, int]:
     uri = tracking_uri or header["tracking_uri"]
     tracking.check_reachable(uri)
     return header["run_id"], send_journal(tracking.client(uri), journal)
+
+
+def run_sync(args: list[str]) -> int:
+    """`vgg-ablation sync`: send what runs kept in their outboxes while their tracking store was
+    away: the journals named, else every one under ./checkpoints (the default checkpoint root)."""
+    from mlflow.exceptions import MlflowException
+
+    from vgg_ablation.config import one_line
+    from vgg_ablation.errors import UserError
+
+    uri, paths = None, []
+    for arg in args:
+        if arg.startswith("tracking_uri="):
+            uri = arg.partition("=")[2]
+        elif "=" in arg:
+            raise UserError(f"sync takes journal paths and tracking_uri=; got {arg!r}")
+        else:
+            paths.append(Path(arg))
+    journals = [Journal(p.parent if p.name == JOURNAL else p) for p in paths]
+    journals = journals or [Journal(p.parent) for p in sorted(Path("checkpoints").glob(f"*/{JOURNAL}"))]
+    missing = [str(j.path) for j in journals if not j.exists()]
+    if missing:
+        raise UserError(f"no outbox journal at {missing[0]}")
+    if not journals:
+        print("nothing to send: no outbox journal under checkpoints/")
+        return 0
+    for journal in journals:
+        try:
+            run_id, sent = sync(journal, uri)
+        except MlflowException as exc:
+            raise UserError(f"{journal.path}: the tracking store refused: {one_line(exc)}") from None
+        print(f"sent {sent} records to run {run_id}; {journal.path} removed")
+    return 0

@@ -555,6 +555,15 @@ def write_runs_csv(g: Gathered, path: Path) -> None:
     _atomic_write(path, lambda p: runs.to_csv(p, index=False, float_format="%.6g"))
 
 
+def run_report(args: list[str]) -> int:
+    """`vgg-ablation report`: regenerate a study's report from its MLflow runs alone."""
+    from vgg_ablation.config import compose, study_overrides
+
+    path = write_report(compose(study_overrides(args)))
+    print(f"wrote {path}")
+    return 0
+
+
 def write_report(cfg: DictConfig, out_dir: Path = REPORTS_DIR, stop_reason: str = "") -> Path:
     """reports/<study>.md, its plots and its runs CSV; also onto the study's MLflow run."""
     g = gather(cfg, stop_reason)

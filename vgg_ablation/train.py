@@ -243,6 +243,19 @@ def run_rank(cfg: DictConfig, shared: dict) -> CellResult:
     return result
 
 
+def run_train(args: list[str]) -> int:
+    """`vgg-ablation train`: this task through Hydra, once, writing nothing of Hydra's own (no
+    outputs/ folder). The overrides are composed here first only so that a misspelt key or an
+    unknown choice is one line; data and shapes are checked by the task, before anything is
+    recorded."""
+    from vgg_ablation.config import compose
+
+    compose(args)
+    sys.argv = [sys.argv[0], *args, "hydra.output_subdir=null", "hydra.run.dir=.", "hydra/job_logging=stdout"]
+    main()
+    return 0
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Hydra task: one cell. A failed cell in a sweep is recorded and the sweep goes on."""

@@ -1,0 +1,53 @@
+"""The command line's conventions: --help on every command (touching nothing), --version, one
+`error:` line and exit code 2 for what it refuses."""
+
+import os
+
+import pytest
+
+from vgg_ablation import __version__, cli
+
+
+@pytest.mark.parametrize("command", sorted(cli.COMMANDS))
+def test_help_says_what_a_command_does_its_keys_and_an_example_and_writes_nothing(command, tmp_path, capsys):
+    os.chdir(tmp_path)
+    assert cli.main([command, "--help"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"usage: vgg-ablation {command}") and cli.COMMANDS[command].what[1:] in text
+    assert "example: vgg-ablation " + command in text
+    assert list(tmp_path.iterdir()) == []  # no store, no sweep folder, no report
+    if command in ("train", "bench", "summary", "server", "ui"):
+        assert "keys (default):" in text and "=" in text.split("keys (default):")[1]
+
+
+def test_help_lists_the_schema_defaults_with_their_comments(capsys):
+    cli.main(["study", "--help"])
+    text = capsys.readouterr().out
+    assert "study.max_seeds=null" in text and "study.alpha=0.05" in text
+    assert "experiment=NAME: the study, one of: cifar10, cifar10-cpu" in text
+    cli.main(["train", "-h"])
+    text = capsys.readouterr().out
+    assert "model.width=0.25" in text and "trainer.max_epochs=10" in text
+    line = next(x for x in text.splitlines() if x.strip().startswith("model.batch_norm="))
+    assert "the paper has none" in line
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["train", "--foo"], "error: unknown option '--foo' for train: it takes key=value (see --help)"),
+        (["nope"], "error: unknown command 'nope'; choose one of: summary, train, study"),
+        (["summary", "width=x"], "error: width must be a number, got 'x'"),
+        (["summary", "colour=red"], "error: summary takes arch=, input_size="),
+        (["ui", "port=web"], "error: port must be a positive whole number, got 'web'"),
+    ],
+)
+def test_refused_input_is_one_error_line_and_exit_2(argv, message, capsys):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and len(err.strip().splitlines()) == 1
+
+
+def test_version(capsys):
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith(f"vgg-ablation {__version__}")
