@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from vgg_ablation.data import SAMPLE_ROOT
+from vgg_ablation.datasets import SAMPLE_ROOT
 
 # Tiny but real: a few batches of the embedded sample through the real trainer and store.
 TINY = [

@@ -1,5 +1,8 @@
 """Data modules on real images: the embedded sample, ImageNet-layout folders, bad folders."""
 
+import os
+
+import numpy as np
 import pytest
 import torch
 
@@ -154,7 +157,7 @@ def _folder(root, splits, classes=("airplane", "frog"), per_class=10, mode="RGB"
     """A folder of real sample images, converted to `mode` and resized to `size`."""
     from PIL import Image
 
-    from vgg_ablation.data import SAMPLE_ROOT
+    from vgg_ablation.datasets import SAMPLE_ROOT
 
     for split in splits:
         for cls in classes:
@@ -176,7 +179,7 @@ def test_sizes_follow_the_data_when_unset(tmp_path):
 
 
 def test_non_square_large_images_get_the_paper_sizes_and_file_decoding(tmp_path):
-    root = _folder(tmp_path / "big", ("train", "val"), per_class=3, size=(300, 260))
+    root = _folder(tmp_path / "big", ("train", "val"), per_class=5, size=(300, 260))
     cfg = DataConfig(name="imagefolder", root=str(root), in_memory="off", batch_size=2)
     dm = make_datamodule(cfg, seed=0)
     dm.setup()
@@ -186,7 +189,7 @@ def test_non_square_large_images_get_the_paper_sizes_and_file_decoding(tmp_path)
 
 
 def test_palette_and_rgba_images_become_rgb(tmp_path):
-    from vgg_ablation.data import load_rgb
+    from vgg_ablation.datasets import load_rgb
 
     root = _folder(tmp_path / "p", ("train",), per_class=1, mode="P")
     rgba = _folder(tmp_path / "a", ("train",), per_class=1, mode="RGBA")
@@ -219,7 +222,7 @@ def test_train_only_folder_carves_validation_and_test(tmp_path):
 
 
 def test_digest_follows_the_files_not_the_path(tmp_path):
-    from vgg_ablation.data import identify_folder
+    from vgg_ablation.datasets import identify_folder
 
     root = _folder(tmp_path / "a", ("train", "val"))
     digest = identify_folder(root, "x").digest
@@ -246,7 +249,7 @@ def test_cifar_batches_from_a_local_folder(tmp_path):
     documented pickle format from the sample's images)."""
     import pickle
 
-    from vgg_ablation.data import SAMPLE_ROOT
+    from vgg_ablation.datasets import SAMPLE_ROOT
 
     sample = make_datamodule(DataConfig(name="sample", augment=False), seed=0)
     sample.setup()
@@ -282,3 +285,98 @@ def test_cifar_missing_offline_says_what_to_put_where(tmp_path, monkeypatch):
     text = str(err.value)
     assert "put the folder cifar-10-batches-py/" in text and str(tmp_path / "nothing") in text
     assert "cifar-10-python.tar.gz" in text and "\n" not in text
+
+
+# -- what users' folders hold: safe batches, deep images, folders too small --------------------------
+def test_a_cifar_batch_that_asks_to_run_code_is_refused_in_one_line(tmp_path):
+    import pickle
+
+    from vgg_ablation.datasets import load_batch
+    from vgg_ablation.errors import UserError
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(pickle.dumps({b"data": Payload()}, protocol=2))
+    with pytest.raises(
+        UserError, match=r"is not a CIFAR batch \(it asks to load (posix|os)\.system"
+    ) as caught:
+        load_batch(path)
+    assert "\n" not in str(caught.value) and not marker.exists()
+    # what the format holds loads (numpy arrays of numbers, lists, bytes)
+    good = {b"data": np.arange(12, dtype=np.uint8).reshape(1, 12), b"labels": [3], b"batch_label": b"x"}
+    path.write_bytes(pickle.dumps(good, protocol=2))
+    loaded = load_batch(path)
+    assert loaded[b"labels"] == [3] and loaded[b"data"].dtype == np.uint8
+    # an array of objects is not a CIFAR batch, even when nothing in it runs
+    path.write_bytes(pickle.dumps({b"data": np.array([{"a": 1}], dtype=object)}, protocol=2))
+    with pytest.raises(UserError, match="not a CIFAR batch"):
+        load_batch(path)
+
+
+def _png48(path, rgb16: np.ndarray) -> None:
+    """A 48-bit RGB PNG (16 bits per channel), written by hand: Pillow does not write them."""
+    import struct
+    import zlib
+
+    h, w, _ = rgb16.shape
+    raw = b"".join(b"\x00" + rgb16[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data))
+            + kind
+            + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        )
+
+    header = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
+
+
+def test_deep_images_are_scaled_to_8_bits_never_clipped(tmp_path):
+    from PIL import Image
+
+    from vgg_ablation.datasets import load_rgb
+
+    ramp = (np.arange(48 * 48).reshape(48, 48) * 28).astype(np.uint16)  # 0 .. 64,484
+    Image.fromarray(ramp).save(tmp_path / "g16.png")  # mode I;16: by bit depth, 65535 -> 255
+    gray = np.asarray(load_rgb(tmp_path / "g16.png"))
+    assert gray.shape == (48, 48, 3) and (gray[..., 0] == gray[..., 1]).all()
+    assert np.array_equal(gray[..., 0], np.rint(ramp / 257).astype(np.uint8))
+    assert len(np.unique(gray)) > 200  # a ramp stays a ramp: not white above 255
+    _png48(tmp_path / "c48.png", np.stack([ramp, ramp // 2, ramp // 4], -1))  # 48-bit colour
+    colour = np.asarray(load_rgb(tmp_path / "c48.png"))
+    assert (
+        np.array_equal(colour[..., 1], (ramp // 2 >> 8).astype(np.uint8)) and colour.max() == ramp.max() >> 8
+    )
+    floats = (np.arange(64, dtype=np.float32).reshape(8, 8) - 10) * 1.5  # mode F: by its own range
+    Image.fromarray(floats, mode="F").save(tmp_path / "f.tiff")
+    scaled = np.asarray(load_rgb(tmp_path / "f.tiff"))[..., 0]
+    assert scaled.min() == 0 and scaled.max() == 255
+
+
+def test_a_one_class_folder_and_a_too_small_test_split_are_refused(tmp_path):
+    from vgg_ablation.errors import UserError
+
+    one = _folder(tmp_path / "one", ("train", "val"), classes=("frog",))
+    with pytest.raises(
+        UserError, match=r"dataset folder has 1 class \(frog\): a classifier needs at least 2"
+    ):
+        make_datamodule(DataConfig(name="imagefolder", root=str(one)), 0).setup()
+    tiny = _folder(tmp_path / "tiny", ("train",), per_class=4)  # 2 x 4 images: a test set of 1
+    with pytest.raises(
+        UserError, match="the test split has 1 image for 2 classes: too few to measure anything"
+    ):
+        make_datamodule(DataConfig(name="imagefolder", root=str(tiny)), 0).setup()
+    enough = _folder(tmp_path / "enough", ("train", "val"), per_class=5)  # 5 test images per class
+    make_datamodule(DataConfig(name="imagefolder", root=str(enough)), 0).setup()

@@ -151,7 +151,7 @@ def _sample_as_folder(
     """The embedded sample laid out as a user's folder: train/ = its train, val/ = its test."""
     from PIL import Image
 
-    from vgg_ablation.data import SAMPLE_ROOT
+    from vgg_ablation.datasets import SAMPLE_ROOT
 
     for split, target, limit in (("train", "train", per_class), ("test", "val", val_per_class)):
         for cls_dir in sorted((SAMPLE_ROOT / split).iterdir()):
@@ -162,6 +162,12 @@ def _sample_as_folder(
             for src in sorted(cls_dir.glob("*.jpg"))[:limit]:
                 if mode == "RGB" and size is None:
                     shutil.copy(src, out / src.name)
+                elif mode == "I;16":  # a scientific camera's 16-bit grayscale, the full range used
+                    import numpy as np
+
+                    with Image.open(src) as im:
+                        gray = np.asarray(im.convert("L").resize(size, Image.BICUBIC), dtype=np.uint16)
+                    Image.fromarray(gray * 257).save(out / (src.stem + ".png"))
                 else:
                     with Image.open(src) as im:
                         im.convert(mode).resize(size, Image.BICUBIC).save(out / (src.stem + ".png"))
@@ -207,6 +213,16 @@ def test_a_grayscale_40px_folder_trains_with_nothing_but_its_root(workdir):
     assert run.data.params["input_size"] == "40" and run.data.params["train_scale"] == "40"
     (dataset,) = run.inputs.dataset_inputs
     assert dataset.dataset.name == "gray" and dataset.dataset.digest == run.data.params["data_digest"]
+
+
+def test_a_16_bit_grayscale_folder_trains_above_chance(workdir):
+    # 48x48 16-bit PNGs (mode I;16), 3 classes: read as white before, at chance, FINISHED
+    root = _sample_as_folder(workdir / "g16", ("airplane", "frog", "truck"), per_class=450, mode="I;16",
+                             size=(48, 48), val_per_class=100)  # fmt: skip
+    out = run_cli(["train", "data=imagefolder", f"data.root={root}", "trainer.progress_bar=false"], workdir)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (run,) = all_runs(workdir)
+    assert run.data.tags["learned"] == "true" and run.data.metrics["test/acc1"] > 0.45, run.data.metrics
 
 
 def test_a_moved_folder_keeps_its_cells_and_other_data_gets_new_ones(workdir):

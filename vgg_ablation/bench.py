@@ -330,7 +330,7 @@ def _write_folder(root: Path, side: int | None, per_class: int | None = None) ->
 
     from PIL import Image
 
-    from vgg_ablation.data import SAMPLE_ROOT
+    from vgg_ablation.datasets import SAMPLE_ROOT
 
     for split, target in (("train", "train"), ("test", "val")):
         for cls_dir in sorted((SAMPLE_ROOT / split).iterdir()):

@@ -53,7 +53,7 @@ def fingerprint(cfg: DictConfig) -> str:
     """Short hash of everything that changes what a cell computes (not arch, seed, logging).
     The data enters by its digest (file list and sizes), not its path: a moved folder keeps its
     cells, different images under the same name get new ones."""
-    from vgg_ablation.data import identify
+    from vgg_ablation.datasets import identify
 
     flat: dict[str, Any] = {"data.digest": identify(cfg.data).digest}
 

@@ -1,11 +1,6 @@
-"""Data: where images come from, what the net sees, and which dataset a run used.
+"""Data: what the net sees. The splits, the sizes, the batches, the LightningDataModules.
 
-Sources (`data.name`):
-- sample: the embedded CIFAR-10 sample (a folder inside the package, read like any folder);
-- imagefolder: the user's folder: `train/<class>/...` plus `val/` and/or `test/`, or `train/` alone;
-- cifar10, cifar100: torchvision's extracted python batches in `data.root` (downloaded there when
-  missing and the network allows);
-- synthetic: random images, for throughput checks.
+What is on disk and how it is read lives in datasets.py; here:
 
 Two input paths, chosen by size:
 - In memory: a split decoded once into a uint8 tensor (sample, CIFAR, and any folder whose decoded
@@ -24,235 +19,34 @@ Sizes: what the user leaves unset follows from the data (the median shorter side
 images): small images are kept at their own size (a 40 px dataset is not blown up to 256 px),
 large ones get the paper's S=256, 224 crops, Q=256. Every choice is printed and recorded.
 
-Validation is carved from the training images with a fixed seed (the same for every run of a
-study), never from test; a folder with no test split has its test images carved the same way.
-
-Identity: each dataset has a digest of its file list and sizes (`identify`). The digest, not the
-path, is part of a study's cell key: a moved folder keeps its cells, other data gets new ones.
+Splits (`split_plan`, one policy for both paths): a folder with train/ only has its test images
+carved from train/ first; then the training subset, if asked; then validation is carved from what
+is left, unless the folder has both val/ and test/. Every carve uses a fixed seed: the validation
+split is the same for every run of every study, never taken from test. Splits too small to
+measure anything are refused.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
-import pickle
-import statistics
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from functools import cache
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
-from PIL import Image, UnidentifiedImageError
 
 from vgg_ablation.config import DataConfig
+from vgg_ablation.datasets import CIFAR, Dataset, decode, decoded, identify, load_cifar, load_rgb, median_side
 from vgg_ablation.errors import UserError
 
-SAMPLE_ROOT = Path(__file__).resolve().parent / "sample_data" / "cifar10"
-DATASETS = ("sample", "cifar10", "cifar100", "imagefolder", "synthetic")
 NORMALIZATIONS = ("standard", "paper")
 SPLIT_SEED = 1409  # fixed: every run of every study validates on the same held-out images
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 PAPER_SCALE, PAPER_CROP = 256, 224  # section 3.1: S = Q = 256, 224 x 224 crops
 MIN_SIDE = 32  # VGG's five 2x2 max-pools need at least 32 px
 # A folder is held in memory when its decoded images take less than this share of RAM.
 IN_MEMORY_SHARE = 0.25
-CIFAR = {
-    "cifar10": {
-        "folder": "cifar-10-batches-py",
-        "train": [f"data_batch_{i}" for i in range(1, 6)],
-        "test": ["test_batch"],
-        "meta": ("batches.meta", b"label_names"),
-        "labels": b"labels",
-        "archive": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
-    },
-    "cifar100": {
-        "folder": "cifar-100-python",
-        "train": ["train"],
-        "test": ["test"],
-        "meta": ("meta", b"fine_label_names"),
-        "labels": b"fine_labels",
-        "archive": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
-    },
-}
-
-
-# -- dataset identity ---------------------------------------------------------------------------
-@dataclass
-class Dataset:
-    """What a run trained on: name, digest, where it came from, and how many images per split
-    and class. Built from a listing alone (no decoding), so a study can key its cells on it."""
-
-    name: str
-    digest: str
-    source: str
-    classes: list[str]
-    files: dict[str, list[tuple[Path, int]]] = field(default_factory=dict)  # split -> (path, label)
-    counts: dict[str, dict[str, int]] = field(default_factory=dict)  # split -> class -> images
-    ignored: int = 0  # non-image files found and skipped
-    layout: str = ""  # how the splits were formed, in words
-
-    def profile(self) -> dict:
-        return {
-            "splits": self.counts,
-            "classes": len(self.classes),
-            "layout": self.layout,
-            "ignored_files": self.ignored,
-        }
-
-
-def _digest(lines: list[str]) -> str:
-    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
-
-
-def _list_split(split_dir: Path) -> tuple[dict[str, list[Path]], int]:
-    """Class folder -> image files, and the count of other files (ignored)."""
-    if not split_dir.is_dir():
-        raise UserError(f"dataset folder not found: {split_dir}")
-    by_class: dict[str, list[Path]] = {}
-    ignored = 0
-    for entry in sorted(split_dir.iterdir()):
-        if not entry.is_dir():
-            ignored += 1
-            continue
-        images = []
-        for path in sorted(entry.rglob("*")):
-            if path.is_dir():
-                continue
-            if path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith("."):
-                images.append(path)
-            else:
-                ignored += 1
-        by_class[entry.name] = images
-    if not by_class:
-        raise UserError(f"dataset folder is empty (no class folders): {split_dir}")
-    if not any(by_class.values()):
-        raise UserError(
-            f"dataset folder has no images: {split_dir} ({ignored} non-image files ignored; images end in .jpg, .png, ...)"
-        )
-    return by_class, ignored
-
-
-def _check_same_classes(train: dict, other: dict, train_dir: Path, other_dir: Path) -> None:
-    if sorted(train) != sorted(other):
-        only_train = sorted(set(train) - set(other))
-        only_other = sorted(set(other) - set(train))
-        raise UserError(
-            f"{train_dir.name} and {other_dir.name} have different classes "
-            f"(only in {train_dir.name}: {only_train or '-'}; "
-            f"only in {other_dir.name}: {only_other or '-'})"
-        )
-
-
-def identify_folder(root: Path, name: str) -> Dataset:
-    """List a folder dataset: its splits, classes, files, digest. Raises UserError on a layout it
-    cannot use (missing folder, no classes, classes that differ between splits, no images)."""
-    root = root.expanduser()
-    if not root.is_dir():
-        raise UserError(f"dataset folder not found: {root}")
-    if not (root / "train").is_dir():
-        raise UserError(
-            f"dataset folder has no train/ folder: {root} (expected train/<class>/..., and val/ or test/)"
-        )
-    train, ignored = _list_split(root / "train")
-    empty = [c for c, files in train.items() if not files]
-    if empty:
-        raise UserError(f"class folder with no images: {root / 'train' / empty[0]}")
-    splits = {"train": train}
-    for held_out in ("val", "test"):
-        if (root / held_out).is_dir():
-            listed, more = _list_split(root / held_out)
-            _check_same_classes(train, listed, root / "train", root / held_out)
-            splits[held_out] = listed
-            ignored += more
-    classes = sorted(train)
-    label = {c: i for i, c in enumerate(classes)}
-    files = {s: [(p, label[c]) for c in classes for p in by_class[c]] for s, by_class in splits.items()}
-    lines = []
-    for split, listed in files.items():
-        for path, _ in listed:
-            size = path.stat().st_size
-            if size == 0:
-                raise UserError(f"empty image file (0 bytes): {path}")
-            lines.append(f"{split}/{path.relative_to(root / split).as_posix()}\t{size}")
-    counts = {s: {c: len(by_class[c]) for c in classes} for s, by_class in splits.items()}
-    have = [s for s in ("val", "test") if s in splits]
-    layout = {
-        (): "train/ only: validation and test carved from it",
-        ("val",): "train/ + val/: val/ is the test set (as ImageNet's), validation carved from train/",
-        ("test",): "train/ + test/: validation carved from train/",
-        ("val", "test"): "train/ + val/ + test/",
-    }[tuple(have)]
-    return Dataset(name, _digest(lines), str(root.resolve()), classes, files, counts, ignored, layout)
-
-
-def identify_cifar(name: str, root: Path) -> Dataset:
-    spec = CIFAR[name]
-    folder = root / spec["folder"]
-    parts = [*spec["train"], *spec["test"], spec["meta"][0]]
-    if not all((folder / p).is_file() for p in parts):
-        _download_cifar(name, root)
-    lines = [f"{p}\t{(folder / p).stat().st_size}" for p in parts]
-    meta = _unpickle(folder / spec["meta"][0])
-    classes = [c.decode() for c in meta[spec["meta"][1]]]
-    return Dataset(
-        name,
-        _digest(lines),
-        str(folder.resolve()),
-        classes,
-        layout="train + test batches; validation carved from train",
-    )
-
-
-def _download_cifar(name: str, root: Path) -> None:
-    from torchvision import datasets
-
-    cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
-    try:
-        cls(str(root), train=True, download=True)
-    except (OSError, RuntimeError) as exc:  # URLError is an OSError
-        spec = CIFAR[name]
-        raise UserError(
-            f"{name} not found in {root} and not downloadable ({type(exc).__name__}): put the folder "
-            f"{spec['folder']}/ (from {spec['archive']}) in {root}, or set data.root to the folder holding it"
-        ) from None
-
-
-def _unpickle(path: Path) -> dict:
-    with open(path, "rb") as f:
-        return pickle.load(f, encoding="bytes")
-
-
-def data_root(cfg: DataConfig) -> Path:
-    return Path(cfg.root or os.environ.get("VGG_ABLATION_DATA", "data")).expanduser()
-
-
-@cache
-def _identify_cached(name: str, root: str, synthetic: tuple) -> Dataset:
-    if name == "sample":
-        return identify_folder(SAMPLE_ROOT, "cifar10-sample")
-    if name == "imagefolder":
-        return identify_folder(Path(root), Path(root).resolve().name)
-    if name in CIFAR:
-        return identify_cifar(name, Path(root))
-    n, k, size = synthetic
-    return Dataset(
-        "synthetic", _digest([f"synthetic {n} {k} {size}"]), "generated", [str(i) for i in range(k)]
-    )
-
-
-def identify(cfg: DataConfig) -> Dataset:
-    """The dataset `cfg` names, listed once per process."""
-    if cfg.name not in DATASETS:
-        raise UserError(f"unknown data {cfg.name!r}; choose one of: {', '.join(DATASETS)}")
-    if cfg.name == "imagefolder" and not cfg.root:
-        raise UserError("data=imagefolder needs data.root=<folder with train/ and val/ or test/>")
-    root = str(Path(cfg.root).expanduser()) if cfg.name == "imagefolder" else str(data_root(cfg))
-    return _identify_cached(cfg.name, root, (cfg.synthetic_size, cfg.num_classes, cfg.input_size or 32))
 
 
 # -- sizes --------------------------------------------------------------------------------------
@@ -268,18 +62,6 @@ class Sizes:
     def pad(self) -> int:
         """Random translation when the crop is the whole image (CIFAR's 4 px at 32)."""
         return max(1, self.crop // 8) if self.crop == self.train_scale else 0
-
-
-def _median_side(files: list[tuple[Path, int]], probes: int = 300) -> int:
-    step = max(1, len(files) // probes)
-    sides = []
-    for path, _ in files[::step]:
-        try:
-            with Image.open(path) as im:
-                sides.append(min(im.size))
-        except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-            raise UserError(f"corrupt image: {path} ({type(exc).__name__})") from None
-    return int(statistics.median(sides))
 
 
 def choose_sizes(cfg: DataConfig, native: int | None) -> Sizes:
@@ -303,64 +85,6 @@ def choose_sizes(cfg: DataConfig, native: int | None) -> Sizes:
     return Sizes(s, q, crop, s_max, native)
 
 
-# -- decoding -----------------------------------------------------------------------------------
-def load_rgb(path: Path) -> Image.Image:
-    """Any image as RGB (grayscale, palette and RGBA converted); a clear error when unreadable."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
-                im = im.convert("RGBA")
-                background = Image.new("RGBA", im.size, (255, 255, 255, 255))  # transparent -> white
-                return Image.alpha_composite(background, im).convert("RGB")
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise UserError(f"corrupt image: {path} ({type(exc).__name__})") from None
-
-
-def _square(im: Image.Image, side: int) -> np.ndarray:
-    """Shorter side rescaled to `side`, then the centre side x side square."""
-    w, h = im.size
-    if (w, h) != (side, side):
-        scale = side / min(w, h)
-        im = im.resize((max(side, round(w * scale)), max(side, round(h * scale))), Image.BILINEAR)
-        w, h = im.size
-        left, top = (w - side) // 2, (h - side) // 2
-        im = im.crop((left, top, left + side, top + side))
-    return np.asarray(im)
-
-
-def decode(files: list[tuple[Path, int]], side: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every image of a file list as uint8 NCHW (side x side RGB), and the labels. PIL releases
-    the GIL while decoding, so a thread per core decodes in parallel."""
-    images = np.empty((len(files), side, side, 3), dtype=np.uint8)
-
-    def one(i: int) -> None:
-        images[i] = _square(load_rgb(files[i][0]), side)
-
-    with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
-        list(pool.map(one, range(len(files)), chunksize=256))
-    labels = torch.tensor([label for _, label in files], dtype=torch.long)
-    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), labels
-
-
-@cache
-def _decoded(digest: str, split: str, side: int, files: tuple) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decoded once per process: a sweep runs its jobs in one process. Callers index, never write."""
-    return decode(list(files), side)
-
-
-def _load_cifar(name: str, folder: Path) -> tuple[torch.Tensor, ...]:
-    spec = CIFAR[name]
-    out = []
-    for part in ("train", "test"):
-        batches = [_unpickle(folder / p) for p in spec[part]]
-        x = np.concatenate([b[b"data"] for b in batches]).reshape(-1, 3, 32, 32)
-        y = np.concatenate([np.asarray(b[spec["labels"]]) for b in batches])
-        out += [torch.from_numpy(x).contiguous(), torch.from_numpy(y).long()]
-    return tuple(out)
-
-
 def carve(n: int, fraction: float, salt: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices of the kept part and the carved-off part, the same for every run."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED + salt))
@@ -370,6 +94,54 @@ def carve(n: int, fraction: float, salt: int = 0) -> tuple[torch.Tensor, torch.T
 
 def carve_validation(n: int, fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
     return carve(n, fraction)
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    """Indices into a dataset's training images: what trains, what validates (None: its own
+    val/ folder), what tests (None: its own test/ or val/ folder)."""
+
+    fit: torch.Tensor
+    val: torch.Tensor | None
+    test: torch.Tensor | None
+    notes: tuple[str, ...] = ()
+
+
+def split_plan(n_train: int, has_val: bool, has_test: bool, cfg: DataConfig) -> SplitPlan:
+    """The one split policy. train/ only: test carved from it first (its own seed); then the
+    training subset, if asked; then validation carved from what is left, unless the folder has
+    both val/ and test/ (with val/ alone, val/ is the test set, as ImageNet's)."""
+    kept, test, notes = torch.arange(n_train), None, ()
+    if not has_val and not has_test:
+        keep, held = carve(n_train, cfg.test_fraction, salt=1)
+        kept, test = kept[keep], held
+        notes = (f"test = {len(held):,} images carved from train/ (seed {SPLIT_SEED + 1})",)
+    if cfg.train_subset is not None:
+        order = torch.randperm(len(kept), generator=torch.Generator().manual_seed(SPLIT_SEED))
+        kept = kept[order[: cfg.train_subset]]
+    if has_val and has_test:
+        return SplitPlan(kept, None, test, notes)
+    fit, val = carve(len(kept), cfg.val_fraction)
+    return SplitPlan(kept[fit], kept[val], test, notes)
+
+
+MIN_TEST_PER_CLASS = 5  # below this a test error says nothing (see check_split_sizes)
+
+
+def check_split_sizes(counts: dict[str, int], classes: int) -> None:
+    """Refuse splits too small to mean anything, in one line. The test split needs 5 images per
+    class on average: at fewer, one image moves a class's accuracy by over 20 points, and on 2
+    classes a perfect net cannot even be told from chance (the run's `learned` test, a binomial at
+    1%, needs 7 correct answers out of 7). Validation only picks the best epoch: one image will
+    do; training needs one per class."""
+    need = {"test": MIN_TEST_PER_CLASS * classes, "val": 1, "train": classes}
+    for split in ("train", "val", "test"):
+        if counts[split] < need[split]:
+            raise UserError(
+                f"the {split} split has {counts[split]:,} image{'s' if counts[split] != 1 else ''} for {classes} "
+                f"classes: too few to measure anything (at least {need[split]} here); add images"
+                + (" or a test/ folder" if split == "test" else "")
+            )
 
 
 # -- batches ------------------------------------------------------------------------------------
@@ -573,13 +345,13 @@ class InMemoryData(_Common):
                 raise UserError(
                     f"{cfg.name} images are 32x32: leave data.input_size/train_scale/test_scale unset or 32"
                 )
-            train_x, train_y, test_x, test_y = _load_cifar(cfg.name, Path(ds.source))
+            train_x, train_y, test_x, test_y = load_cifar(cfg.name, Path(ds.source))
             return {"train": (train_x, train_y), "test": (test_x, test_y)}
-        self.sizes = choose_sizes(cfg, _median_side(ds.files["train"]))
+        self.sizes = choose_sizes(cfg, median_side(ds.files["train"]))
         out = {}
         for split, files in ds.files.items():
             side = self.sizes.train_scale if split == "train" else self.sizes.test_scale
-            out[split] = _decoded(ds.digest, split, side, tuple(files))
+            out[split] = decoded(ds.digest, split, side, tuple(files))
         return out
 
     def setup(self, stage: str | None = None) -> None:
@@ -587,27 +359,22 @@ class InMemoryData(_Common):
             return
         raw = self._load()
         train_x, train_y = raw["train"]
-        if "test" not in raw and "val" in raw:  # train/ + val/: val/ is the test set
-            raw["test"] = raw.pop("val")
-        if "test" not in raw:  # train/ only: carve the test set first, then validation
-            keep, held = carve(len(train_y), self.cfg.test_fraction, salt=1)
-            raw["test"] = self._at_test_scale(train_x[held]), train_y[held]
-            train_x, train_y = train_x[keep], train_y[keep]
-            self.notes.append(f"test = {len(held):,} images carved from train/ (seed {SPLIT_SEED + 1})")
-        if self.cfg.train_subset is not None:
-            keep = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(SPLIT_SEED))
-            train_x, train_y = train_x[keep[: self.cfg.train_subset]], train_y[keep[: self.cfg.train_subset]]
-        if "val" in raw:
-            fit_x, fit_y, val = train_x, train_y, raw["val"]
+        plan = split_plan(len(train_y), "val" in raw, "test" in raw, self.cfg)
+        self.notes += plan.notes
+        if plan.test is not None:
+            test_x, test_y = self._at_test_scale(train_x[plan.test]), train_y[plan.test]
         else:
-            fit_idx, val_idx = carve(len(train_y), self.cfg.val_fraction)
-            fit_x, fit_y = train_x[fit_idx], train_y[fit_idx]
-            val = self._at_test_scale(train_x[val_idx]), train_y[val_idx]
+            test_x, test_y = raw.get("test", raw.get("val"))
+        if plan.val is not None:
+            val = self._at_test_scale(train_x[plan.val]), train_y[plan.val]
+        else:
+            val = raw["val"]
+        fit_x, fit_y = train_x[plan.fit], train_y[plan.fit]
         # Test in a fixed shuffled order, so a limited evaluation still sees every class.
-        test_x, test_y = raw["test"]
         order = torch.randperm(len(test_y), generator=torch.Generator().manual_seed(SPLIT_SEED))
-        self.mean, self.std, self.pixel_std = normalisation(self.cfg.normalize, fit_x)
         self.splits = {"train": (fit_x, fit_y), "val": val, "test": (test_x[order], test_y[order])}
+        check_split_sizes(self.split_counts(), self.num_classes)
+        self.mean, self.std, self.pixel_std = normalisation(self.cfg.normalize, fit_x)
         self._loaded = True
 
     def _at_test_scale(self, x: torch.Tensor) -> torch.Tensor:
@@ -693,24 +460,19 @@ class FileData(_Common):
         from torchvision import transforms
 
         cfg, ds = self.cfg, self.dataset
-        self.sizes = s = choose_sizes(cfg, _median_side(ds.files["train"]))
+        self.sizes = s = choose_sizes(cfg, median_side(ds.files["train"]))
         train_files = ds.files["train"]
-        if "val" not in ds.files and "test" not in ds.files:
-            keep, held = carve(len(train_files), cfg.test_fraction, salt=1)
-            test_files = [train_files[i] for i in held.tolist()]
-            train_files = [train_files[i] for i in keep.tolist()]
-            self.notes.append(f"test = {len(test_files):,} images carved from train/")
-        else:
-            test_files = ds.files.get("test", ds.files.get("val"))
-        if cfg.train_subset is not None:
-            perm = torch.randperm(len(train_files), generator=torch.Generator().manual_seed(SPLIT_SEED))
-            train_files = [train_files[i] for i in perm[: cfg.train_subset].tolist()]
-        if "val" in ds.files and "test" in ds.files:
-            fit_files, val_files = train_files, ds.files["val"]
-        else:
-            fit_idx, val_idx = carve(len(train_files), cfg.val_fraction)
-            fit_files = [train_files[i] for i in fit_idx.tolist()]
-            val_files = [train_files[i] for i in val_idx.tolist()]
+        plan = split_plan(len(train_files), "val" in ds.files, "test" in ds.files, cfg)
+        self.notes += plan.notes
+
+        def pick(indices: torch.Tensor) -> list:
+            return [train_files[i] for i in indices.tolist()]
+
+        test_files = pick(plan.test) if plan.test is not None else ds.files.get("test", ds.files.get("val"))
+        val_files = pick(plan.val) if plan.val is not None else ds.files["val"]
+        fit_files = pick(plan.fit)
+        counts = {"train": len(fit_files), "val": len(val_files), "test": len(test_files)}
+        check_split_sizes(counts, len(ds.classes))
         probe = decode(fit_files[:: max(1, len(fit_files) // 2000)], min(s.crop, 64))
         self.mean, self.std, self.pixel_std = normalisation(cfg.normalize, probe[0])
         normalise = transforms.Normalize(self.mean.tolist(), self.std.tolist())
@@ -776,7 +538,7 @@ def fits_in_memory(cfg: DataConfig, ds: Dataset) -> bool:
     count and the sizes it would be stored at (the headers of a few hundred files)."""
     if cfg.in_memory in ("on", "off"):
         return cfg.in_memory == "on"
-    sizes = choose_sizes(cfg, _median_side(ds.files["train"], probes=50))
+    sizes = choose_sizes(cfg, median_side(ds.files["train"], probes=50))
     n = sum(len(f) for f in ds.files.values())
     return n * 3 * max(sizes.train_scale, sizes.test_scale) ** 2 < IN_MEMORY_SHARE * _memory_bytes()
 
