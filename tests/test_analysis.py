@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from vgg_ablation import analysis, sequential
+from vgg_ablation import analysis, runtable, sequential
 from vgg_ablation.analysis import Claim
 
 DEPTH = {"A": 11, "A-LRN": 11, "B": 13, "C": 16, "D": 16, "E": 19, "B-5x5": 8}
@@ -63,7 +63,7 @@ def conclude(errors, claims=analysis.CLAIMS, margins=None, status=None, alpha=0.
         claims=claims,
         **kwargs,
     )
-    return table.set_index("statement"), analysis.per_arch(analysis.results(raw), order=list(errors))
+    return table.set_index("statement"), analysis.per_arch(runtable.results(raw), order=list(errors))
 
 
 MARGINS = {
@@ -215,8 +215,8 @@ def test_small_filters_compare_like_with_like():
     raw = runs(errors, init={"B": "from_A"})
     scratch = raw[raw["arch"] == "B"].assign(init="kaiming", test_err1=[0.33, 0.34], run_id=["s0", "s1"])
     tidy = pd.concat([raw, scratch], ignore_index=True).drop(columns="net")
-    tidy["net"] = analysis.tidy(_as_mlflow(tidy))["net"]
-    summary = analysis.per_arch(analysis.results(tidy))
+    tidy["net"] = runtable.tidy(_as_mlflow(tidy))["net"]
+    summary = analysis.per_arch(runtable.results(tidy))
     assert "B (scratch)" in summary.index
     nets = ["A", "B", "B-5x5", "B (scratch)"]
     design = analysis.make_design([0, 1], None, 0, 0.05, 1)
@@ -228,14 +228,14 @@ def test_small_filters_compare_like_with_like():
 def _as_mlflow(df: pd.DataFrame) -> pd.DataFrame:
     """A tidy frame back in search_runs' column names (what `tidy` reads)."""
     raw = pd.DataFrame({"run_id": df["run_id"], "status": df["status"]})
-    for source, name in analysis.RUN_COLUMNS.items():
+    for source, name in runtable.RUN_COLUMNS.items():
         if name in df:
             raw[source] = df[name].astype(str) if source.startswith("params.") else df[name]
     return raw
 
 
 def test_learned_from_the_binomial_test_when_untagged():
-    res = analysis.results(runs({"A": [0.60, 0.895]}, test_images=1000))
+    res = runtable.results(runs({"A": [0.60, 0.895]}, test_images=1000))
     assert list(res.sort_values("seed")["learned"]) == [True, False]
 
 
@@ -250,12 +250,12 @@ def test_only_finished_runs_with_test_metrics_count_once_per_cell():
     extra = df.iloc[[0]].assign(run_id="dup-old", test_err1=0.9, start_time=pd.Timestamp(2025, 1, 1))
     failed = df.iloc[[1]].assign(run_id="failed", status="FAILED", test_err1=np.nan)
     running = df.iloc[[1]].assign(run_id="running", status="RUNNING", test_err1=0.1)
-    res = analysis.results(pd.concat([df, extra, failed, running]))
+    res = runtable.results(pd.concat([df, extra, failed, running]))
     assert sorted(res["run_id"]) == ["A-0", "A-1"]
 
 
 def test_per_arch_in_paper_order_with_spread():
-    summary = analysis.per_arch(analysis.results(runs({"B": [0.3, 0.5], "A": [0.4, 0.4]})), ["A", "B"])
+    summary = analysis.per_arch(runtable.results(runs({"B": [0.3, 0.5], "A": [0.4, 0.4]})), ["A", "B"])
     assert list(summary.index) == ["A", "B"]
     assert summary.loc["B", "top1_err_mean"] == pytest.approx(0.4)
     assert summary.loc["B", "top1_err_std"] == pytest.approx(np.std([0.3, 0.5], ddof=1))
@@ -287,7 +287,7 @@ def test_claim_directions_follow_the_paper():
 
 
 def test_markdown_escaping_of_run_supplied_text():
-    from vgg_ablation.report import md_escape
+    from vgg_ablation.report_sections import md_escape
 
     hostile = "boom | <script>alert(1)</script> *bold* [link](http://x) `code`\nnext"
     escaped = md_escape(hostile)

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from vgg_ablation.batches import IGNORE, TensorBatches
 from vgg_ablation.config import DataConfig
-from vgg_ablation.data import IGNORE, InMemoryData, TensorBatches, carve_validation, make_datamodule
+from vgg_ablation.data import InMemoryData, carve_validation, make_datamodule
 from vgg_ablation.errors import UserError
 
 from .conftest import make_imagefolder

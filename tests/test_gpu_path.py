@@ -12,8 +12,8 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from vgg_ablation.batches import IGNORE, TensorBatches
 from vgg_ablation.config import OptimConfig
-from vgg_ablation.data import IGNORE, TensorBatches
 from vgg_ablation.models import AlexNetLRN, build_model
 from vgg_ablation.module import Classifier, FiniteCheck, NonFiniteLoss
 

@@ -167,7 +167,7 @@ def test_sigterm_checkpoints_marks_killed_and_exits_nonzero_then_resumes(workdir
     os.kill(int(victim.data.tags["pid"]), signal.SIGTERM)  # what a cluster sends before preempting
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode not in (0, None), output[-2000:]
-    assert "re-run to resume" in output
+    assert "run the same command again to resume" in output
     killed = MlflowClient(store_uri(workdir)).get_run(victim.info.run_id)
     assert killed.info.status == "KILLED"
     assert killed.data.tags["failure_reason"].startswith("SIGTERM received")
@@ -177,6 +177,52 @@ def test_sigterm_checkpoints_marks_killed_and_exits_nonzero_then_resumes(workdir
     assert again.returncode == 0, again.stderr[-3000:]
     cells = by_cell(all_runs(workdir))
     assert len(cells) == 4 and all(len(r) == 1 and r[0].info.status == "FINISHED" for r in cells.values())
+
+
+def test_ctrl_c_stops_a_study_in_one_line_marks_it_killed_and_the_rerun_resumes(workdir):
+    study = ["study", "experiment=smoke", *LONGER]
+    proc = subprocess.Popen(
+        [*CLI, *study], cwd=workdir, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,  # its own group, as a terminal's foreground job
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # a background child ignores SIGINT
+    )  # fmt: skip
+    victim = wait_for_checkpointed_running_run(workdir, proc)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends: the whole foreground group
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 130, out[-2000:] + err[-2000:]
+    assert "Traceback" not in err and "Traceback" not in out, err[-3000:]
+    label = f"{victim.data.tags['arch']} seed={victim.data.tags['seed']}"
+    assert err.strip().splitlines()[-1] == (
+        f"study smoke stopped by Ctrl-C: {label} marked KILLED, last checkpoint kept; "
+        "run the same command again to resume"
+    ), err[-2000:]
+    client = MlflowClient(store_uri(workdir))
+    assert client.get_run(victim.info.run_id).info.status == "KILLED"
+    assert (Path(victim.data.tags["checkpoint_dir"]) / "last.ckpt").is_file()
+    assert_children_of_one_study(workdir, status="KILLED")
+
+    again = run_cli(study, workdir)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "sent 0 records" not in again.stderr
+    cells = by_cell(all_runs(workdir))
+    assert len(cells) == 4 and all(len(r) == 1 and r[0].info.status == "FINISHED" for r in cells.values())
+    assert client.get_run(victim.info.run_id).info.status == "FINISHED"  # resumed into its own run
+
+
+def test_sigterm_to_the_study_alone_stops_its_sweep_too(workdir):
+    # `kill <pid>` of the study (a supervisor, a user): the cell still stops cleanly, no orphan
+    study = ["study", "experiment=smoke", *LONGER]
+    proc = popen_cli(study, workdir)
+    victim = wait_for_checkpointed_running_run(workdir, proc)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 143 and "Traceback" not in output, output[-3000:]
+    assert "stopped by SIGTERM" in output.strip().splitlines()[-1]
+    assert MlflowClient(store_uri(workdir)).get_run(victim.info.run_id).info.status == "KILLED"
+    assert_children_of_one_study(workdir, status="KILLED")
+    time.sleep(2)
+    assert not any(str(victim.data.tags["pid"]) == line.split()[0] for line in
+                   subprocess.run(["ps", "-eo", "pid"], capture_output=True, text=True).stdout.splitlines()[1:])  # fmt: skip
 
 
 def test_two_studies_and_submitits_parallel_jobs_share_one_fresh_default_store(workdir):

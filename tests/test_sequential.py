@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from vgg_ablation import analysis, sequential
+from vgg_ablation import analysis, runtable, sequential
 from vgg_ablation.sequential import CONTRADICTED, NO_RELEVANT_DIFFERENCE, OPEN, SUPPORTED, Rule
 
 # Jennison & Turnbull (2000), Tables 2.1 and 2.3: two-sided alpha 0.05, K equally spaced looks.
@@ -96,7 +96,7 @@ def simulate_studies(means, sds, design, comparisons, studies, seed, corr=None):
         errors = {
             n: dict(zip(design.order, means[n] + sds[n] * z[i], strict=True)) for i, n in enumerate(nets)
         }
-        seen = analysis.Observed(pd.DataFrame(), errors, {}, {n: set(design.order) for n in nets})
+        seen = runtable.Observed(pd.DataFrame(), errors, {}, {n: set(design.order) for n in nets})
         outcomes = analysis.replay(comparisons, seen, design.order, design.stages, design.rule, MARGINS)
         results.append(outcomes)
     return results

@@ -263,8 +263,9 @@ def send_leftovers(mlflow_client, runs, label: str) -> bool:
         if not journal.exists() or journal.header().get("run_id") != run.info.run_id:
             continue
         sent = send_journal(mlflow_client, journal)
-        print(f"{label}: sent {sent} records a previous attempt kept while its tracking store was away",
-              file=sys.stderr, flush=True)  # fmt: skip
+        if sent:  # a journal with nothing left in it (an attempt stopped mid-close) is not news
+            print(f"{label}: sent {sent} records a previous attempt kept while its tracking store was away",
+                  file=sys.stderr, flush=True)  # fmt: skip
         sent_any = True
     return sent_any
 

@@ -14,9 +14,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from vgg_ablation import analysis, tracking
-from vgg_ablation.analysis import SCRATCH
+from vgg_ablation import analysis, runtable, tracking
 from vgg_ablation.errors import UserError
+from vgg_ablation.runtable import SCRATCH
 
 SCRATCH_CONTROL = ["model.init=kaiming"]  # the overrides that make the scratch-B control
 SCRATCH_LABEL = f"B{SCRATCH}"
@@ -186,7 +186,7 @@ def registered_rule(cfg: DictConfig, client=None) -> dict:
 def study_looks(cfg: DictConfig, design: analysis.Design, stages: int) -> list[analysis.Outcome]:
     """The study's first `stages` looks, replayed on the runs it recorded."""
     uri = tracking.tracking_uri(cfg.logger.tracking_uri)
-    runs = analysis.load_runs(uri, tracking.experiment_name(cfg), study_fingerprints(cfg))
-    seen = analysis.observe(runs)
+    runs = runtable.load_runs(uri, tracking.experiment_name(cfg), study_fingerprints(cfg))
+    seen = runtable.observe(runs)
     tested, _ = analysis.testable(net_labels(cfg), cfg.model.init == "from_A")
     return analysis.replay(tested, seen, design.order, design.stages, design.rule, margins_of(cfg), stages)

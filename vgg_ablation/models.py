@@ -7,6 +7,10 @@ function, `build_model`. References:
 - B-5x5: the control net of section 4.1, B with each pair of 3x3 convs replaced by one 5x5 conv.
 - LeNet (28x28x1) and AlexNet (227x227x3): as the lecture tabulates them (`model.summary()`
   tables in the seed slides), 107,786 and 62,378,344 parameters.
+
+About 470 lines, one concern read top to bottom: the layer tokens, the architecture table, the
+LRN layer, `build_model`, init, A's weights into deeper nets, and the counts tests check against
+the paper (parameters, FLOPs, LRN activity).
 """
 
 from __future__ import annotations
@@ -322,23 +326,7 @@ def build_model(
     in_channels = spec.in_channels if in_channels is None else in_channels
     input_size = spec.input_size if input_size is None else input_size
     dropout = spec.dropout if dropout is None else dropout
-    for label, value in (("num_classes", num_classes), ("in_channels", in_channels)):
-        if value < 1:
-            raise ValueError(f"{label} must be a positive integer, got {value}")
-    if not width > 0:
-        raise ValueError(f"width must be positive, got {width}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-    try:
-        sizes = feature_map_sizes(spec.features, input_size)
-    except ValueError:
-        need = min_input_size(spec)
-        raise ValueError(
-            f"{spec.name} needs inputs of at least {need}x{need} "
-            f"({sum(isinstance(t, Pool) for t in spec.features)} max-pools); "
-            f"got {input_size}x{input_size}"
-        ) from None
-
+    sizes = _check_shape(spec, num_classes, in_channels, input_size, width, dropout)
     layers: list[nn.Module] = []
     channels = in_channels
     for token in spec.features:
@@ -357,9 +345,39 @@ def build_model(
             raise AssertionError(f"unknown token {token!r}")
 
     head = resolve_head(spec, head, input_size)
+    pool, classifier = _head(spec, head, channels, sizes[-1], width, dropout, num_classes)
+    model = Net(nn.Sequential(*layers), pool, classifier, spec, head)
+    initialise(model, init)
+    return model
+
+
+def _check_shape(spec: Arch, num_classes: int, in_channels: int, input_size: int, width: float,
+                 dropout: float) -> list[int]:  # fmt: skip
+    """The feature map sizes, or a ValueError saying what does not fit."""
+    for label, value in (("num_classes", num_classes), ("in_channels", in_channels)):
+        if value < 1:
+            raise ValueError(f"{label} must be a positive integer, got {value}")
+    if not width > 0:
+        raise ValueError(f"width must be positive, got {width}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    try:
+        return feature_map_sizes(spec.features, input_size)
+    except ValueError:
+        need = min_input_size(spec)
+        raise ValueError(
+            f"{spec.name} needs inputs of at least {need}x{need} "
+            f"({sum(isinstance(t, Pool) for t in spec.features)} max-pools); "
+            f"got {input_size}x{input_size}"
+        ) from None
+
+
+def _head(spec: Arch, head: str, channels: int, side: int, width: float, dropout: float, num_classes: int):
+    """The pool before the classifier and the classifier: the paper's flatten + FC-4096 x2 (scaled
+    by width), or the compact head (global average pool, FCs as wide as the last conv)."""
     if head == "paper":
         pool: nn.Module = nn.Identity()
-        flat = channels * sizes[-1] ** 2
+        flat = channels * side**2
         hidden = [scaled(h, width) for h in spec.fc]
     else:
         pool = nn.AdaptiveAvgPool2d(1)
@@ -372,9 +390,7 @@ def build_model(
             fc.append(nn.Dropout(dropout))
         flat = h
     fc.append(nn.Linear(flat, num_classes))
-    model = Net(nn.Sequential(*layers), pool, nn.Sequential(*fc), spec, head)
-    initialise(model, init)
-    return model
+    return pool, nn.Sequential(*fc)
 
 
 INITS = ("kaiming", "glorot", "paper")

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vgg_ablation.batches import IGNORE
 from vgg_ablation.config import OptimConfig
-from vgg_ablation.data import IGNORE
 
 SCHEDULES = ("plateau", "cosine", "step", "none")
 

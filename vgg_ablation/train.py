@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import time
 import warnings
@@ -25,7 +26,6 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from vgg_ablation import distributed, tracking
-from vgg_ablation.analysis import above_chance
 from vgg_ablation.build import (
     device_choice,
     fits_on_device,
@@ -55,6 +55,7 @@ from vgg_ablation.config import CONF_DIR, register
 from vgg_ablation.errors import UserError
 from vgg_ablation.models import forward_flops, lrn_activity, transfer_from_a
 from vgg_ablation.outbox import Outbox
+from vgg_ablation.runtable import above_chance
 
 
 class _DropAdverts(logging.Filter):
@@ -101,8 +102,13 @@ def run_cell(cfg: DictConfig, announce_data: bool = True) -> CellResult:
         try:
             train_and_record(cell)
         except BaseException as exc:  # record every way out, then let the caller decide
-            distributed.tear_down(ok=False)
             killed = isinstance(exc, KeyboardInterrupt | SystemExit)
+            if (
+                killed
+            ):  # the same stop again (a study passes on the terminal's Ctrl-C) must not cut the record short
+                for signum in (signal.SIGINT, signal.SIGTERM):
+                    signal.signal(signum, signal.SIG_IGN)
+            distributed.tear_down(ok=False)
             cell.result.status = "KILLED" if killed else "FAILED"
             cell.result.reason = reason_of(exc)
             if cell.outbox is not None:
@@ -284,11 +290,13 @@ def task(cfg: DictConfig, multirun: bool) -> float | None:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print(f"interrupted: {cfg.arch} seed={cfg.seed} marked KILLED", file=sys.stderr)
+        if not progress:  # in a study, the study says it, in one line for all its cells
+            print(f"interrupted: {cfg.arch} seed={cfg.seed} marked KILLED; re-run to resume", file=sys.stderr)
         sys.exit(130)
     except SystemExit as exc:
         if type(exc).__name__ == "SIGTERMException":
-            print(f"SIGTERM: {cfg.arch} seed={cfg.seed} marked KILLED; re-run to resume", file=sys.stderr)
+            if not progress:
+                print(f"SIGTERM: {cfg.arch} seed={cfg.seed} marked KILLED; re-run to resume", file=sys.stderr)
             sys.exit(143)
         raise
     _print_summary(result, progress)
