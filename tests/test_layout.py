@@ -1,0 +1,106 @@
+"""The package's shape: every module in a layer, imports only downward (function-local ones
+included), no import circle, short modules and short functions on the training path."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "vgg_ablation"
+
+# Lowest first. A module may import from its own layer or below, never above.
+LAYERS = [
+    ("foundation", {"__init__", "errors", "config", "sequential"}),
+    ("stores", {"tracking", "outbox", "checkpoints", "labserver"}),
+    ("data and nets", {"datasets", "batches", "data", "models", "design", "module", "distributed"}),
+    ("statistics", {"runtable", "analysis"}),
+    ("a study's cells", {"cells"}),
+    ("one cell's objects", {"build"}),
+    ("one cell's run", {"cell_run"}),
+    ("tasks and documents", {"train", "report_plots", "report_sections", "report", "bench_report", "bench"}),
+    ("the orchestrator", {"study"}),
+    ("around a study", {"gpucheck", "dashboard", "ui"}),
+    ("the command line", {"cli", "__main__"}),
+]
+LAYER = {module: i for i, (_, modules) in enumerate(LAYERS) for module in modules}
+# The modules a training run goes through: no function there longer than about 60 lines.
+TRAINING_PATH = {"config", "tracking", "outbox", "checkpoints", "datasets", "batches", "data", "models",
+                 "module", "distributed", "cells", "build", "cell_run", "train"}  # fmt: skip
+LONG_MODULE = 450  # lines; a longer one says why at its top
+
+
+def imports() -> dict[str, set[str]]:
+    """Every package module's imports of other package modules, function-local ones included."""
+    graph = {}
+    for path in PACKAGE.glob("*.py"):
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("vgg_ablation"):
+                parts = node.module.split(".")
+                names = [parts[1]] if len(parts) > 1 else [a.name for a in node.names]
+                found.update(n for n in names if (PACKAGE / f"{n}.py").exists())
+            elif isinstance(node, ast.Import):
+                found.update(a.name.split(".")[1] for a in node.names if a.name.startswith("vgg_ablation."))
+        graph[path.stem] = found - {path.stem}
+    return graph
+
+
+def test_every_module_has_a_layer():
+    assert set(imports()) == set(LAYER), set(imports()) ^ set(LAYER)
+
+
+def test_imports_only_go_down():
+    upward = [
+        f"{module} ({LAYERS[LAYER[module]][0]}) imports {target} ({LAYERS[LAYER[target]][0]})"
+        for module, targets in imports().items()
+        for target in targets
+        if LAYER[target] > LAYER[module]
+    ]
+    assert not upward, "\n".join(upward)
+
+
+def test_no_import_circle():
+    graph = imports()
+    state: dict[str, int] = {}
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = 1
+        for target in sorted(graph[module]):
+            if state.get(target) == 1:
+                pytest.fail("import circle: " + " -> ".join([*path[path.index(target) :], target]))
+            if target not in state:
+                visit(target, [*path, target])
+        state[module] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+
+
+@pytest.mark.parametrize("path", sorted(PACKAGE.glob("*.py")), ids=lambda p: p.name)
+def test_long_modules_say_why(path):
+    text = path.read_text()
+    if len(text.splitlines()) > LONG_MODULE:
+        docstring = ast.get_docstring(ast.parse(text)) or ""
+        assert "lines, one concern" in docstring, f"{path.name}: {len(text.splitlines())} lines, no reason given"
+
+
+def test_functions_on_the_training_path_are_short():
+    long = []
+    for module in TRAINING_PATH:
+        for node in ast.walk(ast.parse((PACKAGE / f"{module}.py").read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > 60:
+                    long.append(f"{module}.{node.name}: {lines} lines")
+    assert not long, long
+
+
+def test_arch_reaches_the_model_and_its_param_through_one_resolution():
+    # build.model_for is the one path from a config to models.build_model
+    callers = [
+        path.stem
+        for path in PACKAGE.glob("*.py")
+        if path.stem not in ("models", "build", "design") and "build_model(" in path.read_text()
+    ]
+    assert callers == [], callers
