@@ -25,6 +25,17 @@ TINY = [
 
 
 CLI = [sys.executable, "-m", "vgg_ablation"]
+# The suite runs in parallel (pytest-xdist, a worker per core): each process, the CLI's included,
+# trains on one thread. Two processes of two OpenMP threads each on 2 cores spin-wait on each
+# other and ran 5-20x slower here (a 16 s epoch took 4-6 minutes); waiting threads sleep instead.
+THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+os.environ.update({k: os.environ.get(k, v) for k, v in THREADS.items()})
+
+
+def pytest_configure(config):
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def cli_env(extra: dict | None = None) -> dict:

@@ -1,16 +1,16 @@
 """The command line's conventions: --help on every command (touching nothing), --version, one
 `error:` line and exit code 2 for what it refuses."""
 
-import os
-
 import pytest
 
 from vgg_ablation import __version__, cli
 
 
 @pytest.mark.parametrize("command", sorted(cli.COMMANDS))
-def test_help_says_what_a_command_does_its_keys_and_an_example_and_writes_nothing(command, tmp_path, capsys):
-    os.chdir(tmp_path)
+def test_help_says_what_a_command_does_its_keys_and_an_example_and_writes_nothing(
+    command, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
     assert cli.main([command, "--help"]) == 0
     text = capsys.readouterr().out
     assert text.startswith(f"usage: vgg-ablation {command}") and cli.COMMANDS[command].what[1:] in text

@@ -82,7 +82,9 @@ def test_long_modules_say_why(path):
     text = path.read_text()
     if len(text.splitlines()) > LONG_MODULE:
         docstring = ast.get_docstring(ast.parse(text)) or ""
-        assert "lines, one concern" in docstring, f"{path.name}: {len(text.splitlines())} lines, no reason given"
+        assert "lines, one concern" in docstring, (
+            f"{path.name}: {len(text.splitlines())} lines, no reason given"
+        )
 
 
 def test_functions_on_the_training_path_are_short():

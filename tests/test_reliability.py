@@ -571,11 +571,17 @@ def test_a_full_disk_fails_the_run_in_one_line_and_the_rerun_resumes(workdir, sm
     # long enough for the disk to fill while it trains (records no longer slow an epoch down)
     longer = [*LONGER, "trainer.max_epochs=30"]
     train = ["train", "arch=A", *longer, f"logger.checkpoint_root={small_disk / 'checkpoints'}"]
-    proc = popen_cli(train, workdir)
-    while not list(small_disk.glob("checkpoints/*/last.ckpt")):  # the first epoch's checkpoint
+    # Training holds at epoch 2's start, its earlier checkpoints whole and renamed: the disk is
+    # filled then. Filled while a checkpoint was between its write and its rename, the rename
+    # would free the old file's space, every later checkpoint fitting in what the one before
+    # left: the run FINISHED (seen under load, when that window is wide).
+    release = workdir / "release"
+    proc = popen_cli(train, workdir, {"VGG_ABLATION_HOLD_EPOCH": f"2:{release}"})
+    while not Path(f"{release}.held").exists():
         assert proc.poll() is None, proc.stdout.read()[-3000:]
-        time.sleep(0.02)
+        time.sleep(0.05)
     filler = fill(small_disk)  # the next epoch's checkpoint finds no space
+    release.touch()
     (victim,) = all_runs(workdir)
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 1, output[-3000:]

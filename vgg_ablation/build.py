@@ -194,16 +194,15 @@ def make_trainer(
         deterministic = "warn"  # some CUDA backward kernels have no deterministic version
     # Set explicitly every time: Trainer(deterministic=True) leaves it on for later trainers.
     torch.use_deterministic_algorithms(bool(deterministic), warn_only=deterministic == "warn")
-    checkpoint = ModelCheckpoint(
-        dirpath=ckpt_dir,
-        filename="best",
-        monitor="val/acc1",
-        mode="max",
-        save_last=True,
-        save_top_k=1,
-        enable_version_counter=False,
-    )
-    callbacks = [checkpoint, *extra_callbacks]
+    # best.ckpt: the epoch with the best validation accuracy (first: trainer.checkpoint_callback).
+    best = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/acc1", mode="max", save_top_k=1,
+                           enable_version_counter=False)  # fmt: skip
+    # last.ckpt: every epoch, what a resume starts from. Not save_last=True: Lightning 2.6 writes
+    # that copy only in an epoch whose monitored metric improved, so a killed run went back to its
+    # last improvement (and a full disk went unnoticed while validation accuracy stalled).
+    last = ModelCheckpoint(dirpath=ckpt_dir, filename="last", monitor=None, save_top_k=1, every_n_epochs=1,
+                           enable_version_counter=False)  # fmt: skip
+    callbacks = [best, last, *extra_callbacks]
     if cfg.trainer.progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=20))
     plugins = [AtomicCheckpointIO()]  # a kill or a full disk mid-write keeps the old file whole

@@ -95,6 +95,28 @@ class Heartbeat(pl.Callback):
         self.outbox.set_tags({"heartbeat": f"{time.time():.0f}"})
 
 
+class HoldForTests(pl.Callback):
+    """Fault injection for the tests (VGG_ABLATION_HOLD_EPOCH=<epoch>:<file>): training waits at
+    the start of that epoch, every earlier checkpoint whole and renamed, until <file> exists
+    (<file>.held says it waits), so a test changes the world (fills the disk) at a moment it
+    chose, not at one it hoped for."""
+
+    def __init__(self, spec: str):
+        epoch, _, path = spec.partition(":")
+        self.epoch, self.release = int(epoch), Path(path)
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == self.epoch:
+            Path(f"{self.release}.held").touch()
+            while not self.release.exists():
+                time.sleep(0.05)
+
+
+def hold_for_tests() -> list[pl.Callback]:
+    spec = os.environ.get("VGG_ABLATION_HOLD_EPOCH")
+    return [HoldForTests(spec)] if spec else []
+
+
 def curated_params(cfg: DictConfig, model: Net, datamodule, precision: str) -> dict[str, str]:
     """One flat set of params, logged once per run (MLflow refuses a changed value). The arch,
     its depth and its head are read off the net that was built: one resolution of `arch`."""
