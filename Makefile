@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed-stamp
 
-.PHONY: study test test-fast lint bench gpu-wheels gpu-check ui dashboard-shots clean
+.PHONY: study test test-fast lint bench gpu-wheels gpu-data gpu-check install-check ui dashboard-shots clean
 
 $(INSTALLED): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -30,8 +30,14 @@ bench: $(INSTALLED)  ## training throughput against plain PyTorch, written to re
 gpu-wheels: $(INSTALLED)  ## here: the wheels the GPU check needs on a bare GPU machine, into .whl/
 	bash .ci/gpu-wheels.sh $(PY)
 
-gpu-check:  ## on a lent GPU machine (carry .whl); ARGS=--dry-run runs it CPU-sized anywhere
+gpu-data:  ## here: the GPU study's CIFAR-10 subset (50 MiB, what a lent machine takes), into .gpu-data/
+	python3 .ci/gpu-data.py $(ARGS)
+
+gpu-check:  ## on a lent GPU machine (carry .whl and .gpu-data); ARGS=--dry-run runs it CPU-sized anywhere
 	bash .ci/gpu-check.sh $(ARGS)
+
+install-check:  ## the package as a user installs it: a wheel in a fresh environment, run from another folder
+	bash .ci/install-check.sh
 
 ui: $(INSTALLED)  ## the MLflow dashboard on this folder's runs, on 127.0.0.1:5000
 	$(VENV)/bin/vgg-ablation ui $(ARGS)

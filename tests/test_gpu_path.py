@@ -189,17 +189,23 @@ def test_the_gpu_check_dry_run_writes_and_prints_every_figure(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = tmp_path / "out"
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["bench-cpu-d224.json", "bench-cpu-d224.md", "bench-cpu-e32.json", "bench-cpu-e32.md",
+    assert names == ["bench-cpu-d224.md", "bench-cpu-e32.md", "cifar10-gpu-runs.csv", "cifar10-gpu.md",
                      "gpu-check.json", "gpu-check.log", "gpu-check.md", "study-report.zip"]  # fmt: skip
     assert len(names) <= 8  # what the GPU machine sends back
     summary = (out / "gpu-check.md").read_text()
-    for figure in (
-        "MFU",
-        "Lightning path / plain loop",
-        "host-sync warnings",
-        "8 of 8 FINISHED",
-        "projected",
-    ):
+    for figure in ("MFU", "Lightning path / plain loop", "host-sync warnings", "GPU study", "projected"):
         assert figure in summary and figure in proc.stdout, figure
-    assert "gpu-check.md" in zipfile.ZipFile(out / "study-report.zip").namelist()
+    # the GPU study ran its looks until the cap (half a minute in the dry run) and wrote its report
+    assert "stopped: time limit (0.5 min) reached" in proc.stdout, proc.stdout[-3000:]
+    report = (out / "cifar10-gpu.md").read_text()
+    assert (
+        "Stopped: time limit (0.5 min) reached" in report and "## The paper's conclusions, tested" in report
+    )
+    assert (out / "cifar10-gpu-runs.csv").read_text().startswith("net,arch,seed,status")
+    packed = zipfile.ZipFile(out / "study-report.zip").namelist()
+    assert (
+        "study.log" in packed
+        and "bench-cpu-e32.json" in packed
+        and "cifar10-gpu-error-vs-depth.png" in packed
+    )
     assert not (repo / "reports" / "gpu-check").exists()

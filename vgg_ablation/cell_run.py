@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import Logger
 from pytorch_lightning.utilities import rank_zero_only
 
-from vgg_ablation import distributed, tracking
+from vgg_ablation import __version__, distributed, tracking
 from vgg_ablation.build import lrn_scale_value, starts_from_a
 from vgg_ablation.cells import cell_cfg, cell_key, fingerprint
 from vgg_ablation.checkpoints import AtomicCheckpointIO, choose_resume
@@ -150,6 +150,7 @@ def curated_params(cfg: DictConfig, model: Net, datamodule, precision: str) -> d
         "seed": cfg.seed,
         "precision": precision,
         "study": cfg.study.name,
+        "version": __version__,  # of vgg-ablation; the git commit is a tag (when run from a checkout)
     }
 
 

@@ -53,6 +53,10 @@ COMMANDS = {
     "server": Command("a lab's shared tracking server: PostgreSQL + MLflow with logins, under one folder",
                       "server [key=value ...]", "vgg-ablation server root=/srv/vgg-ablation host=0.0.0.0",
                       "ServerOptions"),
+    "server-user": Command("add a lab member's login to a running lab server, and grant them a study",
+                           "server-user name=USER [study=NAME permission=EDIT] [root=... port=...]",
+                           "vgg-ablation server-user root=/srv/vgg-ablation name=alice study=cifar10-cpu",
+                           "ServerUserOptions"),
 }  # fmt: skip
 # The sections of the training config each command's --help lists.
 SECTIONS = {
@@ -82,7 +86,9 @@ def help_text(name: str) -> str:
         cfg = config.compose(config.study_overrides([]) if command.keys in ("study", "report") else [])
         if command.keys in ("study", "report"):
             lines += ["", f"experiment=NAME: the study, one of: {', '.join(config.studies())} "
-                          f"(files in {config.CONF_DIR / 'experiment'}); default {config.DEFAULT_STUDY}"]  # fmt: skip
+                          f"(files in {config.CONF_DIR / 'experiment'}); default {config.DEFAULT_STUDY}",
+                      "study_dir=DIR: also look in your own folder of studies, DIR/NAME.yaml "
+                      f"(or set ${config.STUDY_DIR_ENV}); a study file there is a delta like the package's"]  # fmt: skip
         lines += ["", "keys (default):"] + _config_keys(cfg, SECTIONS[command.keys])
         if command.keys == "study":
             lines += ["  ... and every key of `vgg-ablation train --help`"]
@@ -182,6 +188,8 @@ def dispatch(name: str, args: list[str]) -> int:
         from vgg_ablation.ui import run_ui as run
     elif name == "sync":
         from vgg_ablation.outbox import run_sync as run
+    elif name == "server-user":
+        from vgg_ablation.labserver import run_server_user as run
     else:
         from vgg_ablation.labserver import run_server as run
     return run(args) or 0
@@ -212,6 +220,14 @@ def main(argv: list[str] | None = None) -> int:
         return dispatch(command, args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # a tracking server's 401/403 anywhere: one line, not a traceback
+        from vgg_ablation.tracking import refusal
+
+        why = refusal(exc)
+        if why is None:
+            raise
+        print(f"error: {why}", file=sys.stderr)
         return 2
 
 

@@ -8,6 +8,8 @@ values; every field and its default lives here, once.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -204,6 +206,19 @@ class ServerOptions:
     allowed_hosts: list[str] = field(default_factory=list)  # more names the server answers to
 
 
+@dataclass
+class ServerUserOptions:
+    """`vgg-ablation server-user`: a lab member's login on a running lab server."""
+
+    name: str = ""  # the user to add
+    root: str = "lab-server"  # the lab server's folder (its admin login is read from there)
+    port: int = 5000  # the server's port on this machine
+    url: str = ""  # or the server's address, when it is not this machine's port
+    password: str = ""  # empty: one is generated and printed once
+    study: str = ""  # a study to grant the user a permission on
+    permission: str = "EDIT"  # READ | EDIT | MANAGE | NO_PERMISSIONS
+
+
 def options(schema: type, args: list[str], command: str):
     """key=value arguments into a typed schema (OmegaConf: unknown keys and wrong types refused),
     every error one line."""
@@ -241,19 +256,66 @@ def compose(overrides: list[str], config_name: str = "train"):
     from omegaconf.errors import OmegaConfBaseException
 
     register()
-    sweep_free = [o for o in overrides if not o.startswith(("hydra.", "hydra/", "--"))]
+    given, overrides = overrides, with_study_dir(overrides)
+    sweep_free = [
+        o for o in overrides if o.startswith(SEARCHPATH) or not o.startswith(("hydra.", "hydra/", "--"))
+    ]
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             return hydra_compose(config_name=config_name, overrides=sweep_free)
     except MissingConfigException as exc:
-        raise UserError(_missing_choice(exc)) from None
+        raise UserError(_missing_choice(exc, given)) from None
     except (HydraException, OmegaConfBaseException) as exc:
         raise UserError(one_line(exc)) from None
 
 
-def studies() -> list[str]:
-    """The studies a user can name with experiment=..."""
-    return sorted(f.stem for f in (CONF_DIR / "experiment").glob("*.yaml"))
+STUDY_DIR_ENV = "VGG_ABLATION_STUDY_DIR"  # a folder of the user's own studies, for every command
+SEARCHPATH = "hydra.searchpath="
+
+
+def study_dirs(overrides: list[str]) -> list[Path]:
+    """The folders a study is looked for in: the package's, then the user's (study_dir=, or
+    $VGG_ABLATION_STUDY_DIR)."""
+    given = [o.split("=", 1)[1] for o in overrides if o.startswith("study_dir=")]
+    linked = [
+        o[len(SEARCHPATH) :].strip("[]").removeprefix("file://")
+        for o in overrides
+        if o.startswith(SEARCHPATH)
+    ]
+    mine = (
+        given[-1]
+        if given
+        else (str(Path(linked[-1]) / "experiment") if linked else os.environ.get(STUDY_DIR_ENV))
+    )
+    return [CONF_DIR / "experiment", *([Path(mine).expanduser().resolve()] if mine else [])]
+
+
+def with_study_dir(overrides: list[str]) -> list[str]:
+    """`study_dir=DIR` (a folder of the user's own study files, DIR/<name>.yaml) as the Hydra
+    search path that finds them: a root whose experiment/ is DIR (a link, kept in the user's
+    cache). A study there overrides one of the package's with the same name."""
+    dirs = study_dirs(overrides)
+    rest = [o for o in overrides if not o.startswith("study_dir=")]
+    if len(dirs) == 1 or any(o.startswith(SEARCHPATH) for o in rest):
+        return rest
+    mine = dirs[1]
+    if not mine.is_dir():
+        raise UserError(f"study_dir is not a folder: {mine}")
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vgg-ablation" / "study-dirs"
+    root = cache / hashlib.sha256(str(mine).encode()).hexdigest()[:16]
+    link = root / "experiment"
+    if not (link.is_symlink() and link.resolve() == mine):
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = root / f".experiment-{os.getpid()}"
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(mine, target_is_directory=True)
+        os.replace(tmp, link)  # atomic: two commands at once both see a whole link
+    return [*rest, f"{SEARCHPATH}[file://{root}]"]
+
+
+def studies(overrides: list[str] | None = None) -> list[str]:
+    """The studies a user can name with experiment=..., from every folder looked in."""
+    return sorted({f.stem for d in study_dirs(overrides or []) for f in d.glob("*.yaml")})
 
 
 def study_overrides(args: list[str]) -> list[str]:
@@ -267,14 +329,17 @@ def study_overrides(args: list[str]) -> list[str]:
     return [*experiment, *quiet, *[a for a in args if a not in experiment]]
 
 
-def _missing_choice(exc: Exception) -> str:
+def _missing_choice(exc: Exception, overrides: list[str]) -> str:
     text = str(exc)
     for group in sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir()):
         if f"'{group}/" in text:
-            options = sorted(f.stem for f in (CONF_DIR / group).glob("*.yaml"))
             chosen = text.split(f"'{group}/", 1)[1].split("'", 1)[0]
-            name = "study" if group == "experiment" else group
-            return f"unknown {name} {chosen!r}; choose one of: {', '.join(options)}"
+            if group == "experiment":
+                where = " and ".join(str(d) for d in study_dirs(overrides))
+                return (f"unknown study {chosen!r}; choose one of: {', '.join(studies(overrides))} (looked in {where}; "
+                        "your own: study_dir=<folder of NAME.yaml files>)")  # fmt: skip
+            options = sorted(f.stem for f in (CONF_DIR / group).glob("*.yaml"))
+            return f"unknown {group} {chosen!r}; choose one of: {', '.join(options)}"
     return one_line(exc)
 
 

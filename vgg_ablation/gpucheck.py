@@ -1,17 +1,19 @@
-"""The prepared GPU check: everything a lent GPU machine must show, in one command, in minutes.
+"""The prepared GPU check and the GPU study: everything a lent GPU machine must show, in one
+command, within one lease (12 minutes, start-up included, on an H100/H200).
 
-    python -m vgg_ablation.gpucheck --out DIR            # on the GPU machine (.ci/gpu-check.sh)
-    python -m vgg_ablation.gpucheck --out DIR --dry-run  # anywhere: the same steps, CPU-sized
+    python -m vgg_ablation.gpucheck --out DIR --data FOLDER   # on the GPU machine (.ci/gpu-check.sh)
+    python -m vgg_ablation.gpucheck --out DIR --dry-run       # anywhere: the same steps, CPU-sized
 
 Steps, each writing under DIR and printing every figure it measures:
 1. bench, the paper's setting: VGG-D at 224 px, bf16, full width, paper head (MFU vs bf16 peak);
-2. bench, the cifar10 study's setting: full-width nets at 32 px, data held on the GPU (every
-   paper arch's images/s and peak memory, the Lightning path against the plain loop);
+2. bench, the GPU study's setting: full-width nets at 32 px, data held on the GPU (every paper
+   arch's images/s and peak memory, the Lightning path against the plain loop);
 3. host syncs inside a training step, counted under torch.cuda.set_sync_debug_mode("warn");
-4. a tiny real study: every study arch, one seed, two epochs, 32 px, through Hydra and MLflow;
-5. the cifar10 study's projected time from step 2's per-arch speeds.
-The summary goes to DIR/gpu-check.md. --dry-run shrinks every step (width, steps, batches) and
-skips what needs CUDA (the sync debug mode), so CI can run the whole path on a CPU.
+4. the GPU study (experiments/cifar10-gpu.yaml), run until decided, sized from step 2's speeds
+   (its maximum seeds what the time left can train) and capped by the time left
+   (`study.time_limit`): its report and runs CSV under DIR, its plots and log in a zip.
+The summary goes to DIR/gpu-check.md. --dry-run shrinks every step (width, steps, batches, the
+cap) and skips what needs CUDA (the sync debug mode), so CI runs the whole path on a CPU.
 """
 
 from __future__ import annotations
@@ -103,12 +105,42 @@ def count_step_syncs(dry_run: bool) -> dict:
     }
 
 
-def run_study(work: Path, out: Path, dry_run: bool) -> dict:
-    """The tiny real study through the CLI (Hydra multirun, MLflow store, report) in `work`."""
-    size = (["model.width=0.0625", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
-             "trainer.limit_test_batches=2", "data.batch_size=16"] if dry_run else ["model.width=1"])  # fmt: skip
-    args = ["study", "experiment=sample", "study.name=gpu-check", f"study.archs=[{','.join(STUDY_ARCHS)}]",
-            "study.seeds=[0]", "trainer.max_epochs=2", "model.init=from_A", *size]  # fmt: skip
+LEASE_SECONDS = 12 * 60  # the check and the study, start-up included (about 90 s of it)
+START_UP = 90
+REPORT_SECONDS = 45  # the report, its plans and plots, after the cap
+
+
+def study_size(per_arch: list[dict], lightning_ratio: float, seconds_left: float, dry_run: bool) -> dict:
+    """The GPU study's maximum seeds and cap, from the measured speeds: each cell's 15 epochs of
+    31,500 images (plus validation at ~3x) at its arch's speed, plus a fixed ~15 s per cell
+    (process, data to the GPU, test); as many looks as the time left trains, on the study's grid
+    (5 seeds, then 3 more a look)."""
+    if dry_run:
+        return {"max_seeds": 5, "minutes": 0.5, "cell_seconds": None}
+    speed = {row["arch"]: row["train img/s"] * lightning_ratio for row in per_arch}
+    cell = {a: 15 * (31_500 / speed[a] + 3_500 / (3 * speed[a])) + 15 for a in STUDY_ARCHS}
+    per_seed = sum(cell.values())
+    minutes = max(1.0, (seconds_left - REPORT_SECONDS) / 60)
+    seeds = int(60 * minutes // per_seed)
+    max_seeds = max(5, 5 + 3 * ((seeds - 5) // 3)) if seeds >= 5 else 5
+    return {
+        "max_seeds": min(max_seeds, 20),
+        "minutes": minutes,
+        "cell_seconds": cell,
+        "seconds_per_seed": per_seed,
+    }
+
+
+def run_gpu_study(work: Path, out: Path, dry_run: bool, size: dict, data: Path | None) -> dict:
+    """The GPU study through the CLI (Hydra multiruns, MLflow store, report) in `work`."""
+    if dry_run:
+        where = ["data=sample", "model.width=0.0625", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
+                 "trainer.limit_test_batches=4", "data.batch_size=16", "trainer.max_epochs=1", "study.seeds=[0,1]",
+                 "study.seeds_per_look=3"]  # fmt: skip
+    else:
+        where = [f"data.root={data}"]
+    args = ["study", "experiment=cifar10-gpu", *where, f"study.max_seeds={size['max_seeds']}",
+            f"study.time_limit={size['minutes']:.2f}"]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env["PYTHONPATH"] = os.pathsep.join(
         filter(None, [str(Path(__file__).parent.parent), env.get("PYTHONPATH")])
@@ -117,14 +149,27 @@ def run_study(work: Path, out: Path, dry_run: bool) -> dict:
     proc = subprocess.run([sys.executable, "-m", "vgg_ablation", *args], cwd=work, env=env,
                           capture_output=True, text=True)  # fmt: skip
     seconds = time.time() - start
-    # The report, its plots and the study's log as one file (the GPU machine returns 8 files)
-    (work / "reports").mkdir(exist_ok=True)
-    (work / "reports" / "study.log").write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
-    shutil.make_archive(str(out / "study-report"), "zip", work / "reports")
+    reports = work / "reports"
+    reports.mkdir(exist_ok=True)
+    (reports / "study.log").write_text(
+        " ".join(args) + "\n" + proc.stdout + "\n--- stderr ---\n" + proc.stderr
+    )
+    for name in ("cifar10-gpu.md", "cifar10-gpu-runs.csv"):
+        if (reports / name).is_file():
+            shutil.copy(reports / name, out / name)
+    for bench in out.glob("bench-*.json"):  # the zip holds them: 8 files come back from a lent machine
+        shutil.move(bench, reports / bench.name)
+    shutil.make_archive(str(out / "study-report"), "zip", reports)
     table = [line for line in proc.stdout.splitlines() if line.startswith("|")]
-    cells = table[2:]  # the summary's rows (a from-A study adds a B from scratch)
+    headline = next((line for line in (reports / "cifar10-gpu.md").read_text().splitlines()
+                     if line.startswith("**")), "") if (reports / "cifar10-gpu.md").is_file() else ""  # fmt: skip
+    stopped = next(
+        (line.split("stopped: ", 1)[1] for line in proc.stdout.splitlines() if "; stopped: " in line), ""
+    )
     return {"returncode": proc.returncode, "seconds": seconds, "table": table, "log_tail": proc.stderr[-3000:],
-            "finished": sum(" FINISHED " in line for line in cells), "cells": max(len(cells), len(STUDY_ARCHS))}  # fmt: skip
+            "finished": sum(" FINISHED " in line for line in table[2:]),
+            "cells": sum(" MISSING " not in line for line in table[2:]),  # those started before the cap
+            "headline": headline, "stopped": stopped}  # fmt: skip
 
 
 def projected_cifar10_hours(per_arch: list[dict], lightning_ratio: float) -> dict | None:
@@ -137,7 +182,11 @@ def projected_cifar10_hours(per_arch: list[dict], lightning_ratio: float) -> dic
 
     spec = yaml.safe_load((CONF_DIR / "experiment" / "cifar10.yaml").read_text())
     speed = {row["arch"]: row["train img/s"] * lightning_ratio for row in per_arch}
-    archs, seeds, epochs = spec["study"]["archs"], spec["study"]["seeds"], spec["trainer"]["max_epochs"]
+    archs, seeds, epochs = (
+        spec["study"]["archs"],
+        spec["study"]["seeds"],
+        spec["trainer"]["max_epochs"],
+    )  # its first look
     if any(a not in speed for a in archs):
         return None
     seconds = sum(epochs * (45_000 / speed[a] + 5_000 / (3 * speed[a])) for a in archs for _ in seeds)
@@ -151,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out", required=True, type=Path, help="folder for every result (the GPU machine's $OUT)"
     )
+    parser.add_argument("--data", type=Path, help="CIFAR-10 as a folder (train/, test/) for the GPU study")
     parser.add_argument("--dry-run", action="store_true", help="CPU-sized steps; skip what needs CUDA")
     opts = parser.parse_args(argv)
     out: Path = opts.out.resolve()
@@ -158,47 +208,62 @@ def main(argv: list[str] | None = None) -> int:
     if not opts.dry_run and not torch.cuda.is_available():
         print("error: no CUDA device here; use --dry-run to try the check on a CPU", file=sys.stderr)
         return 2
-    from vgg_ablation.bench import run_bench
-
+    if not opts.dry_run and not (opts.data and (opts.data / "train").is_dir()):
+        print(
+            "error: the GPU study needs --data <folder with train/ and test/> (make gpu-data)",
+            file=sys.stderr,
+        )
+        return 2
     start = time.time()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
     print(
         f"gpu-check on {device}{' (dry run)' if opts.dry_run else ''}: torch {torch.__version__}", flush=True
     )
     results: dict = {"device": device, "dry_run": opts.dry_run, "torch": torch.__version__}
+    timings = measure_first(results, out, opts.dry_run)
+    e32 = results["e32"]
+    left = LEASE_SECONDS - START_UP - (time.time() - start)
+    size = study_size(e32["per_arch"], e32["ratios"]["lightning / plain"], left, opts.dry_run)
+    results["study_size"] = size
+    print(f"GPU study: up to {size['max_seeds']} seeds per net, capped at {size['minutes']:.1f} min "
+          f"(from the bench's speeds and the {left / 60:.1f} min left of the lease)", flush=True)  # fmt: skip
+    with tempfile.TemporaryDirectory() as work:
+        t = time.time()
+        results["study"] = run_gpu_study(Path(work), out, opts.dry_run, size, opts.data)
+        timings["GPU study"] = time.time() - t
+    st = results["study"]
+    print(f"GPU study: exit {st['returncode']}, {st['finished']} of {st['cells']} cells FINISHED in "
+          f"{st['seconds']:.0f} s; stopped: {st['stopped'] or '?'}\n{st['headline']}", flush=True)  # fmt: skip
+    print("\n".join(st["table"]))
+    if st["returncode"] != 0:
+        print("study failed; the end of its log:\n" + st["log_tail"], file=sys.stderr)
+    results["projection"] = projected_cifar10_hours(e32["per_arch"], e32["ratios"]["lightning / plain"])
+    results["seconds"] = time.time() - start
+    results["timings"] = timings
+    (out / "gpu-check.json").write_text(json.dumps(results, indent=2, default=str))
+    print(write_summary(results, out))
+    return 0 if st["returncode"] == 0 and st["finished"] == st["cells"] else 1
+
+
+def measure_first(results: dict, out: Path, dry_run: bool) -> dict[str, float]:
+    """The two benches and the sync count, into `results`; their times."""
+    from vgg_ablation.bench import run_bench
+
     timings: dict[str, float] = {}
     for name in ("d224", "e32"):
         t = time.time()
-        run_bench(bench_args(name, out, opts.dry_run))
+        run_bench(bench_args(name, out, dry_run))
         timings[f"bench {name}"] = time.time() - t
         results[name] = json.loads(next(out.glob(f"bench-*-{name}.json")).read_text())
     t = time.time()
-    results["syncs"] = count_step_syncs(opts.dry_run)
+    results["syncs"] = count_step_syncs(dry_run)
     timings["sync count"] = time.time() - t
     s = results["syncs"]
     print(f"host syncs inside training steps: {s['sync_warnings']} warnings in {s['steps']} steps "
           f"({s['per_step']:.2f} per step)" + ("" if s["checked"] else " (not checked: no CUDA)"), flush=True)  # fmt: skip
     for message in s["first"]:
         print(f"  {message}")
-    with tempfile.TemporaryDirectory() as work:
-        t = time.time()
-        results["study"] = run_study(Path(work), out, opts.dry_run)
-        timings["tiny study"] = time.time() - t
-    st = results["study"]
-    print(f"tiny study: exit {st['returncode']}, {st['finished']} of {st['cells']} cells FINISHED "
-          f"in {st['seconds']:.0f} s", flush=True)  # fmt: skip
-    print("\n".join(st["table"]))
-    if st["returncode"] != 0:
-        print("study failed; the end of its log:\n" + st["log_tail"], file=sys.stderr)
-    e32 = results["e32"]
-    results["projection"] = projected_cifar10_hours(e32["per_arch"], e32["ratios"]["lightning / plain"])
-    results["seconds"] = time.time() - start
-    results["timings"] = timings
-    (out / "gpu-check.json").write_text(json.dumps(results, indent=2, default=str))
-    summary = write_summary(results, out)
-    print(summary)
-    ok = st["returncode"] == 0 and st["finished"] == st["cells"]
-    return 0 if ok else 1
+    return timings
 
 
 def write_summary(r: dict, out: Path) -> str:
@@ -221,8 +286,9 @@ def write_summary(r: dict, out: Path) -> str:
         "| host-sync warnings per training step | "
         + (f"{s['per_step']:.2f} ({s['sync_warnings']} in {s['steps']} steps)" if s["checked"] else "not checked (no CUDA)")
         + " | 0 |",
-        f"| tiny study (every arch, 1 seed, 2 epochs) | {r['study']['finished']} of {r['study']['cells']} FINISHED, "
-        f"{r['study']['seconds']:.0f} s | all |",
+        f"| GPU study (cifar10-gpu: 7 nets, up to {r['study_size']['max_seeds']} seeds, capped at "
+        f"{r['study_size']['minutes']:.1f} min) | {r['study']['finished']} of {r['study']['cells']} FINISHED, "
+        f"{r['study']['seconds']:.0f} s, stopped: {r['study']['stopped'] or '?'} | every cell it started |",
     ]  # fmt: skip
     if p:
         lines.append(
@@ -234,6 +300,8 @@ def write_summary(r: dict, out: Path) -> str:
         f"| {a['arch']} | {a['train img/s']:.0f} | {_pct(a['MFU'])} | {_gib(a['peak GPU GiB'])} |"
         for a in e32["per_arch"]
     ]
+    if r["study"]["headline"]:
+        lines += ["", "## The GPU study's verdicts (cifar10-gpu.md)", "", r["study"]["headline"]]
     text = "\n".join(lines) + "\n"
     (out / "gpu-check.md").write_text(text)
     return text

@@ -37,7 +37,10 @@ MAX_METRICS_PER_BATCH = 1000
 MAX_TAGS_PER_BATCH = 100
 # What a rejected record says about the store, by MLflow error code: these will never be accepted
 # (the run was deleted, a value is invalid), so sending stops and the journal stays for a person.
-PERMANENT = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "INVALID_STATE", "PERMISSION_DENIED"}
+# Refusals, not outages: waiting does not help (a login revoked or a password changed mid-run is
+# one; the records stay in the journal for `vgg-ablation sync` once the login is right).
+PERMANENT = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "INVALID_STATE", "PERMISSION_DENIED",
+             "UNAUTHENTICATED"}  # fmt: skip
 
 
 def now_ms() -> int:

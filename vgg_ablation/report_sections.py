@@ -95,7 +95,8 @@ def header(g: Gathered) -> list[str]:
     not_results = runs[~runs["run_id"].isin(res["run_id"])]
     wall = (res["end_time"].max() - res["start_time"].min()).total_seconds()
     seeds = ", ".join(f"{md_escape(n)} {int(r['seeds'])}" for n, r in g.summary.iterrows())
-    version = __version__
+    trained_by = ", ".join(sorted(res["version"].dropna().unique())) or "not recorded"
+    version = f"{trained_by} (this report: {__version__})"
     return [
         f"# Study `{md_escape(cfg.study.name)}`: do the VGG conclusions hold here?",
         "",

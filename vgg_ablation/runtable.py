@@ -26,6 +26,7 @@ RUN_COLUMNS = {
     "params.val_images": "val_images",
     "params.data_digest": "data_digest",
     "params.lrn_scale": "lrn_scale",
+    "params.version": "version",
     "metrics.test/images": "test_images",
     "metrics.test/err1": "test_err1",
     "metrics.test/err5": "test_err5",

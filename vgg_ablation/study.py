@@ -31,7 +31,7 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from vgg_ablation import analysis, tracking
+from vgg_ablation import __version__, analysis, tracking
 from vgg_ablation.build import arch_of, model_for, prepare
 from vgg_ablation.cells import (
     DEADLINE_ENV,
@@ -49,7 +49,7 @@ from vgg_ablation.cells import (
     study_looks,
     study_run_key,
 )
-from vgg_ablation.config import compose, study_overrides
+from vgg_ablation.config import compose, study_overrides, with_study_dir
 from vgg_ablation.errors import UserError
 from vgg_ablation.sequential import VERDICTS
 
@@ -133,7 +133,7 @@ class Sweep:
 
 
 def run_study(args: list[str]) -> int:
-    sweep = open_study(study_overrides(args))
+    sweep = open_study(with_study_dir(study_overrides(args)))
     with stopped_by_signals():
         try:
             return finish_study(sweep, run_looks(sweep))
@@ -424,4 +424,5 @@ def study_params(cfg: DictConfig) -> dict:
         "margins_points": ",".join(f"{k}={v:g}" for k, v in margins.items()),
         "min_effect_points": cfg.study.min_effect,
         "fingerprint": fingerprint(cfg),
+        "version": __version__,
     }

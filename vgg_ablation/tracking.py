@@ -48,10 +48,40 @@ def answers(uri: str, timeout: float = 2.0) -> bool:
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
-    """Refuse an HTTP tracking server that does not answer, before any run starts."""
-    if answers(uri, timeout):
+    """Refuse an HTTP tracking server that does not answer, or does not take our login, before
+    any run starts: refused is not unreachable."""
+    if not answers(uri, timeout):
+        raise UserError(f"MLflow tracking server unreachable: {uri} (start it, or unset MLFLOW_TRACKING_URI)")
+    if not uri.startswith(("http://", "https://")):
         return
-    raise UserError(f"MLflow tracking server unreachable: {uri} (start it, or unset MLFLOW_TRACKING_URI)")
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient(uri).search_experiments(max_results=1)
+    except MlflowException as exc:
+        why = refusal(exc, uri)
+        if why:
+            raise UserError(why) from None
+        raise
+
+
+REFUSALS = {"UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403}
+
+
+def refusal(exc: BaseException, uri: str = "") -> str | None:
+    """A tracking server's 401 or 403, as the one line a user needs; None for anything else."""
+    code = getattr(exc, "error_code", None)
+    if code not in REFUSALS:
+        return None
+    where = uri or os.environ.get("MLFLOW_TRACKING_URI", "the tracking server")
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if code == "UNAUTHENTICATED":
+        who = f"user {user!r}" if user else "no login (MLFLOW_TRACKING_USERNAME unset)"
+        return (f"the tracking server refused these credentials (401, {who}) at {where}: set "
+                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to a login of the lab server")  # fmt: skip
+    return (f"the tracking server refused user {user!r} (403: no permission for this) at {where}: ask the study's "
+            "owner or the lab server's admin for EDIT (vgg-ablation server-user ... study=<study>)")  # fmt: skip
 
 
 def experiment_name(cfg: DictConfig) -> str:

@@ -256,8 +256,9 @@ def run_train(args: list[str]) -> int:
     outputs/ folder). The overrides are composed here first only so that a misspelt key or an
     unknown choice is one line; data and shapes are checked by the task, before anything is
     recorded."""
-    from vgg_ablation.config import compose
+    from vgg_ablation.config import compose, with_study_dir
 
+    args = with_study_dir(args)
     compose(args)
     sys.argv = [sys.argv[0], *args, "hydra.output_subdir=null", "hydra.run.dir=.", "hydra/job_logging=stdout"]
     main()

@@ -15,6 +15,7 @@ import sys
 from vgg_ablation import tracking
 from vgg_ablation.cells import study_run_key
 from vgg_ablation.config import UiOptions, compose, options, study_overrides
+from vgg_ablation.errors import UserError
 from vgg_ablation.labserver import server_env, stop_group
 
 STUDY_KEYS = ("experiment", "study.", "data", "model", "optim", "trainer")  # what finds a study
@@ -24,6 +25,9 @@ def run_ui(args: list[str]) -> int:
     study = [a for a in args if a.startswith(STUDY_KEYS)]
     opts = options(UiOptions, [a for a in args if a not in study], "ui")
     uri = tracking.tracking_uri(None)
+    if uri.startswith(("http://", "https://")):
+        raise UserError(f"the tracking store is a server ({uri}): it serves the dashboard itself, open it in a "
+                        "browser; `ui` serves a store on this machine (unset MLFLOW_TRACKING_URI)")  # fmt: skip
     base = f"http://{opts.host}:{opts.port}"
     if uri.startswith("sqlite:///") and not os.path.exists(uri.removeprefix("sqlite:///")):
         tracking.client(uri)  # a new store is created under our lock, not raced by the server

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Installed like a user, not checked out: build the wheel, install it into a fresh virtual
+# environment away from the checkout (torch from this machine's own wheels, as `make` does), and
+# from another folder run a tiny train, the smoke study, its report, and a study kept in that
+# folder. A traceback anywhere fails it.   Usage: bash .ci/install-check.sh [WORK_DIR]
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+work=${1:-$(mktemp -d)}
+mkdir -p "$work"
+python=${PYTHON:-python3}
+echo "== wheel"
+"$python" -m pip wheel --quiet --no-deps -w "$work/dist" "$repo" 2>&1 | grep -v "is ignored" || true
+wheel=$(ls "$work"/dist/vgg_ablation-*.whl)
+echo "$wheel"
+listing=$("$python" -m zipfile -l "$wheel")
+if grep -q "vgg_ablation/conf/experiment/smoke.yaml" <<<"$listing"; then echo "configs inside the wheel"; else echo "error: the wheel holds no configs"; exit 1; fi
+echo "== a fresh environment"
+"$python" -m venv "$work/venv"
+"$work/venv/bin/pip" install --quiet --upgrade pip 2>&1 | grep -v "is ignored" || true
+"$work/venv/bin/pip" install --quiet "$wheel" 2>&1 | grep -v "is ignored" || true
+cd "$work" && mkdir -p elsewhere && cd elsewhere
+export PATH="$work/venv/bin:$PATH" OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+unset MLFLOW_TRACKING_URI
+run() {  # a command as a user types it; its output's tail; fails on an error or a traceback
+  echo "== $*"
+  if ! out=$("$@" 2>&1); then echo "$out" | tail -30; echo "error: '$*' failed"; exit 1; fi
+  if grep -q "Traceback" <<<"$out"; then echo "$out" | tail -40; echo "error: a traceback in '$*'"; exit 1; fi
+  echo "$out" | tail -3
+}
+tiny=(model.width=0.0625 trainer.limit_train_batches=2 trainer.limit_val_batches=1 trainer.limit_test_batches=2 data.batch_size=32)
+run vgg-ablation --version
+run vgg-ablation summary arch=D
+run vgg-ablation train trainer.max_epochs=1 "${tiny[@]}"
+run vgg-ablation study experiment=smoke "${tiny[@]}"
+run vgg-ablation report experiment=smoke "${tiny[@]}"
+mkdir -p my-studies
+cat > my-studies/mine.yaml <<'YAML'
+# @package _global_
+# A study of my own, kept in my own folder: a delta on the package's config, like its studies.
+defaults:
+  - override /trainer: smoke
+study:
+  name: mine
+  archs: [A, A-LRN]
+  seeds: [0, 1]
+model:
+  width: 0.0625
+YAML
+run vgg-ablation study experiment=mine study_dir=my-studies
+test -s reports/smoke.md && test -s reports/mine.md && test -s reports/mine-runs.csv
+if vgg-ablation study experiment=nope study_dir=my-studies 2>err.txt; then echo "error: an unknown study ran"; exit 1; fi
+grep -q "looked in .*my-studies" err.txt && echo "an unknown study names where it was looked for"
+echo "install check passed: $(vgg-ablation --version)"

@@ -1,0 +1,3 @@
+from vgg_ablation.cli import main
+
+raise SystemExit(main())

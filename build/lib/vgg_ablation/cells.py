@@ -1,0 +1,192 @@
+"""Which cells a study has and what they are called: its nets (with the scratch-B control), its
+seeds and looks (`design_of`), the rule it registers, the fingerprints that find its runs, and
+where it stands (`study_looks`, replayed from the runs it recorded).
+
+Below the builders and the orchestrator: the study, the report and the training task all ask
+here, and nothing here trains or launches anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from vgg_ablation import analysis, runtable, tracking
+from vgg_ablation.errors import UserError
+from vgg_ablation.runtable import SCRATCH
+
+SCRATCH_CONTROL = ["model.init=kaiming"]  # the overrides that make the scratch-B control
+SCRATCH_LABEL = f"B{SCRATCH}"
+# Set by the study for its cells (environment, so that any Hydra launcher carries them):
+PROGRESS_ENV = "VGG_ABLATION_PROGRESS"  # "<cells before this launch>:<cells in the study>:<start time>"
+DEADLINE_ENV = "VGG_ABLATION_DEADLINE"  # epoch seconds after which a cell of the study does not start
+
+
+# Keys that do not change what a run computes: excluded from the fingerprint.
+NON_SEMANTIC = {
+    "arch",
+    "seed",
+    "study.archs",
+    "study.seeds",
+    "study.description",
+    "study.margins",
+    "study.min_effect",
+    "study.max_seeds",
+    "study.seeds_per_look",
+    "study.alpha",
+    "study.time_limit",
+    "logger",
+    "bench",
+    "trainer.progress_bar",
+    "trainer.threads",
+    "trainer.compile",  # speed settings: a study resumed with compile on keeps its finished cells
+    "trainer.compile_backend",
+    "data.num_workers",
+    "data.root",
+}
+
+
+def fingerprint(cfg: DictConfig) -> str:
+    """Short hash of everything that changes what a cell computes (not arch, seed, logging).
+    The data enters by its digest (file list and sizes), not its path: a moved folder keeps its
+    cells, different images under the same name get new ones."""
+    from vgg_ablation.datasets import identify
+
+    flat: dict[str, Any] = {"data.digest": identify(cfg.data).digest}
+
+    def walk(node: Any, prefix: str) -> None:
+        if prefix in NON_SEMANTIC:
+            return
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}.{key}" if prefix else key)
+        else:
+            flat[prefix] = node
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def cell_cfg(cfg: DictConfig, arch: str, seed: int) -> DictConfig:
+    """The config of another cell (arch, seed) of the same study."""
+    cell = cfg.copy()
+    with open_dict(cell):
+        cell.arch, cell.seed = arch, seed
+    return cell
+
+
+def cell_key(cfg: DictConfig) -> str:
+    return f"{cfg.study.name}/{cfg.data.name}/{cfg.arch}/seed={cfg.seed}/{fingerprint(cfg)}"
+
+
+def study_run_key(cfg: DictConfig) -> str:
+    """The tag that finds a study's own run: one per study and config fingerprint."""
+    return f"{cfg.study.name}/{fingerprint(cfg)}"
+
+
+def needs_scratch_b(cfg: DictConfig) -> bool:
+    """B-5x5 trains from scratch (nothing of A fits its 5x5 convs): in a study whose deeper nets
+    start from A, claim 4 needs a B trained from scratch too, or it compares starts, not filters."""
+    archs = list(cfg.study.archs)
+    return cfg.model.init == "from_A" and "B-5x5" in archs and "B" in archs
+
+
+def scratch_config(cfg: DictConfig) -> DictConfig:
+    scratch = cfg.copy()
+    with open_dict(scratch):
+        scratch.model.init = "kaiming"
+    return scratch
+
+
+def cell_configs(cfg: DictConfig) -> list[tuple[str, DictConfig]]:
+    """(label, config) of every net the study trains: its archs, plus 'B (scratch)' when needed."""
+    nets = [(arch, cfg) for arch in cfg.study.archs]
+    if needs_scratch_b(cfg):
+        nets.append((SCRATCH_LABEL, scratch_config(cfg)))
+    return nets
+
+
+def net_labels(cfg: DictConfig) -> list[str]:
+    return [label for label, _ in cell_configs(cfg)]
+
+
+def study_fingerprints(cfg: DictConfig) -> list[str]:
+    fps = [fingerprint(cfg)]
+    if needs_scratch_b(cfg):
+        fps.append(fingerprint(scratch_config(cfg)))
+    return fps
+
+
+def margins_of(cfg: DictConfig) -> dict[str, float]:
+    """Each claim's margin as a fraction of top-1 error (the config says points)."""
+    return {k: v / 100 for k, v in OmegaConf.to_container(cfg.study.margins).items()}
+
+
+def design_of(cfg: DictConfig, registered: dict | None = None) -> analysis.Design:
+    """The study's seeds, looks and rule; `registered` holds the rule its study run was created
+    with (a continued study keeps its horizon)."""
+    tested, _ = analysis.testable(net_labels(cfg), cfg.model.init == "from_A")
+    horizon = int(registered["rule.horizon"]) if registered and "rule.horizon" in registered else None
+    return analysis.make_design(list(cfg.study.seeds), cfg.study.max_seeds, cfg.study.seeds_per_look,
+                                cfg.study.alpha, len(tested), horizon)  # fmt: skip
+
+
+def rule_params(cfg: DictConfig) -> dict[str, str]:
+    """What a run-until-decided study registers on its run before any cell: a different value
+    later would be a different rule (and the looks already taken were made under this one)."""
+    if not cfg.study.max_seeds:
+        return {}
+    margins = OmegaConf.to_container(cfg.study.margins)
+    return {
+        "rule.alpha": str(cfg.study.alpha),
+        "rule.first_seeds": ",".join(map(str, cfg.study.seeds)),
+        "rule.seeds_per_look": str(cfg.study.seeds_per_look),
+        "rule.comparisons": str(design_of(cfg).rule.comparisons),
+        "rule.horizon": str(cfg.study.max_seeds),
+        "rule.margins": ",".join(f"{k}={v:g}" for k, v in margins.items()),
+    }
+
+
+def check_registered(cfg: DictConfig, registered: dict) -> None:
+    """Refuse a run-until-decided study whose rule differs from the one it was registered with
+    (a larger `max_seeds` is allowed: it continues the study past its horizon)."""
+    wanted = rule_params(cfg)
+    had = {k: v for k, v in registered.items() if k.startswith("rule.")}
+    if not had:
+        if wanted and registered:
+            raise UserError(f"study {cfg.study.name!r} already ran as a fixed-seed study: to run it until "
+                            "decided, give it a new name (study.name=...) and new seeds")  # fmt: skip
+        return
+    if not wanted:
+        raise UserError(f"study {cfg.study.name!r} runs until decided (registered with max_seeds="
+                        f"{had['rule.horizon']}): keep study.max_seeds set")  # fmt: skip
+    changed = [f"{k.removeprefix('rule.')} {had.get(k)} -> {wanted.get(k)}" for k in wanted
+               if k != "rule.horizon" and had.get(k) != wanted.get(k)]  # fmt: skip
+    if changed:
+        raise UserError(f"study {cfg.study.name!r} was registered with another rule ({'; '.join(changed)}): "
+                        "its looks were taken under that one; a new rule is a new study (study.name=...)")  # fmt: skip
+    if cfg.study.max_seeds < int(had["rule.horizon"]):
+        raise UserError(f"study {cfg.study.name!r} was registered with max_seeds={had['rule.horizon']}: "
+                        "a maximum can grow, not shrink")  # fmt: skip
+
+
+def registered_rule(cfg: DictConfig, client=None) -> dict:
+    """The params of the study's run (its registered rule among them), {} when it has none."""
+    client = client or tracking.client(tracking.tracking_uri(cfg.logger.tracking_uri))
+    experiment = client.get_experiment_by_name(tracking.experiment_name(cfg))
+    run = (
+        tracking.find_study_run(client, experiment.experiment_id, study_run_key(cfg)) if experiment else None
+    )
+    return dict(run.data.params) if run else {}
+
+
+def study_looks(cfg: DictConfig, design: analysis.Design, stages: int) -> list[analysis.Outcome]:
+    """The study's first `stages` looks, replayed on the runs it recorded."""
+    uri = tracking.tracking_uri(cfg.logger.tracking_uri)
+    runs = runtable.load_runs(uri, tracking.experiment_name(cfg), study_fingerprints(cfg))
+    seen = runtable.observe(runs)
+    tested, _ = analysis.testable(net_labels(cfg), cfg.model.init == "from_A")
+    return analysis.replay(tested, seen, design.order, design.stages, design.rule, margins_of(cfg), stages)

@@ -1,0 +1,85 @@
+"""Checkpoints that survive their own interruption.
+
+Written atomically: the bytes go to a temporary file in the same folder, are flushed to disk, and
+the file is renamed over the old one, so a kill or a full disk mid-write leaves the previous
+checkpoint whole. Read defensively: a cell resuming from a checkpoint that does not load (cut
+short by an older writer, a copy, a disk error) falls back to its best checkpoint, else to a fresh
+start of the same MLflow run, and says so; a damaged file is set aside, never loaded twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's torch checkpoint IO, written through a flushed temporary file and a rename."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError("storage_options are not supported by AtomicCheckpointIO")
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)  # atomic on one filesystem: the old file or the new, never half
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        with contextlib.suppress(OSError):  # the rename itself, durable
+            dir_fd = os.open(target.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+
+
+@dataclass
+class Resume:
+    path: str | None  # the checkpoint to resume from; None: a fresh start of the same run
+    note: str | None  # what went wrong and what was done, when something did
+
+
+def loads(path: Path) -> str | None:
+    """None when `path` loads as a checkpoint, else why not (one line)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a cut zip, a bad pickle, an I/O error: all mean "not usable"
+        return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    if not isinstance(state, dict) or "state_dict" not in state:
+        return "not a Lightning checkpoint (no state_dict)"
+    return None
+
+
+def choose_resume(ckpt_dir: Path) -> Resume:
+    """The checkpoint a resumed cell continues from: last.ckpt if it loads, else best.ckpt (an
+    earlier epoch: the epochs after it are trained again and their metrics overwritten), else
+    nothing. A file that does not load is renamed *.damaged."""
+    last, best = ckpt_dir / "last.ckpt", ckpt_dir / "best.ckpt"
+    if not last.is_file():
+        return Resume(None, None)
+    problem = loads(last)
+    if problem is None:
+        return Resume(str(last), None)
+    last.replace(last.with_suffix(".ckpt.damaged"))
+    note = f"last.ckpt does not load ({problem[:200]}), set aside as last.ckpt.damaged"
+    if best.is_file():
+        best_problem = loads(best)
+        if best_problem is None:
+            return Resume(str(best), note + "; resumed from best.ckpt")
+        best.replace(best.with_suffix(".ckpt.damaged"))
+        note += f"; best.ckpt does not load either ({best_problem[:200]})"
+    return Resume(None, note + "; training restarts from epoch 0 in the same run")

@@ -1,0 +1,501 @@
+"""The report's sections, one renderer each: `Gathered` (what `report.gather` read from MLflow)
+in, markdown lines out. Nothing here reads a store or computes a statistic: the verdicts come from
+analysis.py, the figures from report_plots.py.
+
+About 500 lines, one concern: the document, its sections in the order the report prints them,
+each a short function of the gathered data (splitting them further would scatter one page).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf
+
+from vgg_ablation import __version__, analysis, design, runtable, tracking
+from vgg_ablation.cells import SCRATCH_LABEL, fingerprint, needs_scratch_b, scratch_config
+from vgg_ablation.models import PAPER_STEPS
+
+# facts.md, Table 3, single test scale, S=256: ImageNet val top-1 / top-5 error, %.
+PAPER_TABLE3 = {
+    "A": (29.6, 10.4),
+    "A-LRN": (29.7, 10.5),
+    "B": (28.7, 9.9),
+    "C": (28.1, 9.4),
+    "D": (27.0, 8.8),
+    "E": (27.3, 9.0),
+}
+
+
+def md_escape(text: object) -> str:
+    """Run names, tags and failure reasons come from outside: escape what markdown would act on."""
+    s = str(text).replace("\n", " ").replace("\r", " ")
+    return re.sub(r"([\\`*_\[\]<>|])", r"\\\1", s)
+
+
+def pct(x: float, digits: int = 1) -> str:
+    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.{digits}f}"
+
+
+@dataclass
+class Gathered:
+    cfg: DictConfig
+    uri: str
+    experiment: str
+    exp: object  # the MLflow experiment
+    parent: object  # the study's run, or None
+    fingerprints: list[str]
+    runs: pd.DataFrame  # every run of the study's configs
+    res: pd.DataFrame  # the results: one FINISHED run per net and seed
+    summary: pd.DataFrame
+    curves: pd.DataFrame
+    design: analysis.Design
+    concl: pd.DataFrame
+    stop_reason: str
+    client: object = field(repr=False, default=None)
+
+    @property
+    def order(self) -> list[str]:
+        return [*self.cfg.study.archs, SCRATCH_LABEL]
+
+
+def budget_words(cfg: DictConfig) -> str:
+    """The budget every verdict of a study is conditional on, in one phrase."""
+    return (
+        f"{cfg.trainer.max_epochs} epochs, width x{cfg.model.width:g}, batch norm {'on' if cfg.model.batch_norm else 'off'}, "
+        f"init `{cfg.model.init}`, lr {cfg.optim.lr:g} ({cfg.optim.schedule})"
+    )
+
+
+def rule_words(design: analysis.Design, alpha: float) -> str:
+    """The decision rule in plain words, with its error rate."""
+    rule = design.rule
+    k = rule.comparisons
+    share = f"{alpha:g}/{k} = {rule.per_comparison:.4g}" if k > 1 else f"{alpha:g}"
+    if not design.sequential:
+        how = (f"one look at {design.stages[0]} seeds: each interval is a paired t interval at "
+               f"{1 - rule.per_comparison:.2%} confidence ({share} of the error per comparison)")  # fmt: skip
+    else:
+        how = (f"looks at {', '.join(map(str, design.stages))} seeds per net, each comparison stopping at its "
+               f"first verdict; its intervals are repeated confidence intervals that spend its {share} of the "
+               f"error over the looks (Pocock-type error spending, 10% of it kept for a continuation past "
+               f"{rule.horizon} seeds), so each look's interval is wider than a single look's would be")  # fmt: skip
+    return (f"the chance that any verdict here is wrong is at most {alpha:.0%} (family-wise, split evenly over "
+            f"the {k} comparison{'s' if k != 1 else ''} tested); {how}")  # fmt: skip
+
+
+def header(g: Gathered) -> list[str]:
+    cfg, res, runs = g.cfg, g.res, g.runs
+    not_results = runs[~runs["run_id"].isin(res["run_id"])]
+    wall = (res["end_time"].max() - res["start_time"].min()).total_seconds()
+    seeds = ", ".join(f"{md_escape(n)} {int(r['seeds'])}" for n, r in g.summary.iterrows())
+    trained_by = ", ".join(sorted(res["version"].dropna().unique())) or "not recorded"
+    version = f"{trained_by} (this report: {__version__})"
+    return [
+        f"# Study `{md_escape(cfg.study.name)}`: do the VGG conclusions hold here?",
+        "",
+        md_escape(cfg.study.description) if cfg.study.description else "",
+        "",
+        "| | |",
+        "|---|---|",
+        _dataset_line(res, cfg, g.client),
+        f"| budget | {budget_words(cfg)}, batch {cfg.data.batch_size}, dropout {cfg.model.dropout}, "
+        f"LRN scale `{cfg.model.lrn_scale}` |",
+        f"| seeds per net | {seeds} (seeds {_seed_range(sorted(res['seed'].astype(int).unique()))}) |",
+        f"| rule | {rule_words(g.design, cfg.study.alpha)}; margins (points): "
+        + ", ".join(f"{k} ±{v:g}" for k, v in OmegaConf.to_container(cfg.study.margins).items())
+        + " |",
+        f"| hardware | {md_escape(', '.join(sorted(res['device'].dropna().unique())))}, "
+        f"{os.cpu_count()} CPU cores where this report was written |",
+        f"| versions | vgg-ablation {version}, torch {md_escape(', '.join(sorted(res['torch_version'].dropna().unique())))}, "
+        f"Lightning {md_escape(', '.join(sorted(res['lightning_version'].dropna().unique())))}, MLflow {_mlflow_version()} |",
+        f"| git commit | {md_escape(', '.join(sorted(res['git_commit'].dropna().unique())))} |",
+        f"| runs | {len(res)} results (one FINISHED run per net and seed) of {len(runs)} recorded; "
+        f"{len(not_results)} not counted |",
+        f"| wall time | {wall / 60:.1f} min ({wall:.0f} s, first run's start to last run's end; "
+        f"{res['seconds'].sum() / 60:.1f} min of it training and testing) |",
+        f"| written | {time.strftime('%Y-%m-%d %H:%M %Z')} from MLflow experiment `{md_escape(g.experiment)}` "
+        f"(id {g.exp.experiment_id if g.exp else '?'}), config fingerprint{'s' if len(g.fingerprints) > 1 else ''} "
+        f"{', '.join(f'`{f}`' for f in g.fingerprints)} |",
+        _mlflow_line(cfg, g.exp, g.parent),
+        "",
+    ]
+
+
+def headline(g: Gathered) -> list[str]:
+    concl = g.concl
+    tested = concl[concl["state"] != "not tested"]
+    decided = tested[tested["state"] == "decided"]
+    words = [
+        f"claim {r['claim']} ({md_escape(r['first'])} vs {md_escape(r['second'])}) **{r['outcome']}**"
+        + (f" ({md_escape(r['detail'])})" if r["detail"] else "")
+        for _, r in decided.iterrows()
+    ]
+    stop = f" Stopped: {g.stop_reason}." if g.stop_reason else ""
+    return [
+        f"**{len(decided)} of the {len(tested)} comparisons tested here decided** at this budget "
+        f"({budget_words(g.cfg)}; {len(concl) - len(tested)} of the paper's {len(concl)} not tested)"
+        + (": " + "; ".join(words) if words else "")
+        + f".{stop}",
+        "",
+        _undecided_note(concl),
+        "",
+    ]
+
+
+def per_network(g: Gathered) -> list[str]:
+    links = _run_links(g.cfg, g.exp.experiment_id, g.summary.index) if g.exp else {}
+    seen = runtable.observe(g.runs)
+    rows = []
+    for net, r in g.summary.iterrows():
+        paper = PAPER_TABLE3.get(net)
+        paper_text = "B + ~7 (sec. 4.1)" if net == "B-5x5" else (f"{paper[0]} / {paper[1]}" if paper else "")
+        collapsed, failed = r["not_learned"], sorted(seen.failed.get(net, {}))
+        rows.append(
+            {
+                "net": f"[{md_escape(net)}]({links[net]})" if net in links else md_escape(net),
+                "depth": int(r["depth"]),
+                "params": f"{int(r['params']):,}",
+                "seeds": int(r["seeds"]),
+                "top-1 err % (mean ± sd)": f"{pct(r['top1_err_mean'])} ± {pct(r['top1_err_std']) or '–'}",
+                "top-5 err % (mean ± sd)": f"{pct(r['top5_err_mean'])} ± {pct(r['top5_err_std']) or '–'}",
+                "paper top-1 / top-5 % (ImageNet, S=256)": paper_text,
+                "epochs": int(r["epochs"]),
+                "s / run": f"{r['seconds_mean']:.0f}" if not math.isnan(r["seconds_mean"]) else "",
+                "learned": "**no: seeds " + ", ".join(map(str, collapsed)) + "**"
+                if collapsed
+                else "every seed",
+                "failed": f"**{len(failed)} of {len(failed) + int(r['seeds'])} seeds**" if failed else "none",
+            }
+        )
+    return [
+        "## Results per network",
+        "",
+        "Test top-1/top-5 error on this data, mean ± standard deviation over seeds, beside the paper's "
+        "ImageNet errors (Table 3). The absolute numbers are not comparable across datasets; the "
+        "ordering is what the paper's conclusions are about.",
+        "",
+        pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True),
+        "",
+    ]
+
+
+def verdicts(g: Gathered) -> list[str]:
+    cfg = g.cfg
+    rows = []
+    for _, r in g.concl.iterrows():
+        tested = r["state"] != "not tested"
+        looks = int(r["looks"]) if tested else 0
+        rows.append(
+            {
+                "#": r["claim"],
+                "paper's claim": md_escape(r["statement"]),
+                "margin (pts)": f"±{100 * r['margin']:g}" if tested else "",
+                "paired seeds": (f"{int(r['n'])}" + (f" ({looks} looks)" if looks > 1 else ""))
+                if tested
+                else "",
+                "Δ top-1 err (pts)": "" if not tested or pd.isna(r["diff"]) else f"{100 * r['diff']:+.2f}",
+                "interval the verdict used": _interval(r) if tested else "",
+                "verdict": f"**{md_escape(r['outcome'])}**"
+                + (f" ({md_escape(r['detail'])})" if _text(r, "detail") else ""),
+                "assumed": md_escape(_text(r, "notes")),
+            }
+        )
+    body = pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True) if rows else ""
+    return [
+        "## The paper's conclusions, tested",
+        "",
+        "Δ is the first net's test top-1 error minus the second's, in points (negative: the first is "
+        "better), averaged over the seeds both nets finished (a seed fixes each run's data order, "
+        "augmentation and initial weights; the validation split is the same for every run). A 'better' "
+        "claim is *supported* when the whole interval lies below 0, *contradicted* when above 0, and "
+        "ends in *no relevant difference* when it lies inside ±margin; a 'no better' claim (LRN, "
+        "saturation) is *supported* when the interval lies above −margin (the first net is not better "
+        "by the margin or more: it says whether it is worse or equivalent), *contradicted* when below "
+        f"−margin. {rule_words(g.design, cfg.study.alpha).capitalize()}. The interval shown is the one "
+        "the verdict used, with its own confidence level. Every verdict holds for this budget only: "
+        f"{budget_words(cfg)}.",
+        "",
+        body,
+        "",
+    ]
+
+
+def _text(row, key: str) -> str:
+    """A text column of the verdict table ('' where a row has none: not-tested claims)."""
+    value = row.get(key)
+    return value if isinstance(value, str) else ""
+
+
+def _interval(r) -> str:
+    if pd.isna(r.get("ci_low")):
+        return "n/a"
+    return f"[{100 * r['ci_low']:+.2f}, {100 * r['ci_high']:+.2f}] ({1 - r['level']:.2%})"
+
+
+def looks(g: Gathered) -> list[str]:
+    if not g.design.sequential:
+        return []
+    rows = []
+    for _, r in g.concl[g.concl["state"] != "not tested"].iterrows():
+        for k, (n, level, mean, low, high, verdict) in enumerate(r["history"], 1):
+            rows.append(
+                {
+                    "comparison": f"{md_escape(r['first'])} vs {md_escape(r['second'])}",
+                    "look": k,
+                    "paired seeds": n,
+                    "confidence": f"{1 - level:.2%}",
+                    "Δ (pts)": f"{100 * mean:+.2f}",
+                    "interval": f"[{100 * low:+.2f}, {100 * high:+.2f}]" if not math.isnan(low) else "n/a",
+                    "verdict": verdict if verdict != "undecided" else "open",
+                }
+            )
+    state = {"decided": "decided: stops", "maximum": "undecided at the maximum", "open": "open: more seeds next look",
+             "identical": "identical results: stops", "no data": "no look yet"}  # fmt: skip
+    after = "; ".join(
+        f"{md_escape(r['first'])} vs {md_escape(r['second'])}: {state.get(r['state'], r['state'])}"
+        for _, r in g.concl[g.concl["state"] != "not tested"].iterrows()
+    )
+    return [
+        "### The looks",
+        "",
+        f"Seeds per net at each planned look: {', '.join(map(str, g.design.stages))}. A net gets the next "
+        f"look's seeds only while one of its comparisons is open. After the last look: {after}.",
+        "",
+        pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True) if rows else "_No look yet._",
+        "",
+    ]
+
+
+def seeds(g: Gathered) -> list[str]:
+    """Test top-1 error per net and seed: the paired design, visible."""
+    res = g.res
+    table = res.pivot_table(index="seed", columns="net", values="test_err1", aggfunc="first")
+    table = table[[n for n in g.order if n in table.columns]]
+    shown = table.map(lambda v: pct(v, 2))
+    for _, r in res[~res["learned"].astype(bool)].iterrows():
+        shown.loc[r["seed"], r["net"]] += " (not above chance)"
+    shown.index = pd.Index([int(i) for i in shown.index], name="seed")
+    shown.columns = [md_escape(c) for c in shown.columns]
+    return [
+        "### Seeds per network and seed (test top-1 error, %)",
+        "",
+        shown.to_markdown(disable_numparse=True),
+        "",
+        f"Every run as a CSV (net, seed, status, errors, epochs, seconds, run id): [{g.cfg.study.name}-runs.csv]"
+        f"({g.cfg.study.name}-runs.csv).",
+        "",
+    ]
+
+
+def planning(g: Gathered) -> list[str]:
+    concl = g.concl
+    rows = []
+    for _, r in concl[concl["state"].isin(["open", "maximum"])].iterrows():
+        if pd.isna(r.get("sd_upper")):
+            continue
+        effect = (
+            "a " + f"{100 * -r['design_effect']:g}-point gain" if r["kind"] == "better" else "no difference"
+        )
+        rows.append(
+            {
+                "comparison": f"{md_escape(r['first'])} vs {md_escape(r['second'])}",
+                "sd of one difference (pts), measured": f"{100 * r['sd']:.2f} ({int(r['n'])} seeds)",
+                "planned with (80% upper limit)": f"{100 * r['sd_upper']:.2f}",
+                f"seeds per net if the truth is {effect}": _seeds_text(r["plan_design"]),
+                f"if it is the Δ seen here ({100 * r['diff']:+.2f})": _seeds_text(r["plan_observed"]),
+            }
+        )
+    if not rows:
+        return []
+    kind = "run-until-decided" if g.design.sequential else "fixed-seed"
+    return [
+        "### Planning the next study",
+        "",
+        f"Not post-hoc power: for each comparison left open, the maximum seeds per net a new {kind} study "
+        f"with this study's design (first look, seeds per look, {g.cfg.study.alpha:.0%} family-wise over "
+        f"{g.design.rule.comparisons} comparisons) needs for an 80% chance of a verdict, simulated under the "
+        "rule itself, with the spread of the per-seed differences at its 80% upper confidence limit (the "
+        "spread measured from a few seeds is itself uncertain): once at the effect the study was designed "
+        "for, once at the difference seen here. A new study needs new seeds: these ones have been looked at.",
+        "",
+        pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True),
+        "",
+    ]
+
+
+def _seeds_text(n) -> str:
+    return "more than 400" if n == math.inf else ("" if pd.isna(n) else f"{int(n)}")
+
+
+def _undecided_note(concl: pd.DataFrame) -> str:
+    open_ = concl[concl["state"].isin(["open", "maximum"])] if not concl.empty else concl
+    if open_.empty:
+        return ""
+    parts = [
+        f"claim {r['claim']} ({md_escape(r['first'])} vs {md_escape(r['second'])}): Δ {100 * r['diff']:+.2f} points, "
+        f"interval {_interval(r)} straddles "
+        + ("0 and a margin edge" if r["kind"] == "better" else f"−{100 * r['margin']:g}")
+        + f", on {int(r['n'])} paired seeds"
+        for _, r in open_.iterrows()
+    ]
+    return "Not decided: " + "; ".join(parts) + " (see *Planning the next study*)."
+
+
+def compute(g: Gathered) -> list[str]:
+    compute = analysis.compute_table(g.summary)
+    if compute.empty:
+        return []
+    return [
+        "## Compute",
+        "",
+        "Forward FLOPs per image (torch's FlopCounterMode, multiply-add = 2) and images seen in "
+        "training; nets that start from the trained A also count A's training.",
+        "",
+        compute.to_markdown(floatfmt=(",.0f", ",.2f", ",.0f", ",.0f", ",.4f")),
+        "",
+    ]
+
+
+def designs() -> list[str]:
+    return [
+        "### From the designs themselves (no training; computed from the model definitions)",
+        "",
+        design.stack_comparison()
+        .assign(**{"weights saved": lambda d: d["weights saved"].map("{:.1%}".format)})
+        .to_markdown(index=False),
+        "",
+        "Each block halves the feature map and doubles the filters (up to 512): "
+        + ", ".join(f"{a} {'yes' if design.halves_map_doubles_filters(a) else 'no'}" for a in PAPER_STEPS)
+        + ".",
+        "",
+    ]
+
+
+def not_counted(g: Gathered) -> list[str]:
+    not_results = g.runs[~g.runs["run_id"].isin(g.res["run_id"])]
+    if not len(not_results):
+        return []
+    lines = ["## Runs not counted", "", "| run | net | seed | status | reason |", "|---|---|---|---|---|"]
+    for _, r in not_results.iterrows():
+        orphaned = r["status"] == "RUNNING" and _orphaned(g.client, r["run_id"])
+        status = "RUNNING (orphaned: its process is gone)" if orphaned else r["status"]
+        reason = r["failure_reason"] if isinstance(r["failure_reason"], str) else ""
+        lines.append(
+            f"| `{r['run_id'][:8]}` | {md_escape(r['net'])} | {r['seed']:.0f} | {status} | {md_escape(reason)} |"
+        )
+    return [*lines, ""]
+
+
+def dashboard(g: Gathered) -> list[str]:
+    return [
+        "## Open these runs in the MLflow dashboard",
+        "",
+        "```bash",
+        "vgg-ablation ui            # = mlflow ui --backend-store-uri <this store>, on 127.0.0.1:5000",
+        "```",
+        "",
+        f"Store: `{md_escape(_display_uri(g.uri))}`, experiment `{md_escape(g.experiment)}`. "
+        f"Regenerate this report with `vgg-ablation report experiment={md_escape(g.cfg.study.name)}`.",
+        "",
+    ]
+
+
+def _seed_range(seeds: list[int]) -> str:
+    """0-5, 10, 12-14: a list of seeds, short."""
+    parts, start = [], None
+    for i, s in enumerate(seeds):
+        if start is None:
+            start = s
+        if i + 1 == len(seeds) or seeds[i + 1] != s + 1:
+            parts.append(f"{start}" if start == s else f"{start}-{s}")
+            start = None
+    return ", ".join(parts)
+
+
+def _mlflow_version() -> str:
+    import mlflow
+
+    return mlflow.__version__
+
+
+def _dataset_line(res: pd.DataFrame, cfg: DictConfig, client) -> str:
+    digests = ", ".join(f"`{d}`" for d in sorted(res["data_digest"].dropna().unique())) or "not recorded"
+    counts = res.iloc[0]
+    inputs = client.get_run(counts["run_id"]).inputs.dataset_inputs
+    name = inputs[0].dataset.name if inputs else cfg.data.name
+    val = f"{int(counts['val_images']):,} validation, " if not pd.isna(counts.get("val_images")) else ""
+    return (
+        f"| data | {md_escape(name)} (`data={md_escape(cfg.data.name)}`), digest {digests}: {int(counts['train_images']):,} training, "
+        f"{val}{int(counts['test_images']):,} test images, {int(counts['num_classes'])} classes; "
+        f"normalize `{cfg.data.normalize}` |"
+    )
+
+
+def lrn(summary: pd.DataFrame, runs_res: pd.DataFrame) -> list[str]:
+    activity = analysis.lrn_activity(summary)
+    if activity.empty:
+        return []
+    lines = [
+        "## How active was LRN?",
+        "",
+        "LRN's constants (k=2, alpha=1e-4, n=5, beta=0.75) were set for the activations that 0-255 "
+        "inputs give. Measured on 1,024 validation images in each trained net: the denominator over "
+        "k (1.00 = the layer passes activations through unchanged).",
+        "",
+        "| net | LRN scale | denominator / k, mean | 99th percentile | at this input scale |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for net, r in activity.iterrows():
+        scale = runs_res.loc[runs_res["net"] == net, "lrn_scale"].dropna().unique()
+        lines.append(
+            f"| {md_escape(net)} | {md_escape(', '.join(map(str, scale)))} | {r['denominator_mean']:.3f} | "
+            f"{r['denominator_p99']:.3f} | {'active' if r['active'] else '**LRN inactive at this input scale**'} |"
+        )
+    if not activity["active"].all():
+        lines += [
+            "",
+            "An inactive LRN makes claim 1 true by construction: rerun with `model.lrn_scale=paper` "
+            "(the default) or `data.normalize=paper` to test it as the paper had it.",
+        ]
+    return [*lines, ""]
+
+
+def _mlflow_line(cfg: DictConfig, exp, parent) -> str:
+    if exp is None:
+        return ""
+    base = cfg.logger.ui_url
+    study_run = (
+        f"[the study's run]({tracking.run_url(base, exp.experiment_id, parent.info.run_id)}) · "
+        if parent
+        else ""
+    )
+    return f"| MLflow (`vgg-ablation ui`) | {study_run}[every run]({tracking.runs_url(base, exp.experiment_id)}) |"
+
+
+def _run_links(cfg: DictConfig, experiment_id: str, nets) -> dict[str, str]:
+    """Each net's runs in the dashboard: the runs page filtered to its config and arch."""
+    links = {}
+    for net in nets:
+        scratch = net == f"B{runtable.SCRATCH}"
+        net_cfg = scratch_config(cfg) if scratch and needs_scratch_b(cfg) else cfg
+        arch = "B" if scratch else net
+        search = f"tags.fingerprint = '{fingerprint(net_cfg)}' and params.arch = '{arch}'"
+        links[net] = tracking.runs_url(cfg.logger.ui_url, experiment_id, search)
+    return links
+
+
+def _display_uri(uri: str) -> str:
+    """Paths under the working folder are shown relative, so a committed report holds no home dirs."""
+    prefix = f"sqlite:///{Path.cwd()}/"
+    return "sqlite:///" + uri[len(prefix) :] if uri.startswith(prefix) else uri
+
+
+def _orphaned(client, run_id: str) -> bool:
+    return tracking.is_orphaned(client.get_run(run_id))

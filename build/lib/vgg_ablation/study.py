@@ -1,0 +1,428 @@
+"""`vgg-ablation study`: a study as Hydra multiruns into one MLflow experiment, look by look.
+
+The sweeps themselves are Hydra's (`python -m vgg_ablation.train --multirun arch=A,B seed=...`),
+so any Hydra launcher (joblib, submitit for SLURM) takes them to a cluster unchanged. What this
+module adds around them:
+- everything is checked before the first job starts (names, data, shapes, the tracking store, a
+  registered rule), and the store and the study's experiment are created once, here, not raced;
+- a unique sweep folder per launch (two launches in one second do not share one);
+- the study's looks (cells.design_of): after each one the verdicts are replayed on what FINISHED,
+  and only the nets of a comparison still open get the next look's seeds (a fixed-seed study
+  has one look); with init=from_A, each seed's A trains before the deeper nets;
+- a time limit (`study.time_limit`) after which no new cell starts and the report is written;
+- Ctrl-C or SIGTERM stop the cell that is training (it is marked KILLED and keeps its last
+  checkpoint), mark the study's run KILLED and end with one line; a second Ctrl-C stops at once;
+- afterwards, every cell's state read back from MLflow, the report, and an exit code that is 0
+  only when every cell FINISHED.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf
+
+from vgg_ablation import __version__, analysis, tracking
+from vgg_ablation.build import arch_of, model_for, prepare
+from vgg_ablation.cells import (
+    DEADLINE_ENV,
+    PROGRESS_ENV,
+    SCRATCH_CONTROL,
+    SCRATCH_LABEL,
+    cell_cfg,
+    cell_configs,
+    cell_key,
+    check_registered,
+    design_of,
+    fingerprint,
+    net_labels,
+    rule_params,
+    study_looks,
+    study_run_key,
+)
+from vgg_ablation.config import compose, study_overrides, with_study_dir
+from vgg_ablation.errors import UserError
+from vgg_ablation.sequential import VERDICTS
+
+
+# -- before any job -------------------------------------------------------------------------------------
+def check_study(cfg: DictConfig):
+    """Refuse a study that cannot run, before any job starts; returns its data module."""
+    import torch
+
+    study = cfg.study
+    if not study.archs:
+        raise UserError("study.archs is empty: name at least one arch")
+    if not study.seeds:
+        raise UserError("study.seeds is empty: name at least one seed")
+    for name in study.archs:
+        arch_of(name)
+    check_rule(study)
+    if cfg.model.init == "from_A" and "A" not in study.archs:
+        raise UserError("model.init=from_A needs arch A in study.archs (the deeper nets start from it)")
+    if not cfg.logger.enabled:
+        raise UserError("a study records its runs in MLflow: drop logger=none")
+    datamodule, _ = prepare(cfg)  # data and the first arch
+    with torch.device("meta"):  # every arch's shape, at no cost
+        for name in study.archs:
+            model_for(cfg, name, datamodule)
+    return datamodule
+
+
+def check_rule(study) -> None:
+    """The rule's settings: seeds, error, margins, the looks' grid, the time limit."""
+    if len(set(study.seeds)) != len(study.seeds):
+        raise UserError(f"study.seeds has repeats: {list(study.seeds)}")
+    if not 0 < study.alpha < 1:
+        raise UserError(f"study.alpha must be between 0 and 1, got {study.alpha}")
+    for key, margin in OmegaConf.to_container(study.margins).items():
+        if not margin > 0:
+            raise UserError(f"study.margins.{key} must be positive, got {margin}")
+    if study.time_limit is not None and not study.time_limit > 0:
+        raise UserError(f"study.time_limit must be positive (minutes), got {study.time_limit}")
+    if not study.max_seeds:
+        return
+    if len(study.seeds) < 2:
+        raise UserError(
+            "a study that runs until decided needs at least 2 seeds at its first look (study.seeds)"
+        )
+    if study.seeds_per_look < 1:
+        raise UserError(f"study.seeds_per_look must be positive, got {study.seeds_per_look}")
+    extra = study.max_seeds - len(study.seeds)
+    if extra > 0 and extra % study.seeds_per_look:
+        lower = study.max_seeds - extra % study.seeds_per_look
+        raise UserError(
+            f"study.max_seeds={study.max_seeds} is not on the looks' grid: the first look has {len(study.seeds)} "
+            f"seeds and each look adds {study.seeds_per_look}; try {lower} or {lower + study.seeds_per_look}"
+        )
+
+
+# -- the study's sweep ----------------------------------------------------------------------------------
+@dataclass
+class Sweep:
+    """A study in progress: its config, store, run, looks, and what it launched."""
+
+    cfg: DictConfig
+    client: object
+    parent: str  # the study's MLflow run
+    pinned: list[str]  # the overrides every cell gets
+    design: analysis.Design
+    folder: Path
+    started: float = field(default_factory=time.time)
+    launched: list[tuple[str, int]] = field(default_factory=list)
+    exit_codes: list[int] = field(default_factory=list)
+    done: int = 0  # cells launched so far (progress lines count on from here)
+
+    @property
+    def nets(self) -> list[str]:
+        return net_labels(self.cfg)
+
+    @property
+    def deadline(self) -> float | None:
+        limit = self.cfg.study.time_limit
+        return self.started + 60 * limit if limit else None
+
+
+def run_study(args: list[str]) -> int:
+    sweep = open_study(with_study_dir(study_overrides(args)))
+    with stopped_by_signals():
+        try:
+            return finish_study(sweep, run_looks(sweep))
+        except Interrupted as exc:
+            return end_interrupted(sweep, exc.signum)
+
+
+def open_study(args: list[str]) -> Sweep:
+    """Check everything, then create the store, the experiment and the study's run, once."""
+    cfg = compose(args)
+    datamodule = check_study(cfg)
+    uri = tracking.tracking_uri(cfg.logger.tracking_uri)
+    tracking.check_reachable(uri)
+    # Created here, not by the jobs: many processes opening a fresh SQLite store race on its schema.
+    client = tracking.client(uri)
+    experiment_id = tracking.ensure_experiment(client, tracking.experiment_name(cfg))
+    tracking.describe_experiment(client, experiment_id, cfg.study.description)
+    existing = tracking.find_study_run(client, experiment_id, study_run_key(cfg))
+    registered = dict(existing.data.params) if existing else {}
+    check_registered(cfg, registered)
+    parent = tracking.open_study_run(
+        client, experiment_id, cfg, study_run_key(cfg), {**study_params(cfg), **rule_params(cfg)}
+    )
+    # Pin the store for the jobs, so a relative default cannot drift between processes; every
+    # cell becomes a child of the study's run.
+    pinned = [a for a in args if not a.startswith(("logger.tracking_uri=", "logger.parent_run_id="))]
+    pinned += [f"logger.tracking_uri={uri}", f"logger.parent_run_id={parent}"]
+    sweep = Sweep(cfg, client, parent, pinned, design_of(cfg, registered or None), sweep_dir(cfg))
+    looks = sweep.design.stages
+    plan = (f"looks at {', '.join(map(str, looks))} seeds per net, until every claim is decided"
+            if sweep.design.sequential else f"{len(sweep.design.order)} seeds")  # fmt: skip
+    print(
+        f"study {cfg.study.name}: {', '.join(sweep.nets)} x {plan}, on {cfg.data.name}, MLflow {uri} "
+        f"(experiment {tracking.experiment_name(cfg)}), sweep folder {sweep.folder}\n{datamodule.describe()}\n"
+        f"study run: {tracking.run_url(cfg.logger.ui_url, experiment_id, parent)} (`vgg-ablation ui` serves it)",
+        flush=True,
+    )
+    return sweep
+
+
+def run_looks(sweep: Sweep) -> str:
+    """Each look's cells, then its verdicts; returns why the study stopped."""
+    cfg, design = sweep.cfg, sweep.design
+    for k, size in enumerate(design.stages):
+        grow = set(sweep.nets) if k == 0 else analysis.nets_to_grow(study_looks(cfg, design, k))
+        if not grow:
+            return "every claim decided"
+        if sweep.deadline and time.time() >= sweep.deadline:
+            return f"time limit ({cfg.study.time_limit:g} min) reached before look {k + 1}"
+        new = design.order[design.stages[k - 1] if k else 0 : size]
+        cells = stage_cells(cfg, sweep.nets, grow, new)
+        if design.sequential:
+            nets = ", ".join(sorted({c for c, _ in cells}, key=sweep.nets.index))
+            print(f"look {k + 1} of at most {len(design.stages)}: {nets} get seeds {new[0]}-{new[-1]} "
+                  f"({size} per net)", flush=True)  # fmt: skip
+        sweep.launched += cells
+        code = run_cells(sweep, cells)
+        sweep.exit_codes.append(code)
+        if code not in (0, 1):  # a cell was killed: stop, start nothing more
+            return "stopped"
+        if design.sequential:
+            record_looks(sweep, k + 1)
+    if sweep.deadline and time.time() >= sweep.deadline:
+        return f"time limit ({cfg.study.time_limit:g} min) reached"
+    return "maximum reached" if design.sequential else ""
+
+
+def stage_cells(cfg: DictConfig, nets: list[str], grow: set[str], seeds: list[int]) -> list[tuple[str, int]]:
+    """The cells of one look: the nets that grow, with A first when deeper nets start from it."""
+    chosen = [n for n in nets if n in grow]
+    deeper = [n for n in chosen if n != SCRATCH_LABEL and arch_of(n).depth > arch_of("A").depth]
+    if cfg.model.init == "from_A" and deeper:
+        chosen = ["A", *[n for n in chosen if n != "A"]]  # the deeper nets need this seed's trained A
+    return [(net, seed) for net in chosen for seed in seeds]
+
+
+def run_cells(sweep: Sweep, cells: list[tuple[str, int]]) -> int:
+    """Train these cells: one Hydra multirun per group of nets sharing a start (the trained A
+    first, the scratch control apart), finished cells skipped. Returns the worst exit code."""
+    cfg = sweep.cfg
+    nets = list(dict.fromkeys(net for net, _ in cells))
+    seeds = list(dict.fromkeys(seed for _, seed in cells))
+    archs = [n for n in nets if n != SCRATCH_LABEL]
+    phases = [(archs, [])] if archs else []
+    parallel = any(a.startswith("hydra/launcher=") for a in sweep.pinned)
+    if cfg.model.init == "from_A" and "A" in archs and archs != ["A"] and parallel:
+        # The basic launcher runs the cells in order, A's seeds first (archs are swept
+        # slowest): one sweep will do. A parallel launcher gets A's cells as a sweep of their own.
+        phases = [(["A"], []), ([a for a in archs if a != "A"], [])]
+    if SCRATCH_LABEL in nets:
+        phases.append((["B"], SCRATCH_CONTROL))
+    total, codes = sweep.done + len(cells), []
+    for archs_, overrides in phases:
+        code = launch(sweep.pinned + overrides, archs_, seeds, sweep.folder, seed_major=cfg.model.init != "from_A",
+                      progress=(sweep.done, total, sweep.started), deadline=sweep.deadline)  # fmt: skip
+        sweep.done += len(archs_) * len(seeds)
+        codes.append(code)
+        if code not in (0, 1):
+            return code
+    return max(codes, default=0)
+
+
+def sweep_dir(cfg: DictConfig) -> Path:
+    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+    return Path("multirun") / cfg.study.name / f"{stamp}-{secrets.token_hex(3)}"
+
+
+def launch(args: list[str], archs: list[str], seeds: list[int], folder: Path, seed_major: bool = False,
+           progress: tuple[int, int, float] | None = None, deadline: float | None = None) -> int:  # fmt: skip
+    """One Hydra multirun over archs x seeds in a subprocess: arch-major (the paper's order, and
+    the trained A first for init=from_A), or seed-major, so that a study stopped early still holds
+    complete paired blocks (every arch of seeds 0..k). The sweep shares the study's process group,
+    so a kill of the group (SIGKILL, a lost machine) takes both; a Ctrl-C or SIGTERM that reached
+    the study alone is passed on (`stop_sweep`)."""
+    sweep = ["arch=" + ",".join(archs), "seed=" + ",".join(str(s) for s in seeds)]
+    command = [sys.executable, "-m", "vgg_ablation.train", "--multirun", *args, *(sweep[::-1] if seed_major else sweep),
+               f"hydra.sweep.dir={folder}",
+               "hydra/hydra_logging=disabled"]  # fmt: skip  # its per-job line repeats every override: ours says k of N
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if progress:
+        env[PROGRESS_ENV] = ":".join(map(str, progress))
+    if deadline:
+        env[DEADLINE_ENV] = str(deadline)
+    proc = subprocess.Popen(command, env=env)
+    try:
+        return proc.wait()
+    except Interrupted as exc:
+        stop_sweep(proc, exc.signum)
+        raise
+
+
+# -- stopping: Ctrl-C and SIGTERM -----------------------------------------------------------------------
+class Interrupted(BaseException):
+    """Ctrl-C (SIGINT) or SIGTERM reached the study."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def stopped_by_signals():
+    """SIGINT and SIGTERM become `Interrupted` while the study runs (restored after); a second
+    one while the first is being handled becomes Interrupted(SIGKILL): stop at once."""
+    first: list[int] = []
+
+    def handler(signum, frame):
+        first.append(signum)
+        raise Interrupted(signal.SIGKILL if len(first) > 1 else signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def stop_sweep(proc: subprocess.Popen, signum: int) -> None:
+    """Pass the stop on to the sweep (a terminal's Ctrl-C reached it too: the cell takes the
+    same signal once more without harm, see train.run_cell), which marks the training cell's run
+    KILLED and keeps its last checkpoint; a second Ctrl-C, or a sweep still there after a minute,
+    gets SIGKILL."""
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(signum)
+    while True:
+        try:
+            proc.wait(60)
+            return
+        except (subprocess.TimeoutExpired, Interrupted):  # too long, or the second Ctrl-C
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+
+
+def end_interrupted(sweep: Sweep, signum: int) -> int:
+    """One line: which cells were stopped, and how to resume; the study's run KILLED."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # nothing more to stop: finish these lines
+    sweep.client.set_terminated(sweep.parent, "KILLED")
+    states = cell_states(sweep.cfg, sweep.launched)
+    stopped = states[states["status"].isin(["KILLED", "RUNNING", "RUNNING (orphaned)"])]
+    cells = (
+        ", ".join(f"{r['arch']} seed={r['seed']}" for _, r in stopped.iterrows()) or "no cell was training"
+    )
+    how = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}.get(signum, "a second Ctrl-C (at once)")
+    print(f"study {sweep.cfg.study.name} stopped by {how}: {cells} marked KILLED, last checkpoint kept; "
+          "run the same command again to resume", file=sys.stderr, flush=True)  # fmt: skip
+    return 128 + (signal.SIGTERM if signum == signal.SIGTERM else signal.SIGINT)
+
+
+# -- after the sweeps -----------------------------------------------------------------------------------
+def record_looks(sweep: Sweep, stages: int) -> None:
+    """The looks so far onto the study's run (looks.json) and one line each on the console."""
+    record = []
+    for o in study_looks(sweep.cfg, sweep.design, stages):
+        c, last = o.comparison, o.last
+        verdict = (VERDICTS[o.code] if o.state == "decided"
+                   else {"maximum": "undecided at the maximum", "open": "open"}.get(o.state, o.state))  # fmt: skip
+        record.append({"claim": c.claim.number, "first": c.first, "second": c.second, "state": o.state,
+                       "verdict": verdict, "looks": [vars(lk) for lk in o.looks]})  # fmt: skip
+        if last is not None:
+            print(f"  {c.first} vs {c.second}: {last.n} paired seeds, Δ {100 * last.mean:+.2f} points, "
+                  f"interval [{100 * last.low:+.2f}, {100 * last.high:+.2f}]: {verdict}", flush=True)  # fmt: skip
+    sweep.client.log_dict(sweep.parent, {"stages_done": stages, "comparisons": record}, "looks.json")
+
+
+def finish_study(sweep: Sweep, stop_reason: str) -> int:
+    """The table of the study's cells, the report, the study run's status, the exit code."""
+    cfg = sweep.cfg
+    states = cell_states(cfg, sweep.launched)
+    elapsed = time.time() - sweep.started
+    print(
+        f"\nstudy {cfg.study.name}: {elapsed:.0f} s wall time"
+        + (f"; stopped: {stop_reason}" if stop_reason else "")
+    )
+    print(states.drop(columns=["reason", "fit_seconds", "started"]).to_markdown(index=False, floatfmt=".3f"))
+    trained_now = states[states["started"].fillna(0) >= sweep.started]
+    if len(trained_now):
+        fit = trained_now["fit_seconds"].fillna(0).sum()
+        print(f"training (fit) {fit:.0f} s of {elapsed:.0f} s wall for the {len(trained_now)} runs of this launch: "
+              f"fixed costs (start-up, data, tracking, testing, checkpoints) {(elapsed - fit) / elapsed:.0%}")  # fmt: skip
+    timed_out = "time limit" in stop_reason
+    unfinished = states[(states["status"] != "FINISHED") & ~(timed_out & (states["status"] == "MISSING"))]
+    for _, row in unfinished.iterrows():
+        print(f"  {row['arch']} seed={row['seed']}: {row['status']} {row['reason']}".rstrip())
+    print("summary: " + ", ".join(f"{n} {s}" for s, n in states["status"].value_counts().to_dict().items()))
+    if any(c not in (0, 1) for c in sweep.exit_codes):
+        sweep.client.set_terminated(sweep.parent, "KILLED")
+        print("the sweep was stopped; run the same command again to resume", file=sys.stderr)
+        return next(c for c in sweep.exit_codes if c not in (0, 1))
+    if (states["status"] == "FINISHED").any():
+        from vgg_ablation.report import write_report
+
+        path = write_report(cfg, stop_reason=stop_reason)  # also onto the study's run
+        print(f"report: {path}")
+    ok = len(unfinished) == 0 and all(c == 0 for c in sweep.exit_codes)
+    # The study's run follows its cells: FINISHED only when every cell is (and the report is on it)
+    sweep.client.set_terminated(sweep.parent, "FINISHED" if ok else "FAILED")
+    return 0 if ok else 1
+
+
+def cell_states(cfg: DictConfig, cells: list[tuple[str, int]] | None = None) -> pd.DataFrame:
+    """One row per cell (net label, seed) of the study, by default every net x `study.seeds`:
+    its latest run's status, or MISSING."""
+    client = tracking.client(tracking.tracking_uri(cfg.logger.tracking_uri))
+    experiment = client.get_experiment_by_name(tracking.experiment_name(cfg))
+    configs = dict(cell_configs(cfg))
+    if cells is None:
+        cells = [(label, seed) for label in configs for seed in cfg.study.seeds]
+    return pd.DataFrame(
+        [_cell_state(client, experiment, configs[label], label, seed) for label, seed in cells]
+    )
+
+
+def _cell_state(client, experiment, net_cfg: DictConfig, label: str, seed: int) -> dict:
+    runs = []
+    if experiment is not None:
+        key = cell_key(cell_cfg(net_cfg, label.split(" ")[0], seed))
+        runs = tracking.runs_of_cell(client, experiment.experiment_id, key)
+    run = ([r for r in runs if r.info.status == "FINISHED"] or runs or [None])[0]
+    row = {"arch": label, "seed": seed, "status": "MISSING", "test top-1": None, "learned": "",
+           "runs recorded": len(runs), "reason": "", "fit_seconds": None, "started": None}  # fmt: skip
+    if run is not None:
+        row.update(
+            status="RUNNING (orphaned)" if tracking.is_orphaned(run) else run.info.status,
+            reason=run.data.tags.get("failure_reason", ""),
+            learned={"true": "yes", "false": "NO (at chance)"}.get(run.data.tags.get("learned", ""), ""),
+            fit_seconds=run.data.metrics.get("time/fit_seconds"),
+            started=run.info.start_time / 1000,
+        )
+        row["test top-1"] = run.data.metrics.get("test/acc1")
+    return row
+
+
+def study_params(cfg: DictConfig) -> dict:
+    """What a user filters studies by, on the study's run (cells carry their own params)."""
+    margins = OmegaConf.to_container(cfg.study.margins)
+    return {
+        "data": cfg.data.name,
+        "epochs": cfg.trainer.max_epochs,
+        "width": cfg.model.width,
+        "batch_norm": cfg.model.batch_norm,
+        "init": cfg.model.init,
+        "dropout": cfg.model.dropout,
+        "lr": cfg.optim.lr,
+        "schedule": cfg.optim.schedule,
+        "warmup_epochs": cfg.optim.warmup_epochs,
+        "batch_size": cfg.data.batch_size,
+        "margins_points": ",".join(f"{k}={v:g}" for k, v in margins.items()),
+        "min_effect_points": cfg.study.min_effect,
+        "fingerprint": fingerprint(cfg),
+        "version": __version__,
+    }
