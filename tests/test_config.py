@@ -3,6 +3,8 @@ top-level conf/ and experiments/ as links to them, so that no two copies can dri
 
 from pathlib import Path
 
+import pytest
+
 from vgg_ablation.config import CONF_DIR, compose, studies, study_overrides
 
 REPO = Path(__file__).resolve().parent.parent
@@ -23,3 +25,22 @@ def test_a_study_in_a_users_own_folder(tmp_path):
     cfg = compose(study_overrides(["experiment=mine", f"study_dir={tmp_path}"]))
     assert cfg.study.name == "mine" and list(cfg.study.archs) == ["A", "B"] and cfg.trainer.max_epochs == 1
     assert "mine" in studies([f"study_dir={tmp_path}"])
+
+
+@pytest.mark.slow
+def test_installed_from_a_wheel_it_trains_studies_and_reports_from_another_folder(tmp_path):
+    """The CI step that installs like a user (.ci/install-check.sh): a wheel into a fresh virtual
+    environment, then from another folder a tiny train, the smoke study, its report, and a study
+    kept in that folder; a traceback anywhere fails it."""
+    import os
+    import subprocess
+    import sys
+
+    if os.environ.get("VGG_ABLATION_SKIP_INSTALL_CHECK"):
+        pytest.skip("VGG_ABLATION_SKIP_INSTALL_CHECK is set")
+    proc = subprocess.run(["bash", str(REPO / ".ci" / "install-check.sh"), str(tmp_path / "work")],
+                          capture_output=True, text=True, timeout=1500,
+                          env={**os.environ, "PYTHON": sys.executable})  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert "install check passed: vgg-ablation" in proc.stdout
+    assert "configs inside the wheel" in proc.stdout and "names where it was looked for" in proc.stdout

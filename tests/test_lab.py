@@ -20,7 +20,7 @@ from vgg_ablation.dashboard import free_port
 from vgg_ablation.labserver import Postgres, _postgres_bin
 
 from .conftest import TINY, run_cli
-from .test_reliability import popen_cli, wait_for_checkpointed_running_run
+from .test_reliability import popen_cli
 
 pytestmark = pytest.mark.slow
 
@@ -48,7 +48,9 @@ def lab(tmp_path_factory):
     root = parent / "lab"
     port, db_port = free_port(), free_port()
     server = popen_cli(
-        ["server", f"root={root}", f"port={port}", f"db_port={db_port}"], tmp_path_factory.mktemp("s")
+        # logins trusted for 2 s per worker: a changed password is refused soon
+        ["server", f"root={root}", f"port={port}", f"db_port={db_port}", "login_cache=2"],
+        tmp_path_factory.mktemp("s"),
     )
     uri = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
@@ -63,7 +65,8 @@ def lab(tmp_path_factory):
         raise AssertionError("the lab server did not come up: " + "".join(lines))
     admin = json.loads((root / "credentials").read_text())
     assert any(admin["admin_password"] in line for line in lines)  # printed once, on first start
-    assert (root / "credentials").stat().st_mode & 0o777 == 0o600 and root.stat().st_mode & 0o777 == 0o700
+    assert (root / "credentials").stat().st_mode & 0o777 == 0o600
+    assert root.stat().st_mode & 0o777 == (0o711 if os.geteuid() == 0 else 0o700)  # no one else lists it
     login = {"MLFLOW_TRACKING_URI": uri, "MLFLOW_TRACKING_USERNAME": "admin",
              "MLFLOW_TRACKING_PASSWORD": admin["admin_password"]}  # fmt: skip
     try:
@@ -204,11 +207,16 @@ def test_a_login_revoked_mid_run_keeps_every_record_and_sync_sends_them(tmp_path
     cai = as_user(env, "cai", password)
     long_run = ["train", "study.name=revoked", *[a for a in TINY if not a.startswith("trainer.max_epochs")],
                 "trainer.max_epochs=20", "trainer.limit_train_batches=12", "logger.outage_wait=5"]  # fmt: skip
-    proc = popen_cli(long_run, tmp_path, cai)
+    release = tmp_path / "release"
+    proc = popen_cli(long_run, tmp_path, {**cai, "VGG_ABLATION_HOLD_EPOCH": f"3:{release}"})
+    while not Path(f"{release}.held").exists():  # three epochs recorded; training holds
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        time.sleep(0.1)
     client = admin_client(env)
-    victim = wait_for_checkpointed_running_run(client, proc)
-    admin_client(env)
+    (victim,) = client.search_runs([client.get_experiment_by_name("vgg-ablation/revoked").experiment_id])
     AuthServiceClient(uri).update_user_password("cai", "a-new-password-1")  # cai's login stops working
+    time.sleep(3)  # past the server's login cache (login_cache=2)
+    release.touch()
     output, _ = proc.communicate(timeout=600)
     assert proc.returncode == 1, output[-3000:]
     assert "refuses run" in output and "not answering" not in output, output[-3000:]

@@ -56,7 +56,7 @@ def test_report_for_a_study_with_no_runs_is_refused(workdir):
     [
         (
             ["experiment=nope"],
-            "unknown study 'nope'; choose one of: cifar10, cifar10-cpu, imagenet, lrn-cpu, sample, smoke",
+            "unknown study 'nope'; choose one of: cifar10, cifar10-cpu, cifar10-gpu, imagenet, lrn-cpu, sample, smoke",
         ),
         (["experiment=smoke", "study.seeds=[]"], "study.seeds is empty"),
         (["experiment=smoke", "study.archs=[A,Z]"], "unknown arch 'Z'"),

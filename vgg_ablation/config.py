@@ -204,6 +204,9 @@ class ServerOptions:
     workers: int = 4  # MLflow server workers
     pool: int = 32  # database connections per worker: the writers it serves at once
     allowed_hosts: list[str] = field(default_factory=list)  # more names the server answers to
+    # Seconds a checked login is trusted by each server worker (a password check costs ~0.1 s of
+    # CPU): a changed password or a removed user is refused everywhere within this.
+    login_cache: int = 60
 
 
 @dataclass

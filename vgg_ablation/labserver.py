@@ -230,7 +230,7 @@ def allowed_hosts(host: str, port: int, more: list[str]) -> str:
     return ",".join(sorted({n for name in names for n in (name, f"{name}:{port}")}))
 
 
-def auth_settings(root: Path, secrets_: dict) -> Path:
+def auth_settings(root: Path, secrets_: dict, login_cache: int) -> Path:
     """MLflow's basic-auth ini: its own user store under root, READ for every user by default."""
     ini = configparser.ConfigParser()
     ini["mlflow"] = {
@@ -238,7 +238,7 @@ def auth_settings(root: Path, secrets_: dict) -> Path:
         "database_uri": f"sqlite:///{root / 'basic_auth.db'}",
         "admin_username": secrets_["admin_username"],
         "authorization_function": "mlflow.server.auth:authenticate_request_basic_auth",
-        "auth_cache_ttl_seconds": "60",  # PBKDF2 per request costs CPU under many writers
+        "auth_cache_ttl_seconds": str(login_cache),  # PBKDF2 per request costs CPU under many writers
     }
     path = root / "auth.ini"
     with contextlib.suppress(FileNotFoundError):
@@ -256,7 +256,7 @@ def mlflow_server(backend: str, root: Path, host: str, port: int, opts, secrets_
         raise UserError(f"port {port} is taken: choose another with port=")
     (root / "artifacts").mkdir(parents=True, exist_ok=True)
     env = {**server_env(opts.pool), "PGPASSFILE": str(root / "pgpass"),
-           "MLFLOW_AUTH_CONFIG_PATH": str(auth_settings(root, secrets_)),
+           "MLFLOW_AUTH_CONFIG_PATH": str(auth_settings(root, secrets_, opts.login_cache)),
            "MLFLOW_AUTH_ADMIN_PASSWORD": secrets_["admin_password"],
            "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets_["flask_secret_key"]}  # fmt: skip
     with log.open("ab") as out:
@@ -276,6 +276,8 @@ def run_server(args: list[str]) -> int:
     for key in ("port", "db_port", "workers", "pool"):
         if opts[key] <= 0:
             raise UserError(f"{key} must be a positive whole number, got {opts[key]!r}")
+    if opts.login_cache < 0:
+        raise UserError(f"login_cache must be 0 or more seconds, got {opts.login_cache}")
     import importlib.util
 
     if importlib.util.find_spec("psycopg2") is None or importlib.util.find_spec("flask_wtf") is None:
@@ -283,8 +285,10 @@ def run_server(args: list[str]) -> int:
             "the lab server needs PostgreSQL's driver and MLflow's auth app: pip install 'vgg-ablation[lab]'"
         )
     root = Path(opts.root).resolve()
+    os.umask(0o077)  # everything the server and its database write: the owner's only
     root.mkdir(parents=True, exist_ok=True)
-    os.chmod(root, 0o700)  # the database, the artifacts and the secrets: the owner's only
+    # The owner's only; run as root, PostgreSQL runs as `postgres`, which may pass through (not list)
+    os.chmod(root, 0o711 if os.geteuid() == 0 else 0o700)
     secrets_, new = credentials(root)
     database = Postgres(root, opts.db_port, secrets_["database_password"])
     database.start()
@@ -357,7 +361,7 @@ def run_server_user(args: list[str]) -> int:
             experiment = MlflowClient(url).get_experiment_by_name(EXPERIMENT_PREFIX + opts.study)
             if experiment is None:
                 raise UserError(f"no study {opts.study!r} on {url} yet: run it first, then grant it")
-            auth.create_experiment_permission(experiment.experiment_id, opts.name, opts.permission)
+            auth.grant_user_permission(opts.name, "experiment", experiment.experiment_id, opts.permission)
             print(
                 f"{opts.name} may {opts.permission} study {opts.study} (experiment {experiment.experiment_id})"
             )

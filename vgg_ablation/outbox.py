@@ -43,6 +43,9 @@ PERMANENT = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "INVALID_STAT
              "UNAUTHENTICATED"}  # fmt: skip
 
 
+RETRIES_ENV = "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -193,6 +196,12 @@ class Outbox:
     seconds for everything to be sent; it returns whether it was."""
 
     def __init__(self, mlflow_client, run_id: str, folder: Path, label: str, retry_every: float = 2.0):
+        # While the run trains, the outbox is the retry: MLflow's own (7 tries, minutes of backoff)
+        # would hold a record in flight through a whole outage, hiding it, and fail it late. Every
+        # write of the process goes through the outbox meanwhile; `close` restores the setting.
+        self._retries = os.environ.get(RETRIES_ENV)
+        if self._retries is None:
+            os.environ[RETRIES_ENV] = "0"
         self.client, self.run_id, self.label = mlflow_client, run_id, label
         self.uri = mlflow_client.tracking_uri
         self.retry_every = retry_every
@@ -318,6 +327,8 @@ class Outbox:
             self._give_up_at = time.time() + wait
             self._cond.notify_all()
         done = self.drain(wait)
+        if self._retries is None:
+            os.environ.pop(RETRIES_ENV, None)
         with contextlib.suppress(OSError):
             self._file.close()
         if done:
