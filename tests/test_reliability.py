@@ -56,10 +56,11 @@ def migrated_client(workdir: Path) -> MlflowClient | None:
 
 
 def wait_for_checkpointed_running_run(
-    store: Path | MlflowClient, proc: subprocess.Popen, timeout: float = 600, arch=None
+    store: Path | MlflowClient, proc: subprocess.Popen, timeout: float = 600, arch=None, seed=None
 ):
-    """A run (of `arch`, if given) that is RUNNING and has written at least one epoch's checkpoint.
-    `store`: the folder whose default store the CLI creates, or a client on a running server."""
+    """A run (of `arch` and `seed`, if given) that is RUNNING and has written at least one epoch's
+    checkpoint. `store`: the folder whose default store the CLI creates, or a client on a running
+    server. With several processes on one store, name the cell: any RUNNING run would do otherwise."""
     deadline = time.time() + timeout
     client = store if isinstance(store, MlflowClient) else None
     workdir = store if isinstance(store, Path) else None
@@ -73,7 +74,9 @@ def wait_for_checkpointed_running_run(
             for exp in client.search_experiments():
                 for run in client.search_runs([exp.experiment_id]):
                     ckpt = Path(run.data.tags.get("checkpoint_dir", "/none")) / "last.ckpt"
-                    wanted = arch is None or run.data.tags.get("arch") == arch
+                    wanted = (arch is None or run.data.tags.get("arch") == arch) and (
+                        seed is None or run.data.tags.get("seed") == str(seed)
+                    )
                     if wanted and run.info.status == "RUNNING" and ckpt.is_file():
                         return run
         except Exception:  # the store is being created or migrated
@@ -448,7 +451,7 @@ def test_dashboard_binds_to_loopback_by_default_and_stops_with_its_command(workd
         assert listening() == ["0100007F:" + f"{port:04X}"]  # 127.0.0.1 only, not 0.0.0.0
     finally:
         proc.send_signal(signal.SIGTERM)  # `ui` stops the MLflow server it started, then exits
-        code = proc.wait(20)
+        code = proc.wait(60)  # a hang guard: `ui` gives the server 5 s, then kills it
         proc.stdout.close()
     assert code == 128 + signal.SIGTERM
     time.sleep(1)

@@ -1,3 +1,0 @@
-from vgg_ablation.cli import main
-
-raise SystemExit(main())
