@@ -400,8 +400,24 @@ def test_a_run_whose_server_never_returns_keeps_its_metrics_and_says_how_to_send
             assert "test/acc1" in after.data.metrics
             assert not (Path(run.data.tags["checkpoint_dir"]) / "outbox.jsonl").exists()
         assert len(client.search_runs([runs[0].info.experiment_id])) == 2
-    finally:
+
+        # A store that dies while a cell opens its run (held open by the race-window hook, after
+        # its experiment exists): one line, exit 1, nothing trained. (MLflow's own retries, minutes
+        # of backoff before the outbox takes over, are off: the line, not the wait, is tested.)
+        opening = popen_cli(["train", "arch=A", "seed=2", "study.name=opening", *TINY], workdir,
+                            {**env, "VGG_ABLATION_RACE_WINDOW": "15", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})  # fmt: skip
+        deadline = time.time() + 300
+        while client.get_experiment_by_name("vgg-ablation/opening") is None:
+            assert opening.poll() is None and time.time() < deadline, opening.stdout.read()[-3000:]
+            time.sleep(0.2)
         os.killpg(server.pid, signal.SIGKILL)
+        said = opening.communicate(timeout=300)[0]
+        assert opening.returncode == 1, said[-3000:]
+        assert said.strip().splitlines()[-1].startswith("error: A seed=2: the tracking store"), said[-3000:]
+        assert "stopped answering while this cell opened its run" in said and "Traceback" not in said
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGKILL)
 
 
 def test_unreachable_tracking_uri_is_refused_before_training(workdir):

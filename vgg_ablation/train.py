@@ -53,9 +53,9 @@ from vgg_ablation.cell_run import (
 )
 from vgg_ablation.cells import DEADLINE_ENV, PROGRESS_ENV, cell_key
 from vgg_ablation.config import CONF_DIR, register
-from vgg_ablation.errors import UserError
+from vgg_ablation.errors import StoreAway, UserError
 from vgg_ablation.models import forward_flops, lrn_activity, transfer_from_a
-from vgg_ablation.outbox import Outbox
+from vgg_ablation.outbox import Outbox, root_cause
 from vgg_ablation.runtable import above_chance
 
 
@@ -94,7 +94,7 @@ def run_cell(cfg: DictConfig, announce_data: bool = True) -> CellResult:
     shared = distributed.shared_by_rank_zero()
     if shared is not None:
         return run_rank(cfg, shared)
-    cell = open_cell(cfg, announce_data)
+    cell = open_cell_or_say_why(cfg, announce_data)
     if cell.result.status in ("SKIPPED", "BUSY"):
         return cell.result
     # Ranks 1..N-1 of a multi-device cell train beside this one and record nothing (distributed.py)
@@ -126,6 +126,23 @@ def run_cell(cfg: DictConfig, announce_data: bool = True) -> CellResult:
                 raise
     cell.result.seconds = time.time() - cell.start
     return cell.result
+
+
+def open_cell_or_say_why(cfg: DictConfig, announce_data: bool) -> Cell:
+    """`open_cell`, with a store that stops answering while the run opens said in one line. (Once
+    the run is open its writes go through the outbox, and an outage costs nothing.)"""
+    try:
+        return open_cell(cfg, announce_data)
+    except UserError:
+        raise
+    except Exception as exc:
+        uri = tracking.tracking_uri(cfg.logger.tracking_uri)
+        if not cfg.logger.enabled or tracking.answers(uri):
+            raise
+        raise StoreAway(
+            f"{cfg.arch} seed={cfg.seed}: the tracking store {uri} stopped answering while this cell "
+            f"opened its run ({root_cause(exc)}); nothing was trained: run the same command once it is back"
+        ) from exc
 
 
 def open_cell(cfg: DictConfig, announce_data: bool) -> Cell:
@@ -292,6 +309,9 @@ def task(cfg: DictConfig, multirun: bool) -> float | None:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except StoreAway as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         if not progress:  # in a study, the study says it, in one line for all its cells
             print(f"interrupted: {cfg.arch} seed={cfg.seed} marked KILLED; re-run to resume", file=sys.stderr)
