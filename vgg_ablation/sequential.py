@@ -109,13 +109,15 @@ class Rule:
         return [t_quantile(level, n) for level, n in zip(self.levels(looks), looks, strict=True)]
 
 
+@lru_cache(maxsize=4096)  # a study's looks repeat the same few (level, n): scipy's call costs ~1 ms
 def t_quantile(level: float, n: int) -> float:
     return float(stats.t.isf(level / 2, n - 1)) if level > 0 else math.inf
 
 
-def _increments(looks: tuple[int, ...], studies: int, rng: np.random.Generator, known_sd: bool = False):
-    """For each look, the two-sided p of each simulated study's statistic (mean 0, sd 1 per
-    seed): t with n-1 degrees of freedom, or z when the spread is known."""
+def _statistics(looks: tuple[int, ...], studies: int, rng: np.random.Generator, known_sd: bool = False):
+    """For each look, each simulated study's |statistic| (mean 0, sd 1 per seed): |t| with n-1
+    degrees of freedom, or |z| when the spread is known. Compared with a look's boundary on this
+    scale: the same order as p-values, without an sf call per study."""
     n, total, squares = 0, np.zeros(studies), np.zeros(studies)
     for size in looks:
         m = size - n
@@ -126,10 +128,15 @@ def _increments(looks: tuple[int, ...], studies: int, rng: np.random.Generator, 
             squares = squares + within + between
         total, n = total + block, size
         if known_sd:
-            yield 2 * stats.norm.sf(np.abs(total) / math.sqrt(n))
+            yield np.abs(total) / math.sqrt(n)
         else:
-            t = (total / n) / np.sqrt(squares / (n - 1) / n)
-            yield 2 * stats.t.sf(np.abs(t), n - 1)
+            yield np.abs(total / n) / np.sqrt(squares / (n - 1) / n)
+
+
+def _increments(looks: tuple[int, ...], studies: int, rng: np.random.Generator, known_sd: bool = False):
+    """The same studies as two-sided p-values, look by look (what the tests reason in)."""
+    for stat, n in zip(_statistics(looks, studies, rng, known_sd), looks, strict=True):
+        yield 2 * (stats.norm.sf(stat) if known_sd else stats.t.sf(stat, n - 1))
 
 
 @lru_cache(maxsize=256)
@@ -143,13 +150,22 @@ def _levels(looks: tuple[int, ...], spent: tuple[float, ...], studies: int) -> t
         return tuple(levels)
     rng = np.random.default_rng(CALIBRATION_SEED)
     alive = np.ones(studies, dtype=bool)
-    for k, p in enumerate(_increments(looks, studies, rng)):
-        if k > 0:
+    for k, (stat, n) in enumerate(zip(_statistics(looks, studies, rng), looks, strict=True)):
+        if k == 0:
+            boundary = t_quantile(levels[0], n)
+        else:
+            # the boundary that this many of the studies still open cross first here
             crossings = int(round((spent[k] - spent[k - 1]) * studies))
-            candidates = np.sort(p[alive])
-            level = float(candidates[crossings - 1]) if crossings >= 1 else 0.0
-            levels.append(level)
-        alive &= p > levels[k]
+            candidates = stat[alive]
+            if crossings >= 1:
+                boundary = float(
+                    np.partition(candidates, len(candidates) - crossings)[len(candidates) - crossings]
+                )
+                levels.append(float(2 * stats.t.sf(boundary, n - 1)))
+            else:
+                boundary = math.inf
+                levels.append(0.0)
+        alive &= stat < boundary
     return tuple(levels)
 
 
