@@ -1,15 +1,20 @@
-"""Shared helpers: run the real CLI in a subprocess, in a temporary folder with its own store."""
+"""Shared helpers: run the real CLI in a subprocess (or, for refusals, its `main` in-process), in a
+temporary folder with its own store."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from vgg_ablation.cli import main
 from vgg_ablation.datasets import SAMPLE_ROOT
 
 # Tiny but real: a few batches of the embedded sample through the real trainer and store.
@@ -53,6 +58,29 @@ def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: float 
         text=True,
         timeout=timeout,
     )
+
+
+@dataclass
+class Said:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def cli_in_process(args: list[str], cwd: Path, monkeypatch) -> Said:
+    """The CLI's `main` in this process, from `cwd`: for the refusals, which happen before any run
+    opens and cost little once torch is imported (a fresh process spends ~10 s importing torch,
+    Lightning and MLflow). The whole command's path, exit code and output, without the import."""
+    monkeypatch.chdir(cwd)
+    for key in [k for k in os.environ if k.startswith("MLFLOW_")]:
+        monkeypatch.delenv(key)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(args)
+        except SystemExit as exc:  # the task exits as the process would
+            code = exc.code
+    return Said(int(code or 0), out.getvalue(), err.getvalue())
 
 
 @pytest.fixture

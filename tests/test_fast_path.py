@@ -14,7 +14,7 @@ BUDGET = [
     "model.dropout=0.2",
     "optim=cosine",
     "optim.lr=0.02",
-    "trainer.max_epochs=4",
+    "trainer.max_epochs=3",
     "trainer.progress_bar=false",
 ]
 

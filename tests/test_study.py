@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from .conftest import TINY, all_runs, run_cli, store_uri, study_runs
+from .conftest import TINY, all_runs, cli_in_process, run_cli, store_uri, study_runs
 
 pytestmark = pytest.mark.slow
 
@@ -62,8 +62,8 @@ def test_report_for_a_study_with_no_runs_is_refused(workdir):
         (["experiment=smoke", "study.archs=[A,Z]"], "unknown arch 'Z'"),
     ],
 )
-def test_bad_study_refused_before_any_job(workdir, args, message):
-    out = run_cli(["study", *args], workdir, timeout=120)
+def test_bad_study_refused_before_any_job(workdir, args, message, monkeypatch):
+    out = cli_in_process(["study", *args], workdir, monkeypatch)
     assert out.returncode == 2, out.stderr
     assert out.stderr.strip().splitlines() == [out.stderr.strip()] and message in out.stderr
     assert all_runs(workdir) == [] and not (workdir / "multirun").exists()

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from .conftest import TINY, all_runs, make_imagefolder, run_cli, store_uri
+from .conftest import TINY, all_runs, cli_in_process, make_imagefolder, run_cli, store_uri
 
 pytestmark = pytest.mark.slow
 
@@ -129,13 +129,13 @@ def _broken_folder(workdir, kind):
         (["data=cifar10", "data.root={tmp}/cifar"], "cifar10 not found in"),
     ],
 )
-def test_bad_input_one_line_nonzero_exit_nothing_recorded(workdir, args, message):
+def test_bad_input_one_line_nonzero_exit_nothing_recorded(workdir, args, message, monkeypatch):
     paths = {"tmp": workdir}
     for kind in ("empty", "corrupt", "classes", "valonly", "zerobyte", "textonly"):
         if any("{" + kind + "}" in a for a in args):
             paths[kind] = _broken_folder(workdir / kind, kind)
     args = [a.format(**paths) for a in args]
-    out = run_cli(["train", *TINY, *args], workdir, timeout=120)
+    out = cli_in_process(["train", *TINY, *args], workdir, monkeypatch)
     assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr
@@ -143,6 +143,14 @@ def test_bad_input_one_line_nonzero_exit_nothing_recorded(workdir, args, message
     assert "Traceback" not in out.stderr
     assert all_runs(workdir) == []
     assert not (workdir / "outputs").exists()
+
+
+def test_bad_input_in_a_real_process_is_one_line_and_exit_2(workdir):
+    out = run_cli(["train", *TINY, "arch=F"], workdir, timeout=120)
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+        "error: unknown arch 'F'; choose one of: A, A-LRN, B, C, D, E, B-5x5, lenet, alexnet"
+    ], out.stderr[-2000:]
+    assert all_runs(workdir) == [] and not (workdir / "outputs").exists()
 
 
 def _sample_as_folder(
@@ -181,7 +189,7 @@ def _test_acc(folder: Path) -> float:
 
 
 def test_the_sample_as_a_folder_learns_as_well_as_data_sample(workdir):
-    budget = ["trainer.max_epochs=2", "trainer.progress_bar=false"]  # the default net and recipe
+    budget = ["trainer.max_epochs=2", "model.width=0.125", "trainer.progress_bar=false"]  # the default recipe
     root = _sample_as_folder(workdir / "sample-folder")
     (workdir / "a").mkdir()
     (workdir / "b").mkdir()
@@ -195,12 +203,14 @@ def test_the_sample_as_a_folder_learns_as_well_as_data_sample(workdir):
     assert all(r.data.tags["learned"] == "true" for f in ("a", "b") for r in all_runs(workdir / f))
 
 
-def test_a_grayscale_40px_folder_trains_with_nothing_but_its_root(workdir):
+def test_a_grayscale_40px_folder_trains_at_sizes_taken_from_the_folder(workdir):
     classes = ("airplane", "automobile", "frog", "horse")
     root = _sample_as_folder(
         workdir / "gray", classes, per_class=450, mode="L", size=(40, 40), val_per_class=100
     )
-    out = run_cli(["train", "data=imagefolder", f"data.root={root}", "trainer.progress_bar=false"], workdir)
+    # the sizes come from the folder alone; the net is narrower than the default, for the suite's time
+    out = run_cli(["train", "data=imagefolder", f"data.root={root}", "model.width=0.125", "trainer.progress_bar=false"],
+                  workdir)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     assert "1,800 train" not in out.stdout  # validation carved from train/, val/ is the test set
     assert (
@@ -219,7 +229,8 @@ def test_a_16_bit_grayscale_folder_trains_above_chance(workdir):
     # 48x48 16-bit PNGs (mode I;16), 3 classes: read as white before, at chance, FINISHED
     root = _sample_as_folder(workdir / "g16", ("airplane", "frog", "truck"), per_class=450, mode="I;16",
                              size=(48, 48), val_per_class=100)  # fmt: skip
-    out = run_cli(["train", "data=imagefolder", f"data.root={root}", "trainer.progress_bar=false"], workdir)
+    out = run_cli(["train", "data=imagefolder", f"data.root={root}", "model.width=0.125", "trainer.progress_bar=false"],
+                  workdir)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     (run,) = all_runs(workdir)
     assert run.data.tags["learned"] == "true" and run.data.metrics["test/acc1"] > 0.45, run.data.metrics

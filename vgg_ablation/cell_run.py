@@ -12,8 +12,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,6 +112,40 @@ class HoldForTests(pl.Callback):
             Path(f"{self.release}.held").touch()
             while not self.release.exists():
                 time.sleep(0.05)
+
+
+class CtrlCAtBatchEnd(pl.Callback):
+    """Ctrl-C while Lightning trains or tests stops at the next batch's end, as Lightning's own
+    SIGTERM handling does, instead of wherever the interpreter happens to be: a KeyboardInterrupt
+    raised inside a garbage-collection callback is printed as "Exception ignored ... Traceback" and
+    lost. A second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.requested = False
+        self.raised = False
+        self._previous = None
+
+    def _handler(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+        self._check()  # arrived after the last batch: stop before anything else starts
+
+    def _check(self, *args, **kwargs) -> None:
+        if self.requested and not self.raised:
+            self.raised = True
+            raise KeyboardInterrupt  # Lightning's own KeyboardInterrupt path: teardown, then stop
+
+    on_train_batch_end = on_validation_batch_end = on_test_batch_end = _check
 
 
 def hold_for_tests() -> list[pl.Callback]:
