@@ -42,8 +42,9 @@ def run_ui(args: list[str]) -> int:
         env=server_env(),
     )  # fmt: skip
 
-    def stop(signum, frame):  # a SIGTERM to this process stops the server too
-        stop_group(server, STOP_WAIT)
+    def stop(signum, frame):  # a SIGTERM to this process stops the server too (below)
+        # Not here: this runs inside `server.wait()`, which holds the lock a second wait needs
+        # to reap the server, so a wait in the handler could only time out.
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, stop)
