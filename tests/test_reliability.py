@@ -282,12 +282,14 @@ def start_server(folder: Path, port: int, env: dict | None = None) -> subprocess
     raise AssertionError("mlflow server did not come up")
 
 
-# About a minute of training: a server can be away for 30 s (and take 10 s to restart) mid-run.
-MINUTE = [a for a in TINY if not a.startswith(("trainer.max_epochs", "trainer.limit_train"))] + [
-    "trainer.max_epochs=50",
-    "trainer.limit_train_batches=150",
+# Epochs of well under a second, 25 of them: the outage test holds the run at epoch HELD_AT until
+# its server is back, so however fast or loaded the machine, training outlasts the outage.
+OUTAGE_RUN = [a for a in TINY if not a.startswith(("trainer.max_epochs", "trainer.limit_train"))] + [
+    "trainer.max_epochs=25",
+    "trainer.limit_train_batches=30",
     "logger.system_metrics_interval=2",
 ]
+HELD_AT = 20
 
 
 def history(client: MlflowClient, run_id: str, key: str) -> list:
@@ -304,13 +306,17 @@ def assert_each_step_once(client: MlflowClient, run_id: str, key: str, steps: in
 
 def test_a_tracking_server_away_for_30_s_costs_no_training_and_no_metric(workdir):
     """The server is killed mid-run and restarted 30 s later on the same store: training never
-    stops, what was made meanwhile arrives afterwards, each value once, and the run FINISHES."""
+    stops, what was made meanwhile arrives afterwards, each value once, and the run FINISHES.
+    (The run waits at epoch HELD_AT until the server is back: with epochs this short it would
+    otherwise end inside the outage and wait for the store there, which is another test's case.)"""
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
     server = start_server(workdir, port)
+    release = workdir / "server-back"
     try:
         started = time.time()
-        proc = popen_cli(["train", "arch=A", *MINUTE], workdir, {"MLFLOW_TRACKING_URI": uri})
+        proc = popen_cli(["train", "arch=A", *OUTAGE_RUN], workdir,
+                         {"MLFLOW_TRACKING_URI": uri, "VGG_ABLATION_HOLD_EPOCH": f"{HELD_AT}:{release}"})  # fmt: skip
         victim = wait_for_checkpointed_running_run(MlflowClient(uri), proc)
         while len(MlflowClient(uri).get_metric_history(victim.info.run_id, "val/acc1")) < 5:
             time.sleep(0.2)  # a few epochs at the pace with the server there
@@ -321,6 +327,7 @@ def test_a_tracking_server_away_for_30_s_costs_no_training_and_no_metric(workdir
         assert proc.poll() is None, "training stopped while the server was away"
         server = start_server(workdir, port)  # back, with its store intact
         back = time.time()
+        release.touch()
         output, _ = proc.communicate(timeout=600)
         wall = time.time() - started
         assert proc.returncode == 0, output[-3000:]
@@ -333,10 +340,10 @@ def test_a_tracking_server_away_for_30_s_costs_no_training_and_no_metric(workdir
         assert [r.info.run_id for r in client.search_runs([victim.info.experiment_id])] == [
             victim.info.run_id
         ]
-        val = assert_each_step_once(client, run.info.run_id, "val/acc1", 50)
+        val = assert_each_step_once(client, run.info.run_id, "val/acc1", 25)
         # training went on while the server was away: epochs were made then, and sent later
         made_while_away = [m.step for m in val if away * 1000 < m.timestamp < back * 1000]
-        assert len(made_while_away) >= 5, made_while_away
+        assert len(made_while_away) >= 5 and made_while_away[-1] < HELD_AT, made_while_away
         # ... at the pace it trained before: no call waited on the missing server
         epoch_seconds = np.diff([m.timestamp / 1000 for m in val])
         before = np.median(epoch_seconds[: made_while_away[0] - 1])
@@ -349,13 +356,15 @@ def test_a_tracking_server_away_for_30_s_costs_no_training_and_no_metric(workdir
         # what the outage cost this run, as the run measured it: under 5% of its wall time
         cost, seconds = run.data.metrics["time/tracking_seconds"], run.data.metrics["time/seconds"]
         assert cost < 0.05 * seconds, (cost, seconds)
+        assert cost < 2.0, cost  # and in seconds: the held wait is the test's, not tracking's
         assert run.data.metrics["time/store_outage_seconds"] >= 30
         print(
             f"outage run: {wall:.0f} s wall, {seconds:.0f} s recorded, tracking cost {cost:.2f} s; "
             f"{len(made_while_away)} epochs made while away, median {while_away:.2f} s (before: {before:.2f} s)"
         )
     finally:
-        os.killpg(server.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGKILL)
 
 
 def test_a_run_whose_server_never_returns_keeps_its_metrics_and_says_how_to_send_them(workdir):
