@@ -1,10 +1,14 @@
 """From a config to one cell's objects, and nothing of MLflow: the checks that refuse bad input,
 the device choices, the data, the model (`model_for`: the one path from a config to
 `models.build_model`, used by training, the benchmark, the study's pre-flight check and the GPU
-check), the LightningModule and the Trainer."""
+check), the LightningModule and the Trainer (with its Ctrl-C and test-hold callbacks)."""
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -178,6 +182,62 @@ def make_module(cfg: DictConfig, model, accelerator: str, channels_last: bool) -
     return Classifier(model, cfg.optim, channels_last=channels_last)
 
 
+class HoldForTests(pl.Callback):
+    """Fault injection for the tests (VGG_ABLATION_HOLD_EPOCH=<epoch>:<file>): training waits at
+    the start of that epoch, every earlier checkpoint whole and renamed, until <file> exists
+    (<file>.held says it waits), so a test changes the world (fills the disk) at a moment it
+    chose, not at one it hoped for."""
+
+    def __init__(self, spec: str):
+        epoch, _, path = spec.partition(":")
+        self.epoch, self.release = int(epoch), Path(path)
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == self.epoch:
+            Path(f"{self.release}.held").touch()
+            while not self.release.exists():
+                time.sleep(0.05)
+
+
+class CtrlCAtBatchEnd(pl.Callback):
+    """Ctrl-C while Lightning trains or tests stops at the next batch's end, as Lightning's own
+    SIGTERM handling does, instead of wherever the interpreter happens to be: a KeyboardInterrupt
+    raised inside a garbage-collection callback is printed as "Exception ignored ... Traceback" and
+    lost. A second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.requested = False
+        self.raised = False
+        self._previous = None
+
+    def _handler(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+        self._check()  # arrived after the last batch: stop before anything else starts
+
+    def _check(self, *args, **kwargs) -> None:
+        if self.requested and not self.raised:
+            self.raised = True
+            raise KeyboardInterrupt  # Lightning's own KeyboardInterrupt path: teardown, then stop
+
+    on_train_batch_end = on_validation_batch_end = on_test_batch_end = _check
+
+
+def hold_for_tests() -> list[pl.Callback]:
+    spec = os.environ.get("VGG_ABLATION_HOLD_EPOCH")
+    return [HoldForTests(spec)] if spec else []
+
+
 def make_trainer(
     cfg: DictConfig,
     accelerator: str,
@@ -202,7 +262,7 @@ def make_trainer(
     # last improvement (and a full disk went unnoticed while validation accuracy stalled).
     last = ModelCheckpoint(dirpath=ckpt_dir, filename="last", monitor=None, save_top_k=1, every_n_epochs=1,
                            enable_version_counter=False)  # fmt: skip
-    callbacks = [best, last, *extra_callbacks]
+    callbacks = [best, last, *extra_callbacks, CtrlCAtBatchEnd(), *hold_for_tests()]
     if cfg.trainer.progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=20))
     plugins = [AtomicCheckpointIO()]  # a kill or a full disk mid-write keeps the old file whole

@@ -12,10 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,62 +93,6 @@ class Heartbeat(pl.Callback):
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self.outbox.set_tags({"heartbeat": f"{time.time():.0f}"})
-
-
-class HoldForTests(pl.Callback):
-    """Fault injection for the tests (VGG_ABLATION_HOLD_EPOCH=<epoch>:<file>): training waits at
-    the start of that epoch, every earlier checkpoint whole and renamed, until <file> exists
-    (<file>.held says it waits), so a test changes the world (fills the disk) at a moment it
-    chose, not at one it hoped for."""
-
-    def __init__(self, spec: str):
-        epoch, _, path = spec.partition(":")
-        self.epoch, self.release = int(epoch), Path(path)
-
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        if trainer.current_epoch == self.epoch:
-            Path(f"{self.release}.held").touch()
-            while not self.release.exists():
-                time.sleep(0.05)
-
-
-class CtrlCAtBatchEnd(pl.Callback):
-    """Ctrl-C while Lightning trains or tests stops at the next batch's end, as Lightning's own
-    SIGTERM handling does, instead of wherever the interpreter happens to be: a KeyboardInterrupt
-    raised inside a garbage-collection callback is printed as "Exception ignored ... Traceback" and
-    lost. A second Ctrl-C stops at once."""
-
-    def __init__(self):
-        self.requested = False
-        self.raised = False
-        self._previous = None
-
-    def _handler(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def setup(self, trainer, pl_module, stage: str) -> None:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handler)
-
-    def teardown(self, trainer, pl_module, stage: str) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
-        self._check()  # arrived after the last batch: stop before anything else starts
-
-    def _check(self, *args, **kwargs) -> None:
-        if self.requested and not self.raised:
-            self.raised = True
-            raise KeyboardInterrupt  # Lightning's own KeyboardInterrupt path: teardown, then stop
-
-    on_train_batch_end = on_validation_batch_end = on_test_batch_end = _check
-
-
-def hold_for_tests() -> list[pl.Callback]:
-    spec = os.environ.get("VGG_ABLATION_HOLD_EPOCH")
-    return [HoldForTests(spec)] if spec else []
 
 
 def curated_params(cfg: DictConfig, model: Net, datamodule, precision: str) -> dict[str, str]:

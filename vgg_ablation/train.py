@@ -40,12 +40,10 @@ from vgg_ablation.cell_run import (
     FAILURE_TAG,
     CellLogger,
     CellResult,
-    CtrlCAtBatchEnd,
     Heartbeat,
     best_val,
     curated_params,
     finish,
-    hold_for_tests,
     open_run,
     reason_of,
     system_metrics,
@@ -195,7 +193,6 @@ def train_and_record(cell: Cell) -> None:
     cfg, datamodule, result, outbox = cell.cfg, cell.datamodule, cell.result, cell.outbox
     module = make_module(cfg, cell.model, cell.accelerator, cell.channels_last)
     logger, callbacks = (CellLogger(outbox), [Heartbeat(outbox)]) if outbox else (False, [])
-    callbacks += [CtrlCAtBatchEnd(), *hold_for_tests()]
     trainer = make_trainer(cfg, cell.accelerator, cell.precision, cell.ckpt_dir, logger, callbacks)
     if cell.accelerator == "gpu" and fits_on_device(cfg, datamodule):
         datamodule.move_to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))))
