@@ -95,6 +95,10 @@ def client(uri: str):
     lock beside the database."""
     from mlflow.tracking import MlflowClient
 
+    if uri.startswith("sqlite:///"):
+        # MLflow imports its SQL store on the first open: seconds of CPU that, inside the lock,
+        # every other process opening the store waited through in turn (32 at once: minutes)
+        import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
     with store_lock(uri):
         mlflow_client = MlflowClient(tracking_uri=uri)
         mlflow_client.search_experiments(max_results=1)  # forces the store (and its migration) now
