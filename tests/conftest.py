@@ -67,13 +67,16 @@ class Said:
     stderr: str
 
 
-def cli_in_process(args: list[str], cwd: Path, monkeypatch) -> Said:
-    """The CLI's `main` in this process, from `cwd`: for the refusals, which happen before any run
-    opens and cost little once torch is imported (a fresh process spends ~10 s importing torch,
-    Lightning and MLflow). The whole command's path, exit code and output, without the import."""
+def cli_in_process(args: list[str], cwd: Path, monkeypatch, env: dict | None = None) -> Said:
+    """The CLI's `main` in this process, from `cwd`, with `env` (as `run_cli`'s): for refusals,
+    which happen before any run opens and cost little once torch is imported (a fresh process
+    spends ~10 s importing torch, Lightning and MLflow). The whole command's path, exit code and
+    output, without the import."""
     monkeypatch.chdir(cwd)
     for key in [k for k in os.environ if k.startswith("MLFLOW_")]:
         monkeypatch.delenv(key)
+    for key, value in (env or {}).items():
+        monkeypatch.setenv(key, value)
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:

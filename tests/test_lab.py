@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from vgg_ablation.dashboard import free_port
 from vgg_ablation.labserver import Postgres, _postgres_bin
 
-from .conftest import TINY, run_cli
+from .conftest import TINY, cli_in_process, run_cli
 from .test_reliability import popen_cli
 
 pytestmark = pytest.mark.slow
@@ -160,11 +160,11 @@ def test_the_lab_server_refuses_bad_options_in_one_line(tmp_path):
     assert result.returncode == 2 and result.stderr.startswith("error: server takes root=")
 
 
-def test_the_lab_server_lets_in_only_its_users(tmp_path, lab):
+def test_the_lab_server_lets_in_only_its_users(tmp_path, lab, monkeypatch):
     uri, database, root, env = lab
     cell = ["train", "study.name=gate", *TINY]
     for who, password, says in ((None, None, "no login"), ("admin", "not-the-password", "user 'admin'")):
-        refused = run_cli(cell, tmp_path, as_user(env, who, password))
+        refused = cli_in_process(cell, tmp_path, monkeypatch, as_user(env, who, password))
         assert refused.returncode == 2, refused.stdout[-2000:] + refused.stderr[-2000:]
         line = refused.stderr.strip().splitlines()
         assert len(line) == 1 and line[0].startswith(
@@ -186,7 +186,7 @@ def test_the_lab_server_lets_in_only_its_users(tmp_path, lab):
     other = add_user(root, uri, "ben", tmp_path)
     ben = as_user(env, "ben", other)
     more = [*pair, "study.seeds=[0,1]"]
-    denied = run_cli(more, tmp_path, ben)
+    denied = cli_in_process(more, tmp_path, monkeypatch, ben)
     assert denied.returncode == 2 and "refused user 'ben' (403" in denied.stderr, denied.stderr[-2000:]
     granted_pw = add_user(root, uri, "cora", tmp_path, "study=ana-pair", "permission=EDIT")  # a grant
     granted = run_cli(more, tmp_path, as_user(env, "cora", granted_pw))
