@@ -8,6 +8,9 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 work=${1:-$(mktemp -d)}
 mkdir -p "$work"
 python=${PYTHON:-python3}
+# a user's environment: a PYTHONPATH onto a checkout (as when the tests run from a worktree) makes
+# pip find the package "already satisfied" there and install no command
+unset PYTHONPATH
 echo "== wheel"
 quietly() {  # a step whose output matters only when it fails (pip's notes on this machine's indexes aside)
   local out
