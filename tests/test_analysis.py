@@ -294,3 +294,16 @@ def test_markdown_escaping_of_run_supplied_text():
     assert "\n" not in escaped and "|" not in escaped.replace("\\|", "")
     assert "<script>" not in escaped and "\\<script\\>" in escaped
     assert "\\*bold\\*" in escaped and "\\[link\\]" in escaped and "\\`code\\`" in escaped
+
+
+def test_an_interim_report_before_the_first_look_says_when_it_comes():
+    """A run-until-decided study with 4 of its first look's 6 seeds in: no look has been taken,
+    and the verdict cell says so (not 'fewer than 2 paired seeds' beside 4 of them)."""
+    errors = {"A": [0.30, 0.29, 0.31, 0.30], "B": [0.28, 0.27, 0.29, 0.26]}
+    design = analysis.make_design(list(range(6)), 18, 3, 0.05, 1)
+    table = analysis.conclusions(
+        runs(errors), ["A", "B"], False, design.rule, MARGINS, design.order, design.stages
+    ).set_index("statement")
+    row = table.loc[BETTER_B_A.text]
+    assert row["outcome"] == "no verdict yet: the first look is at 6 paired seeds (4 so far)"
+    assert row["looks"] == 0

@@ -248,7 +248,14 @@ def conclusions(
         elif o.state == "decided":
             outcome = sequential.VERDICTS[o.code]
         elif o.state == "no data":
-            outcome = "no verdict yet: fewer than 2 paired seeds"
+            # before the first look (an interim report) say when it comes, not only that n < 2
+            paired = sum((c.first, s) in learned and (c.second, s) in learned for s in order)
+            first_look = stages[0] if stages else 0
+            outcome = (
+                f"no verdict yet: the first look is at {first_look} paired seeds ({paired} so far)"
+                if first_look >= 2 and paired < first_look
+                else "no verdict yet: fewer than 2 paired seeds"
+            )
         else:
             outcome = "undecided"
         row = {
