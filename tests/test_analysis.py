@@ -307,3 +307,12 @@ def test_an_interim_report_before_the_first_look_says_when_it_comes():
     row = table.loc[BETTER_B_A.text]
     assert row["outcome"] == "no verdict yet: the first look is at 6 paired seeds (4 so far)"
     assert row["looks"] == 0
+
+
+def test_a_look_taken_with_too_few_pairs_says_so_not_that_a_look_is_coming():
+    """A one-look study whose B failed on 2 of 3 seeds: every seed is in, one pair is left."""
+    table, _ = conclude(
+        {"A": [0.30, 0.29, 0.31], "B": [0.28, 0.27, 0.29]}, [BETTER_B_A],
+        status={("B", 1): "FAILED", ("B", 2): "FAILED"},
+    )  # fmt: skip
+    assert table.loc[BETTER_B_A.text]["outcome"] == "no verdict yet: fewer than 2 paired seeds"

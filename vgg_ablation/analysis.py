@@ -249,11 +249,16 @@ def conclusions(
             outcome = sequential.VERDICTS[o.code]
         elif o.state == "no data":
             # before the first look (an interim report) say when it comes, not only that n < 2
+            # (a seed counts as in once both nets ended it, FINISHED or FAILED)
+            def ended(net, seed):
+                return (net, seed) in learned or seed in seen.failed.get(net, {})
+
+            came_in = sum(ended(c.first, s) and ended(c.second, s) for s in order)
             paired = sum((c.first, s) in learned and (c.second, s) in learned for s in order)
             first_look = stages[0] if stages else 0
             outcome = (
                 f"no verdict yet: the first look is at {first_look} paired seeds ({paired} so far)"
-                if first_look >= 2 and paired < first_look
+                if first_look >= 2 and came_in < first_look
                 else "no verdict yet: fewer than 2 paired seeds"
             )
         else:
