@@ -248,19 +248,7 @@ def conclusions(
         elif o.state == "decided":
             outcome = sequential.VERDICTS[o.code]
         elif o.state == "no data":
-            # before the first look (an interim report) say when it comes, not only that n < 2
-            # (a seed counts as in once both nets ended it, FINISHED or FAILED)
-            def ended(net, seed):
-                return (net, seed) in learned or seed in seen.failed.get(net, {})
-
-            came_in = sum(ended(c.first, s) and ended(c.second, s) for s in order)
-            paired = sum((c.first, s) in learned and (c.second, s) in learned for s in order)
-            first_look = stages[0] if stages else 0
-            outcome = (
-                f"no verdict yet: the first look is at {first_look} paired seeds ({paired} so far)"
-                if first_look >= 2 and came_in < first_look
-                else "no verdict yet: fewer than 2 paired seeds"
-            )
+            outcome = _no_verdict_yet(c, learned, seen.failed, order, stages)
         else:
             outcome = "undecided"
         row = {
@@ -298,6 +286,23 @@ def conclusions(
     table.attrs["comparisons"] = len(tested)
     table.attrs["rule"] = rule
     return table.sort_values("claim", kind="stable").reset_index(drop=True) if not table.empty else table
+
+
+def _no_verdict_yet(
+    c, learned: dict, failed: dict[str, dict[int, str]], order: list[int], stages: list[int]
+) -> str:
+    """Before the first look (an interim report), when it comes; after it, that too few pairs
+    finished. A seed has come in once both nets ended it, FINISHED or FAILED."""
+
+    def ended(net: str, seed: int) -> bool:
+        return (net, seed) in learned or seed in failed.get(net, {})
+
+    came_in = sum(ended(c.first, s) and ended(c.second, s) for s in order)
+    paired = sum((c.first, s) in learned and (c.second, s) in learned for s in order)
+    first_look = stages[0] if stages else 0
+    if first_look >= 2 and came_in < first_look:
+        return f"no verdict yet: the first look is at {first_look} paired seeds ({paired} so far)"
+    return "no verdict yet: fewer than 2 paired seeds"
 
 
 def _notes(o: Outcome, failed: dict[str, dict[int, str]], learned: dict, order: list[int]) -> str:
