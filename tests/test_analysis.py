@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from vgg_ablation import analysis, runtable, sequential
+from vgg_ablation import analysis, report_sections, runtable, sequential
 from vgg_ablation.analysis import Claim
 
 DEPTH = {"A": 11, "A-LRN": 11, "B": 13, "C": 16, "D": 16, "E": 19, "B-5x5": 8}
@@ -306,7 +306,8 @@ def test_an_interim_report_before_the_first_look_says_when_it_comes():
     ).set_index("statement")
     row = table.loc[BETTER_B_A.text]
     assert row["outcome"] == "no verdict yet: the first look is at 6 paired seeds (4 so far)"
-    assert row["looks"] == 0
+    assert row["looks"] == 0 and row["n"] == 0 and row["pairs_in"] == 4
+    assert report_sections._paired_seeds(row, 0) == "4 so far"  # the report's column, not '0'
 
 
 def test_a_look_taken_with_too_few_pairs_says_so_not_that_a_look_is_coming():

@@ -266,6 +266,7 @@ def conclusions(
             "state": o.state,
             "looks": len(o.looks),
             "n": last.n if last else 0,
+            "pairs_in": sum((c.first, s) in learned and (c.second, s) in learned for s in order),
             "diff": last.mean if last else math.nan,
             "sd": last.sd if last else math.nan,
             "level": last.level if last else math.nan,

@@ -118,8 +118,9 @@ def header(g: Gathered) -> list[str]:
         f"| git commit | {md_escape(', '.join(sorted(res['git_commit'].dropna().unique())))} |",
         f"| runs | {len(res)} results (one FINISHED run per net and seed) of {len(runs)} recorded; "
         f"{len(not_results)} not counted |",
-        f"| wall time | {wall / 60:.1f} min ({wall:.0f} s, first run's start to last run's end; "
-        f"{res['seconds'].sum() / 60:.1f} min of it training and testing) |",
+        f"| wall time | {wall / 60:.1f} min ({wall:.0f} s, first run's start to last run's end); the "
+        f"cells' own times sum to {res['seconds'].sum() / 60:.1f} min (each from loading its data to its "
+        "last record; a resumed run: its last attempt) |",
         f"| written | {time.strftime('%Y-%m-%d %H:%M %Z')} from MLflow experiment `{md_escape(g.experiment)}` "
         f"(id {g.exp.experiment_id if g.exp else '?'}), config fingerprint{'s' if len(g.fingerprints) > 1 else ''} "
         f"{', '.join(f'`{f}`' for f in g.fingerprints)} |",
@@ -197,9 +198,7 @@ def verdicts(g: Gathered) -> list[str]:
                 "#": r["claim"],
                 "paper's claim": md_escape(r["statement"]),
                 "margin (pts)": f"±{100 * r['margin']:g}" if tested else "",
-                "paired seeds": (f"{int(r['n'])}" + (f" ({looks} looks)" if looks > 1 else ""))
-                if tested
-                else "",
+                "paired seeds": _paired_seeds(r, looks) if tested else "",
                 "Δ top-1 err (pts)": "" if not tested or pd.isna(r["diff"]) else f"{100 * r['diff']:+.2f}",
                 "interval the verdict used": _interval(r) if tested else "",
                 "verdict": f"**{md_escape(r['outcome'])}**"
@@ -225,6 +224,13 @@ def verdicts(g: Gathered) -> list[str]:
         body,
         "",
     ]
+
+
+def _paired_seeds(r, looks: int) -> str:
+    """The pairs the verdict used; before its first look, the pairs in so far."""
+    if looks == 0:
+        return f"{int(r['pairs_in'])} so far"
+    return f"{int(r['n'])}" + (f" ({looks} looks)" if looks > 1 else "")
 
 
 def _text(row, key: str) -> str:
