@@ -70,12 +70,24 @@ def gather(cfg: DictConfig, stop_reason: str = "") -> Gathered:
         design.stages, min_effect=cfg.study.min_effect / 100,
     )  # fmt: skip
     if not stop_reason and design.sequential:
-        states = set(concl["state"])
-        stop_reason = ("every claim decided" if states <= {"decided", "not tested", "identical"}
-                       else "maximum reached" if "open" not in states and "no data" not in states
-                       else "still running, or stopped before its maximum: this is an interim report")  # fmt: skip
+        stop_reason = _stop_reason(concl, list(design.stages))
     return Gathered(cfg, uri, experiment, exp, parent, fps, runs, res, summary, _histories(client, res),
                     design, concl, stop_reason, client)  # fmt: skip
+
+
+def _stop_reason(concl, stages: list[int]) -> str:
+    """Where a run-until-decided study stands, read from its verdicts."""
+    states = set(concl["state"])
+    if states <= {"decided", "not tested", "identical"}:
+        return "every claim decided"
+    if "open" not in states and "no data" not in states:
+        return "maximum reached"
+    taken = int(concl["looks"].max()) if not concl.empty else 0
+    if taken == 0:
+        return (f"Interim report, before the first look (at {stages[0]} seeds per net); "
+                "the same command continues the study")  # fmt: skip
+    return (f"Interim report after look {taken} of at most {len(stages)}; the open "
+            "comparisons continue at the next look (the same command continues the study)")  # fmt: skip
 
 
 RUN_CSV_COLUMNS = ["net", "arch", "seed", "status", "test_err1", "test_err5", "val_err1_best", "epochs",

@@ -87,7 +87,7 @@ def rule_words(design: analysis.Design, alpha: float) -> str:
                f"error over the looks (Pocock-type error spending, 10% of it kept for a continuation past "
                f"{rule.horizon} seeds), so each look's interval is wider than a single look's would be")  # fmt: skip
     return (f"the chance that any verdict here is wrong is at most {alpha:.0%} (family-wise, split evenly over "
-            f"the {k} comparison{'s' if k != 1 else ''} tested); {how}")  # fmt: skip
+            f"the {k} comparison{'s' if k != 1 else ''} this study's nets can test, fixed before any run); {how}")  # fmt: skip
 
 
 def header(g: Gathered) -> list[str]:
@@ -138,14 +138,18 @@ def headline(g: Gathered) -> list[str]:
         + (f" ({md_escape(r['detail'])})" if r["detail"] else "")
         for _, r in decided.iterrows()
     ]
-    stop = f" Stopped: {g.stop_reason}." if g.stop_reason else ""
+    reason = g.stop_reason
+    stop = "" if not reason else f" {reason}." if reason.startswith("Interim") else f" Stopped: {reason}."
+    if g.design.sequential and (tested["state"] == "no data").any():
+        stop += (" Before a comparison's first look its numbers below are not a test: nothing may be "
+                 "concluded from them yet, and the rule, registered before the runs, stays as it is.")  # fmt: skip
     return [
         f"**{len(decided)} of the {len(tested)} comparisons tested here decided** at this budget "
         f"({budget_words(g.cfg)}; {len(concl) - len(tested)} of the paper's {len(concl)} not tested)"
         + (": " + "; ".join(words) if words else "")
         + f".{stop}",
         "",
-        _undecided_note(concl),
+        _undecided_note(concl, list(g.design.stages)),
         "",
     ]
 
@@ -213,13 +217,17 @@ def verdicts(g: Gathered) -> list[str]:
         "Δ is the first net's test top-1 error minus the second's, in points (negative: the first is "
         "better), averaged over the seeds both nets finished (a seed fixes each run's data order, "
         "augmentation and initial weights; the validation split is the same for every run). A 'better' "
-        "claim is *supported* when the whole interval lies below 0, *contradicted* when above 0, and "
-        "ends in *no relevant difference* when it lies inside ±margin; a 'no better' claim (LRN, "
-        "saturation) is *supported* when the interval lies above −margin (the first net is not better "
-        "by the margin or more: it says whether it is worse or equivalent), *contradicted* when below "
-        f"−margin. {rule_words(g.design, cfg.study.alpha).capitalize()}. The interval shown is the one "
-        "the verdict used, with its own confidence level. Every verdict holds for this budget only: "
-        f"{budget_words(cfg)}.",
+        "claim is *supported* when the whole interval lies below 0 (*by less than the margin* when it "
+        "also lies inside ±margin), *contradicted* when above 0, and ends in *no relevant difference* "
+        "when it straddles 0 inside ±margin; a 'no better' claim (LRN, saturation) is *supported* when "
+        "the interval lies above −margin (the first net is not better by the margin or more; the "
+        "verdict says which: worse, equivalent within ±margin, or only not better by the margin), "
+        f"*contradicted* when below −margin. {rule_words(g.design, cfg.study.alpha).capitalize()}. "
+        "The interval shown is the one the verdict used, with its own confidence level. Every verdict "
+        f"holds for this budget only: {budget_words(cfg)}; and each assumes that the per-seed "
+        "differences are independent, with one spread, and near enough to normal (the error rate "
+        "above was computed under that model). The *assumed* column adds what a verdict assumed "
+        "beyond it: seeds left out, results at chance.",
         "",
         body,
         "",
@@ -303,7 +311,9 @@ def seeds(g: Gathered) -> list[str]:
 def planning(g: Gathered) -> list[str]:
     concl = g.concl
     rows = []
-    for _, r in concl[concl["state"].isin(["open", "maximum"])].iterrows():
+    # A comparison still open goes on in this study (its next look); only one left undecided at
+    # the maximum needs a new study, and only then are its seeds spent.
+    for _, r in concl[concl["state"] == "maximum"].iterrows():
         if pd.isna(r.get("sd_upper")):
             continue
         effect = (
@@ -324,7 +334,7 @@ def planning(g: Gathered) -> list[str]:
     return [
         "### Planning the next study",
         "",
-        f"Not post-hoc power: for each comparison left open, the maximum seeds per net a new {kind} study "
+        f"Not post-hoc power: for each comparison left undecided at this study's maximum, the maximum seeds per net a new {kind} study "
         f"with this study's design (first look, seeds per look, {g.cfg.study.alpha:.0%} family-wise over "
         f"{g.design.rule.comparisons} comparisons) needs for an 80% chance of a verdict, simulated under the "
         "rule itself, with the spread of the per-seed differences at its 80% upper confidence limit (the "
@@ -340,18 +350,28 @@ def _seeds_text(n) -> str:
     return "more than 400" if n == math.inf else ("" if pd.isna(n) else f"{int(n)}")
 
 
-def _undecided_note(concl: pd.DataFrame) -> str:
-    open_ = concl[concl["state"].isin(["open", "maximum"])] if not concl.empty else concl
-    if open_.empty:
+def _undecided_note(concl: pd.DataFrame, stages: list[int]) -> str:
+    """Each undecided comparison: where its interval lies, and what comes next (this study's next
+    look while it is open; a new study, planned below, once it is undecided at the maximum)."""
+    undecided = concl[concl["state"].isin(["open", "maximum"])] if not concl.empty else concl
+    if undecided.empty:
         return ""
+
+    def what_next(r) -> str:
+        if r["state"] == "maximum":
+            return "undecided at the maximum (see *Planning the next study*)"
+        looks = int(r["looks"])
+        after = f" at {stages[looks]} seeds per net" if looks < len(stages) else ""
+        return f"open: this study's next look{after} decides more"
+
     parts = [
         f"claim {r['claim']} ({md_escape(r['first'])} vs {md_escape(r['second'])}): Δ {100 * r['diff']:+.2f} points, "
         f"interval {_interval(r)} straddles "
         + ("0 and a margin edge" if r["kind"] == "better" else f"−{100 * r['margin']:g}")
-        + f", on {int(r['n'])} paired seeds"
-        for _, r in open_.iterrows()
+        + f", on {int(r['n'])} paired seeds; {what_next(r)}"
+        for _, r in undecided.iterrows()
     ]
-    return "Not decided: " + "; ".join(parts) + " (see *Planning the next study*)."
+    return "Not decided: " + "; ".join(parts) + "."
 
 
 def compute(g: Gathered) -> list[str]:
