@@ -317,3 +317,30 @@ def test_a_look_taken_with_too_few_pairs_says_so_not_that_a_look_is_coming():
         status={("B", 1): "FAILED", ("B", 2): "FAILED"},
     )  # fmt: skip
     assert table.loc[BETTER_B_A.text]["outcome"] == "no verdict yet: fewer than 2 paired seeds"
+
+
+def test_an_open_comparison_continues_in_its_study_and_only_one_at_the_maximum_is_planned_anew():
+    """After a look that left B vs A open, the report sends the reader to the next look, not to
+    a new study; once the same data sit at the study's maximum, the plan for a new study comes."""
+    from vgg_ablation import report
+
+    errors = {"A": [0.32, 0.28, 0.33, 0.29, 0.30, 0.31], "B": [0.30, 0.30, 0.30, 0.30, 0.30, 0.30]}
+
+    def table(max_seeds):
+        design = analysis.make_design(list(range(6)), max_seeds, 3, 0.05, 1)
+        concl = analysis.conclusions(
+            runs(errors), ["A", "B"], False, design.rule, MARGINS, design.order, design.stages
+        )
+        return concl, list(design.stages)
+
+    concl, stages = table(12)  # looks at 6, 9, 12: the first one taken
+    assert set(concl.loc[concl["state"] != "not tested", "state"]) == {"open"}
+    note = report_sections._undecided_note(concl, stages)
+    assert "open: this study's next look at 9 seeds per net decides more" in note and "Planning" not in note
+    assert report._stop_reason(concl, stages).startswith("Interim report after look 1 of at most 3;")
+    concl, stages = table(6)  # the same data at the study's maximum
+    assert set(concl.loc[concl["state"] != "not tested", "state"]) == {"maximum"}
+    assert "undecided at the maximum (see *Planning the next study*)" in report_sections._undecided_note(
+        concl, stages
+    )
+    assert report._stop_reason(concl, stages) == "maximum reached"
