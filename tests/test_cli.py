@@ -1,6 +1,8 @@
 """The command line's conventions: --help on every command (touching nothing), --version, one
 `error:` line and exit code 2 for what it refuses."""
 
+import time
+
 import pytest
 
 from vgg_ablation import __version__, cli
@@ -51,3 +53,27 @@ def test_refused_input_is_one_error_line_and_exit_2(argv, message, capsys):
 def test_version(capsys):
     assert cli.main(["--version"]) == 0
     assert capsys.readouterr().out.startswith(f"vgg-ablation {__version__}")
+
+
+def test_a_studys_time_left_counts_the_cells_still_to_train_at_the_time_a_trained_cell_takes(monkeypatch):
+    """A resumed look: 6 cells, one of them FINISHED before (it skips). Skipped cells neither
+    shorten the estimate (they are not quick trained cells) nor lengthen it (not cells to train)."""
+    from vgg_ablation import train
+    from vgg_ablation.cell_run import CellResult
+
+    monkeypatch.setattr(train, "_THIS_PROCESS", {"trained": [], "skipped": 0})
+    monkeypatch.setenv(train.PROGRESS_ENV, f"18:24:{time.time()}:{19 * 1000.0}:19:1")
+
+    def ended(job: int, status: str, seconds: float = 0.0) -> str:
+        progress = train.Progress.from_env(job)
+        train.Progress.count(CellResult(cell="c", arch="B", seed=106, status=status, seconds=seconds))
+        return progress.left()
+
+    assert ended(0, "SKIPPED") == "about 1h23m left (5 cells to train)"  # 5 x the store's 1,000 s
+    assert ended(1, "FINISHED", 1200.0) == "about 1h07m left (4 cells to train)"  # mean 1,010 s
+    monkeypatch.setattr(train, "_THIS_PROCESS", {"trained": [], "skipped": 0})
+    monkeypatch.setenv(train.PROGRESS_ENV, f"0:4:{time.time()}:0:0:2")  # a new study's launch, 2 done
+    assert ended(0, "SKIPPED") == "2 cells to train (time left known after the first)"  # 1 more skips
+    assert ended(1, "SKIPPED") == "2 cells to train (time left known after the first)"
+    assert ended(2, "FINISHED", 60.0) == "about 1m00s left (1 cell to train)"
+    assert ended(3, "FINISHED", 60.0) == "last cell"

@@ -101,6 +101,8 @@ def test_a_study_prints_a_few_lines_per_cell_with_k_of_n_and_time_left(study):
         for line in cells
         if "started" not in line
     )
+    ended = [line for line in cells if "FINISHED" in line]
+    assert ended[0].endswith("left (3 cells to train)") and ended[-1].endswith("last cell"), ended
     assert len(lines) <= 8 + 20, stdout  # no progress bars, no per-job Hydra or Lightning banners
     assert "LOCAL_RANK" not in stdout and "GPU available" not in stdout
 

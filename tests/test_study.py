@@ -39,6 +39,7 @@ def test_tiny_study_then_rerun_skips_finished_cells(workdir):
     again = run_cli(["study", *STUDY], workdir)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("already FINISHED") == 4
+    assert "cells to train" not in again.stdout and "· nothing more to train" in again.stdout
     assert len(all_runs(workdir)) == 4
     sweeps = list((workdir / "multirun" / "smoke").iterdir())
     assert len(sweeps) == 2  # a fresh sweep folder per launch

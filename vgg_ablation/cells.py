@@ -21,7 +21,9 @@ from vgg_ablation.runtable import SCRATCH
 SCRATCH_CONTROL = ["model.init=kaiming"]  # the overrides that make the scratch-B control
 SCRATCH_LABEL = f"B{SCRATCH}"
 # Set by the study for its cells (environment, so that any Hydra launcher carries them):
-PROGRESS_ENV = "VGG_ABLATION_PROGRESS"  # "<cells before this launch>:<cells in the study>:<start time>"
+# "<cells before this launch>:<cells in the study>:<start time>:<recorded seconds of its FINISHED
+# cells>:<how many>:<cells of this launch already FINISHED>" (train.Progress reads it)
+PROGRESS_ENV = "VGG_ABLATION_PROGRESS"
 DEADLINE_ENV = "VGG_ABLATION_DEADLINE"  # epoch seconds after which a cell of the study does not start
 
 
@@ -190,3 +192,13 @@ def study_looks(cfg: DictConfig, design: analysis.Design, stages: int) -> list[a
     seen = runtable.observe(runs)
     tested, _ = analysis.testable(net_labels(cfg), cfg.model.init == "from_A")
     return analysis.replay(tested, seen, design.order, design.stages, design.rule, margins_of(cfg), stages)
+
+
+def finished_cells(cfg: DictConfig) -> dict[tuple[str, int], float]:
+    """The study's cells FINISHED so far, (net, seed) -> the run's recorded time in seconds."""
+    uri = tracking.tracking_uri(cfg.logger.tracking_uri)
+    runs = runtable.load_runs(uri, tracking.experiment_name(cfg), study_fingerprints(cfg))
+    if runs.empty:
+        return {}
+    done = runtable.results(runs)
+    return {(r["net"], int(r["seed"])): float(r["seconds"]) for _, r in done.iterrows()}

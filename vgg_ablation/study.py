@@ -44,6 +44,7 @@ from vgg_ablation.cells import (
     check_registered,
     design_of,
     fingerprint,
+    finished_cells,
     net_labels,
     rule_params,
     study_looks,
@@ -227,8 +228,12 @@ def run_cells(sweep: Sweep, cells: list[tuple[str, int]]) -> int:
         phases.append((["B"], SCRATCH_CONTROL))
     total, codes = sweep.done + len(cells), []
     for archs_, overrides in phases:
+        finished = finished_cells(cfg)  # for the time left: what will skip, what a cell takes
+        labels = [SCRATCH_LABEL] if overrides else archs_
+        ahead = sum((net, seed) in finished for net in labels for seed in seeds)
+        progress = (sweep.done, total, sweep.started, sum(finished.values()), len(finished), ahead)
         code = launch(sweep.pinned + overrides, archs_, seeds, sweep.folder, seed_major=cfg.model.init != "from_A",
-                      progress=(sweep.done, total, sweep.started), deadline=sweep.deadline)  # fmt: skip
+                      progress=progress, deadline=sweep.deadline)  # fmt: skip
         sweep.done += len(archs_) * len(seeds)
         codes.append(code)
         if code not in (0, 1):
@@ -242,7 +247,7 @@ def sweep_dir(cfg: DictConfig) -> Path:
 
 
 def launch(args: list[str], archs: list[str], seeds: list[int], folder: Path, seed_major: bool = False,
-           progress: tuple[int, int, float] | None = None, deadline: float | None = None) -> int:  # fmt: skip
+           progress: tuple[int, int, float, float, int, int] | None = None, deadline: float | None = None) -> int:  # fmt: skip
     """One Hydra multirun over archs x seeds in a subprocess: arch-major (the paper's order, and
     the trained A first for init=from_A), or seed-major, so that a study stopped early still holds
     complete paired blocks (every arch of seeds 0..k). The sweep shares the study's process group,

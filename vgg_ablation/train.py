@@ -328,29 +328,57 @@ def task(cfg: DictConfig, multirun: bool) -> float | None:
 
 @dataclass
 class Progress:
-    """Where a cell stands in its study: k of N, the study's elapsed time, and a projection of
-    the time left from the mean time per cell so far (finished cells skipped on a re-run count
-    as quick ones, so early estimates after a resume run low)."""
+    """Where a cell stands in its study: k of N, the study's elapsed time, and the time left: the
+    cells still to train times the mean time of a trained cell. Both come from the study (the
+    cells its store already holds FINISHED, and their recorded times) and from this process (the
+    cells it has trained or skipped since), so a resumed study neither counts its skipped cells
+    as quick ones nor as cells still to train."""
 
     k: int  # this cell, 1-based
     total: int
     started: float
+    seconds: float = 0.0  # recorded time of the study's FINISHED cells when this launch began
+    timed: int = 0  # how many cells that is
+    finished_ahead: int = 0  # cells of this launch already FINISHED when it began (they will skip)
 
     @classmethod
     def from_env(cls, job_num: int) -> Progress | None:
         value = os.environ.get(PROGRESS_ENV)
         if not value:
             return None
-        before, total, started = value.split(":")
-        return cls(int(before) + job_num + 1, int(total), float(started))
+        before, total, started, seconds, timed, finished = value.split(":")
+        return cls(
+            int(before) + job_num + 1, int(total), float(started), float(seconds), int(timed), int(finished)
+        )
 
     def prefix(self) -> str:
         return f"[{self.k}/{self.total} · {_clock(time.time() - self.started)}]"
 
     def left(self) -> str:
-        elapsed = time.time() - self.started
         remaining = self.total - self.k
-        return f"about {_clock(elapsed / self.k * remaining)} left" if remaining else "last cell"
+        if not remaining:
+            return "last cell"
+        to_train = max(remaining - max(self.finished_ahead - _THIS_PROCESS["skipped"], 0), 0)
+        if not to_train:
+            return "nothing more to train"
+        cells = f"{to_train} cell{'s' if to_train > 1 else ''} to train"
+        timed = self.timed + len(_THIS_PROCESS["trained"])
+        if not timed:
+            return f"{cells} (time left known after the first)"
+        mean = (self.seconds + sum(_THIS_PROCESS["trained"])) / timed
+        return f"about {_clock(mean * to_train)} left ({cells})"
+
+    @staticmethod
+    def count(r: CellResult) -> None:
+        """This process's cells, for the time left: one trained (its time) or one skipped."""
+        if r.status in ("SKIPPED", "BUSY"):
+            _THIS_PROCESS["skipped"] += 1
+        elif r.status == "FINISHED":
+            _THIS_PROCESS["trained"].append(r.seconds)
+
+
+# The cells this sweep process ran so far (the basic launcher runs a study's cells in one process).
+_THIS_PROCESS: dict = {"trained": [], "skipped": 0}
 
 
 def _job_num() -> int:
@@ -386,6 +414,7 @@ def _print_summary(r: CellResult, progress: Progress | None = None) -> None:
     else:
         line = f"{r.arch} seed={r.seed}: {r.status}: {r.reason}"
     if progress:
+        Progress.count(r)
         line = f"{progress.prefix()} {line.replace(', MLflow run', '; run')} · {progress.left()}"
     print(line, flush=True)
 
