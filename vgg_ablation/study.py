@@ -228,7 +228,7 @@ def run_cells(sweep: Sweep, cells: list[tuple[str, int]]) -> int:
         phases.append((["B"], SCRATCH_CONTROL))
     total, codes = sweep.done + len(cells), []
     for archs_, overrides in phases:
-        finished = finished_cells(cfg)  # for the time left: what will skip, what a cell takes
+        finished = cell_times(cfg)  # for the time left: what will skip, what a cell takes
         labels = [SCRATCH_LABEL] if overrides else archs_
         ahead = sum((net, seed) in finished for net in labels for seed in seeds)
         progress = (sweep.done, total, sweep.started, sum(finished.values()), len(finished), ahead)
@@ -239,6 +239,17 @@ def run_cells(sweep: Sweep, cells: list[tuple[str, int]]) -> int:
         if code not in (0, 1):
             return code
     return max(codes, default=0)
+
+
+def cell_times(cfg: DictConfig) -> dict[tuple[str, int], float]:
+    """The study's FINISHED cells and their times, or none when the store cannot say right now:
+    the time left is a courtesy, and a store away at launch is the cells' to handle (outbox)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return finished_cells(cfg)
+    except (MlflowException, OSError):  # the store away or refusing: the estimate goes without
+        return {}
 
 
 def sweep_dir(cfg: DictConfig) -> Path:
