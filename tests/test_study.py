@@ -1,6 +1,7 @@
 """A tiny real study through the CLI: Hydra multirun -> MLflow -> report; a re-run adds nothing."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -95,6 +96,8 @@ def test_deeper_nets_start_from_the_trained_a_of_their_seed(workdir):
         "init from A: copied features.0, features.5, features.10, features.12, classifier.0"
         in out.stdout + out.stderr
     )
+    # in the study's own voice, like its other lines: k of N and the elapsed time first
+    assert re.search(r"^\[\d+/\d+ · \d+m\d\ds\] B seed=0: init from A: copied", out.stdout, re.M), out.stdout
 
 
 def test_a_compiled_from_a_study_loads_its_checkpoints_and_never_recompiles_for_shapes(workdir):

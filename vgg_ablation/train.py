@@ -87,13 +87,14 @@ class Cell:
     start: float = 0.0
 
 
-def run_cell(cfg: DictConfig, announce_data: bool = True) -> CellResult:
+def run_cell(cfg: DictConfig, progress: Progress | None = None) -> CellResult:
     """Train, validate and test one cell; record it in MLflow. Raises UserError on bad input.
-    `announce_data`: print the data line (a study prints it once for all its cells)."""
+    `progress`: where the cell stands in its study, whose lines it prefixes (a study prints the
+    data line once for all its cells; a lone cell prints it)."""
     shared = distributed.shared_by_rank_zero()
     if shared is not None:
         return run_rank(cfg, shared)
-    cell = open_cell_or_say_why(cfg, announce_data)
+    cell = open_cell_or_say_why(cfg, progress)
     if cell.result.status in ("SKIPPED", "BUSY"):
         return cell.result
     # Ranks 1..N-1 of a multi-device cell train beside this one and record nothing (distributed.py)
@@ -127,11 +128,11 @@ def run_cell(cfg: DictConfig, announce_data: bool = True) -> CellResult:
     return cell.result
 
 
-def open_cell_or_say_why(cfg: DictConfig, announce_data: bool) -> Cell:
+def open_cell_or_say_why(cfg: DictConfig, progress: Progress | None) -> Cell:
     """`open_cell`, with a store that stops answering while the run opens said in one line. (Once
     the run is open its writes go through the outbox, and an outage costs nothing.)"""
     try:
-        return open_cell(cfg, announce_data)
+        return open_cell(cfg, progress)
     except UserError:
         raise
     except Exception as exc:
@@ -144,12 +145,12 @@ def open_cell_or_say_why(cfg: DictConfig, announce_data: bool) -> Cell:
         ) from exc
 
 
-def open_cell(cfg: DictConfig, announce_data: bool) -> Cell:
+def open_cell(cfg: DictConfig, progress: Progress | None) -> Cell:
     """The first half of a cell: data, model and devices, then its MLflow run (found FINISHED,
     busy, taken over or created), A's weights in a deeper net, and the run's outbox."""
     start = time.time()
     datamodule, model = prepare(cfg)
-    if announce_data:
+    if progress is None:
         print(datamodule.describe(), flush=True)
     key = cell_key(cfg)
     accelerator, precision, channels_last = device_choice(cfg)
@@ -165,7 +166,8 @@ def open_cell(cfg: DictConfig, announce_data: bool) -> Cell:
         experiment_id = tracking.ensure_experiment(mlflow_client, tracking.experiment_name(cfg))
         if starts_from_a(cfg, model.arch):
             trained_a = load_model(trained_a_checkpoint(mlflow_client, experiment_id, cfg), cfg, datamodule)
-            print(f"{cfg.arch} seed={cfg.seed}: init from A: copied {', '.join(transfer_from_a(model, trained_a))}",
+            prefix = f"{progress.prefix()} " if progress else ""  # a study's lines, in its format
+            print(f"{prefix}{cfg.arch} seed={cfg.seed}: init from A: copied {', '.join(transfer_from_a(model, trained_a))}",
                   flush=True)  # fmt: skip
         device_name = torch.cuda.get_device_name() if accelerator == "gpu" else "cpu"
         params = curated_params(cfg, model, datamodule, precision)
@@ -303,7 +305,7 @@ def task(cfg: DictConfig, multirun: bool) -> float | None:
         logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
         print(f"{progress.prefix()} {cfg.arch} seed={cfg.seed}: started", flush=True)
     try:
-        result = run_cell(cfg, announce_data=progress is None)
+        result = run_cell(cfg, progress)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
