@@ -239,6 +239,7 @@ def conclusions(
     rows = []
     for o in outcomes:
         c, last = o.comparison, o.last
+        pairs_in = sum((c.first, s) in learned and (c.second, s) in learned for s in order)
         margin = margins[c.claim.key]
         notes = _notes(o, seen.failed, learned, order)
         if o.state == "identical":
@@ -248,7 +249,7 @@ def conclusions(
         elif o.state == "decided":
             outcome = sequential.VERDICTS[o.code]
         elif o.state == "no data":
-            outcome = _no_verdict_yet(c, learned, seen.failed, order, stages)
+            outcome = _no_verdict_yet(c, learned, seen.failed, order, stages, pairs_in)
         else:
             outcome = "undecided"
         row = {
@@ -266,7 +267,7 @@ def conclusions(
             "state": o.state,
             "looks": len(o.looks),
             "n": last.n if last else 0,
-            "pairs_in": sum((c.first, s) in learned and (c.second, s) in learned for s in order),
+            "pairs_in": pairs_in,  # seeds both nets FINISHED so far, looked at or not
             "diff": last.mean if last else math.nan,
             "sd": last.sd if last else math.nan,
             "level": last.level if last else math.nan,
@@ -290,7 +291,7 @@ def conclusions(
 
 
 def _no_verdict_yet(
-    c, learned: dict, failed: dict[str, dict[int, str]], order: list[int], stages: list[int]
+    c, learned: dict, failed: dict[str, dict[int, str]], order: list[int], stages: list[int], paired: int
 ) -> str:
     """Before the first look (an interim report), when it comes; after it, that too few pairs
     finished. A seed has come in once both nets ended it, FINISHED or FAILED."""
@@ -299,7 +300,6 @@ def _no_verdict_yet(
         return (net, seed) in learned or seed in failed.get(net, {})
 
     came_in = sum(ended(c.first, s) and ended(c.second, s) for s in order)
-    paired = sum((c.first, s) in learned and (c.second, s) in learned for s in order)
     first_look = stages[0] if stages else 0
     if first_look >= 2 and came_in < first_look:
         return f"no verdict yet: the first look is at {first_look} paired seeds ({paired} so far)"

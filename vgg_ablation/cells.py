@@ -187,17 +187,20 @@ def registered_rule(cfg: DictConfig, client=None) -> dict:
 
 def study_looks(cfg: DictConfig, design: analysis.Design, stages: int) -> list[analysis.Outcome]:
     """The study's first `stages` looks, replayed on the runs it recorded."""
-    uri = tracking.tracking_uri(cfg.logger.tracking_uri)
-    runs = runtable.load_runs(uri, tracking.experiment_name(cfg), study_fingerprints(cfg))
-    seen = runtable.observe(runs)
+    seen = runtable.observe(study_runs(cfg))
     tested, _ = analysis.testable(net_labels(cfg), cfg.model.init == "from_A")
     return analysis.replay(tested, seen, design.order, design.stages, design.rule, margins_of(cfg), stages)
 
 
+def study_runs(cfg: DictConfig):
+    """Every run the study (this config) recorded, as a table."""
+    uri = tracking.tracking_uri(cfg.logger.tracking_uri)
+    return runtable.load_runs(uri, tracking.experiment_name(cfg), study_fingerprints(cfg))
+
+
 def finished_cells(cfg: DictConfig) -> dict[tuple[str, int], float]:
     """The study's cells FINISHED so far, (net, seed) -> the run's recorded time in seconds."""
-    uri = tracking.tracking_uri(cfg.logger.tracking_uri)
-    runs = runtable.load_runs(uri, tracking.experiment_name(cfg), study_fingerprints(cfg))
+    runs = study_runs(cfg)
     if runs.empty:
         return {}
     done = runtable.results(runs)
