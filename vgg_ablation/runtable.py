@@ -42,6 +42,7 @@ RUN_COLUMNS = {
     "tags.host": "host",
     "tags.pid": "pid",
     "tags.device": "device",
+    "tags.cpu_threads": "cpu_threads",
     "tags.git_commit": "git_commit",
     "tags.torch_version": "torch_version",
     "tags.lightning_version": "lightning_version",
