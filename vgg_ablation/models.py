@@ -191,7 +191,10 @@ class AlexNetLRN(nn.Module):
         autocast_on = device in ("cpu", "cuda") and torch.is_autocast_enabled(device)
         with torch.autocast(device, enabled=False) if autocast_on else contextlib.nullcontext():
             a32 = a.float()
-            return (a32 * self.denominator(a32).pow(-self.beta)).to(a.dtype)
+            # d ** -beta as exp(-beta * log d) (d >= k > 0): the same to 1 ulp, and on CPU a
+            # non-integer pow runs 3.5x slower than exp and log (measured: 23.7 vs 6.8 ms at
+            # 128x8x32x32, 1 thread); it was 17% of A-LRN's training step at width 1/8.
+            return (a32 * torch.exp(torch.log(self.denominator(a32)) * -self.beta)).to(a.dtype)
 
     def extra_repr(self) -> str:
         return f"n={self.n}, alpha={self.alpha}, beta={self.beta}, k={self.k}, scale={self.scale:g}"
