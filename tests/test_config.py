@@ -29,9 +29,10 @@ def test_a_study_in_a_users_own_folder(tmp_path):
 
 @pytest.mark.slow
 def test_installed_from_a_wheel_it_trains_studies_and_reports_from_another_folder(tmp_path):
-    """The CI step that installs like a user (.ci/install-check.sh): a wheel into a fresh virtual
-    environment, then from another folder a tiny train, the smoke study, its report, and a study
-    kept in that folder; a traceback anywhere fails it."""
+    """The install check (.ci/install-check.sh): a wheel into a fresh virtual environment, then
+    from another folder a tiny train, the smoke study, its report, and a study kept in that
+    folder; a traceback anywhere fails it. The dependencies are this environment's (DEPS_FROM,
+    the wheel alone installed, `pip check`): `make install-check` installs them from scratch."""
     import os
     import subprocess
     import sys
@@ -40,7 +41,8 @@ def test_installed_from_a_wheel_it_trains_studies_and_reports_from_another_folde
         pytest.skip("VGG_ABLATION_SKIP_INSTALL_CHECK is set")
     proc = subprocess.run(["bash", str(REPO / ".ci" / "install-check.sh"), str(tmp_path / "work")],
                           capture_output=True, text=True, timeout=1500,
-                          env={**os.environ, "PYTHON": sys.executable})  # fmt: skip
+                          env={**os.environ, "PYTHON": sys.executable, "DEPS_FROM": sys.executable})  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert "install check passed: vgg-ablation" in proc.stdout
+    assert "the package imported from the wheel's install" in proc.stdout
     assert "configs inside the wheel" in proc.stdout and "names where it was looked for" in proc.stdout
