@@ -378,11 +378,9 @@ def test_a_run_whose_server_never_returns_keeps_its_metrics_and_says_how_to_send
     try:
         procs = {seed: popen_cli(args, workdir, env) for seed, args in cells.items()}
         client = MlflowClient(uri)
-        for seed, proc in procs.items():  # each cell's own run: either would do for both otherwise
-            wait_for_checkpointed_running_run(client, proc, arch="A", seed=seed)
-        runs = {
-            int(r.data.tags["seed"]): r
-            for r in client.search_runs([client.search_experiments()[0].experiment_id])
+        runs = {  # each cell's own run: either would do for both otherwise
+            seed: wait_for_checkpointed_running_run(client, proc, arch="A", seed=seed)
+            for seed, proc in procs.items()
         }
         os.killpg(server.pid, signal.SIGKILL)
         server.wait(10)
