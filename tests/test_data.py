@@ -381,3 +381,30 @@ def test_a_one_class_folder_and_a_too_small_test_split_are_refused(tmp_path):
         make_datamodule(DataConfig(name="imagefolder", root=str(tiny)), 0).setup()
     enough = _folder(tmp_path / "enough", ("train", "val"), per_class=5)  # 5 test images per class
     make_datamodule(DataConfig(name="imagefolder", root=str(enough)), 0).setup()
+
+
+def test_small_images_decode_in_one_thread_large_ones_in_several_to_the_same_pixels(tmp_path):
+    """Threads cost small images time and CPU (the GIL around each image outweighs its decoding:
+    datasets.THREADS_FROM_SIDE); large ones gain from them. Either way, the same pixels."""
+    from PIL import Image
+
+    from vgg_ablation.datasets import (
+        SAMPLE_ROOT,
+        THREADS_FROM_SIDE,
+        _square,
+        decode,
+        decode_threads,
+        load_rgb,
+    )
+
+    small = [(p, 0) for p in sorted((SAMPLE_ROOT / "train" / "cat").glob("*.jpg"))[:40]]
+    large = []
+    for i, (path, label) in enumerate(small):
+        target = tmp_path / f"{i}.png"
+        Image.open(path).resize((THREADS_FROM_SIDE * 2, THREADS_FROM_SIDE)).save(target)
+        large.append((target, label))
+    assert decode_threads(small) == 1 and decode_threads([]) == 1
+    assert decode_threads(large) == max(1, min(8, os.cpu_count() or 1))
+    threaded, labels = decode(large, 64)
+    one_by_one = torch.from_numpy(np.stack([_square(load_rgb(path), 64) for path, _ in large]))
+    assert torch.equal(threaded, one_by_one.permute(0, 3, 1, 2)) and labels.tolist() == [0] * len(large)
