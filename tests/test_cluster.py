@@ -26,6 +26,7 @@ def slurm(tmp_path):
     return state, {"PATH": f"{tmp_path / 'slurm-bin'}:{os.environ['PATH']}", "FAKE_SLURM_DIR": str(state)}
 
 
+@pytest.mark.long
 def test_a_study_on_slurm_where_a_preempted_cell_resumes_into_its_run(workdir, slurm):
     """The `slurm` launcher preset submits one array job through the real submitit SLURM executor;
     one cell is preempted mid-run (SIGTERM, then requeued, as SLURM does): every cell FINISHED,
@@ -60,6 +61,7 @@ def victim_is_in(pid_file: Path, victim) -> bool:
         return False
 
 
+@pytest.mark.long
 def test_ddp_on_two_cpu_processes_records_each_cell_once_and_never_hangs(workdir):
     """10 cells with trainer.devices=2 (gloo) in one study: each cell starts its second rank and
     tears its process group down; every cell one FINISHED run with the metrics of a one-process

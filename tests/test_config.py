@@ -28,6 +28,7 @@ def test_a_study_in_a_users_own_folder(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_installed_from_a_wheel_it_trains_studies_and_reports_from_another_folder(tmp_path):
     """The install check (.ci/install-check.sh): a wheel into a fresh virtual environment, then
     from another folder a tiny train, the smoke study, its report, and a study kept in that

@@ -19,6 +19,7 @@ BUDGET = [
 ]
 
 
+@pytest.mark.long
 def test_fast_path_reaches_the_plain_paths_accuracy(workdir):
     accuracy = {}
     for name, extra in {

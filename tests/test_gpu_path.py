@@ -172,6 +172,7 @@ def test_both_benchmark_paths_time_between_the_same_two_syncs(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_the_gpu_check_dry_run_writes_and_prints_every_figure(tmp_path):
     import os
     import subprocess

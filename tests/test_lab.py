@@ -104,6 +104,7 @@ def add_user(root: Path, uri: str, name: str, tmp_path: Path, *grant: str) -> st
     return out.stdout.split("password (shown once): ")[1].split()[0]
 
 
+@pytest.mark.long
 def test_a_study_with_4_workers_on_the_lab_server_and_deeper_nets_from_an_a_trained_elsewhere(tmp_path, lab):
     uri, database, root, env = lab
     study = [
@@ -160,6 +161,7 @@ def test_the_lab_server_refuses_bad_options_in_one_line(tmp_path):
     assert result.returncode == 2 and result.stderr.startswith("error: server takes root=")
 
 
+@pytest.mark.long
 def test_the_lab_server_lets_in_only_its_users(tmp_path, lab, monkeypatch):
     uri, database, root, env = lab
     cell = ["train", "study.name=gate", *TINY]

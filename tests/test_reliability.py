@@ -108,6 +108,7 @@ def val_epochs(workdir: Path, run_id: str) -> set[int]:
     return {m.step for m in MlflowClient(store_uri(workdir)).get_metric_history(run_id, "val/acc1")}
 
 
+@pytest.mark.long
 def test_sigkill_mid_run_then_rerun_resumes_the_same_run(workdir):
     study = ["study", "experiment=smoke", *LONGER]
     victim = sigkill_mid_cell(study, workdir)
@@ -132,6 +133,7 @@ def test_sigkill_mid_run_then_rerun_resumes_the_same_run(workdir):
     assert resumed.data.tags["mlflow.parentRunId"] == assert_children_of_one_study(workdir).info.run_id
 
 
+@pytest.mark.long
 def test_a_cut_last_checkpoint_never_blocks_its_cell(workdir):
     study = ["study", "experiment=smoke", *LONGER]
     victim = sigkill_mid_cell(study, workdir)
@@ -228,6 +230,7 @@ def test_sigterm_to_the_study_alone_stops_its_sweep_too(workdir):
                    subprocess.run(["ps", "-eo", "pid"], capture_output=True, text=True).stdout.splitlines()[1:])  # fmt: skip
 
 
+@pytest.mark.long
 def test_two_studies_and_submitits_parallel_jobs_share_one_fresh_default_store(workdir):
     first = popen_cli(["study", "experiment=smoke", "study.name=left", *TINY], workdir)
     second = popen_cli(
@@ -304,6 +307,7 @@ def assert_each_step_once(client: MlflowClient, run_id: str, key: str, steps: in
     return curve
 
 
+@pytest.mark.long
 def test_a_tracking_server_away_for_30_s_costs_no_training_and_no_metric(workdir):
     """The server is killed mid-run and restarted 30 s later on the same store: training never
     stops, what was made meanwhile arrives afterwards, each value once, and the run FINISHES.
@@ -367,6 +371,7 @@ def test_a_tracking_server_away_for_30_s_costs_no_training_and_no_metric(workdir
             os.killpg(server.pid, signal.SIGKILL)
 
 
+@pytest.mark.long
 def test_a_run_whose_server_never_returns_keeps_its_metrics_and_says_how_to_send_them(workdir):
     """Two cells lose their server for good: each ends with one line and its records on disk.
     Once a server is back, one is sent with the printed command, the other by re-running it."""
@@ -489,6 +494,7 @@ def launch_together(args: list[str], cwd: Path, env: dict | None = None) -> list
     return outputs
 
 
+@pytest.mark.long
 def test_two_launches_of_one_cell_at_the_same_instant_make_one_run(workdir):
     """On SQLite (the store's lock) and twice on one tracking server (create, then settle: the
     earliest run wins; first in a fresh server, then beside the first cell's experiment), each

@@ -122,6 +122,7 @@ def test_a_compiled_from_a_study_loads_its_checkpoints_and_never_recompiles_for_
     assert sum("[0/1] [__recompiles] Recompiling" in line for line in out.stderr.splitlines()) == 3
 
 
+@pytest.mark.long
 def test_a_study_runs_until_decided_and_stops_the_decided_nets(workdir):
     # Constructed through the margins, fixed before the runs: A-LRN vs A with a 50-point margin is
     # decided at the first look (its interval lies inside it), and A-LRN gets no more seeds; B vs A
