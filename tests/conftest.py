@@ -96,6 +96,17 @@ def cli_in_process(args: list[str], cwd: Path, monkeypatch, env: dict | None = N
     return Said(int(code or 0), out.getvalue(), err.getvalue())
 
 
+@pytest.fixture(scope="session", autouse=True)
+def user_cache(tmp_path_factory) -> Path:
+    """One user cache for the whole run, every worker's processes included, as on a user's
+    machine: the sample is decoded once, then read back (datasets.decoded); nothing is written to
+    the real ~/.cache."""
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "user-cache"
+    os.environ["XDG_CACHE_HOME"] = str(root)
+    return root
+
+
 @pytest.fixture
 def workdir(tmp_path: Path) -> Path:
     return tmp_path

@@ -408,3 +408,60 @@ def test_small_images_decode_in_one_thread_large_ones_in_several_to_the_same_pix
     threaded, labels = decode(large, 64)
     one_by_one = torch.from_numpy(np.stack([_square(load_rgb(path), 64) for path, _ in large]))
     assert torch.equal(threaded, one_by_one.permute(0, 3, 1, 2)) and labels.tolist() == [0] * len(large)
+
+
+class _RunsCode:
+    """A pickle that would create a file when loaded: a cache file must never be unpickled."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_decoded_images_are_kept_once_per_machine_and_a_changed_file_or_a_bad_entry_decodes_again(
+    tmp_path, monkeypatch
+):
+    """A folder is decoded once and read back by the next process (the cache file, whole, no
+    pickle); a touched image misses; a cut-short or foreign entry is decoded again and replaced;
+    VGG_ABLATION_DECODE_CACHE=0 keeps nothing."""
+    import pickle
+
+    from vgg_ablation import datasets
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    root = make_imagefolder(tmp_path / "folder", per_class=5)
+    files = tuple(datasets.identify_folder(root, "f").files["train"])
+    fresh, labels = datasets.decode(list(files), 32)
+
+    def again():  # what a new process sees: the in-process cache empty
+        datasets.decoded.cache_clear()
+        return datasets.decoded("digest", "train", 32, files)
+
+    images, got = again()
+    (entry,) = (tmp_path / "cache" / "vgg-ablation" / "decoded").iterdir()
+    assert torch.equal(images, fresh) and torch.equal(got, labels)
+    with monkeypatch.context() as m:  # read back: nothing decoded
+        m.setattr(datasets, "decode", lambda *a: pytest.fail("decoded again despite the cache"))
+        images, got = again()
+    assert torch.equal(images, fresh) and torch.equal(got, labels)
+
+    os.utime(files[0][0], ns=(1, 1))  # the same bytes, touched: another entry
+    assert datasets.decode_cache_file("train", 32, files) != entry
+    assert torch.equal(again()[0], fresh) and len(list(entry.parent.iterdir())) == 2
+    entry = datasets.decode_cache_file("train", 32, files)
+
+    whole = entry.read_bytes()
+    entry.write_bytes(whole[: len(whole) // 2])  # cut short (a crash between write and disk)
+    assert torch.equal(again()[0], fresh) and entry.read_bytes() == whole
+    marker = tmp_path / "ran"
+    entry.write_bytes(pickle.dumps(_RunsCode(marker)))  # a data file never runs code
+    assert torch.equal(again()[0], fresh) and not marker.exists() and entry.read_bytes() == whole
+    np.save(entry, np.zeros((len(files), 3, 16, 16), np.uint8))  # another shape
+    assert torch.equal(again()[0], fresh) and entry.read_bytes() == whole
+    assert not list(entry.parent.glob(".*.tmp"))  # no temporary file left behind
+
+    monkeypatch.setenv("VGG_ABLATION_DECODE_CACHE", "0")
+    assert datasets.decode_cache_file("train", 64, files) is None
+    assert torch.equal(again()[0], fresh) and len(list(entry.parent.iterdir())) == 2

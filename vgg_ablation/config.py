@@ -293,6 +293,12 @@ def study_dirs(overrides: list[str]) -> list[Path]:
     return [CONF_DIR / "experiment", *([Path(mine).expanduser().resolve()] if mine else [])]
 
 
+def user_cache() -> Path:
+    """This user's cache for the package (XDG's, ~/.cache/vgg-ablation by default): study-dir
+    links and decoded images, nothing a result depends on; safe to delete."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vgg-ablation"
+
+
 def with_study_dir(overrides: list[str]) -> list[str]:
     """`study_dir=DIR` (a folder of the user's own study files, DIR/<name>.yaml) as the Hydra
     search path that finds them: a root whose experiment/ is DIR (a link, kept in the user's
@@ -304,8 +310,7 @@ def with_study_dir(overrides: list[str]) -> list[str]:
     mine = dirs[1]
     if not mine.is_dir():
         raise UserError(f"study_dir is not a folder: {mine}")
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vgg-ablation" / "study-dirs"
-    root = cache / hashlib.sha256(str(mine).encode()).hexdigest()[:16]
+    root = user_cache() / "study-dirs" / hashlib.sha256(str(mine).encode()).hexdigest()[:16]
     link = root / "experiment"
     if not (link.is_symlink() and link.resolve() == mine):
         root.mkdir(parents=True, exist_ok=True)
