@@ -31,13 +31,12 @@ from vgg_ablation.build import (
     arch_of,
     device_choice,
     is_deterministic,
-    make_module,
-    make_trainer,
     model_for,
     prepare,
 )
 from vgg_ablation.config import compose
 from vgg_ablation.errors import UserError
+from vgg_ablation.fitting import make_module, make_trainer
 from vgg_ablation.models import PAPER_STEPS, forward_flops
 
 # bf16 dense tensor-core peaks, TFLOP/s (vendor datasheets), for model FLOPs utilisation.

@@ -1,28 +1,18 @@
-"""From a config to one cell's objects, and nothing of MLflow: the checks that refuse bad input,
-the device choices, the data, the model (`model_for`: the one path from a config to
+"""From a config to one cell's objects, and nothing of MLflow or Lightning: the checks that refuse
+bad input, the device choices, the data, the model (`model_for`: the one path from a config to
 `models.build_model`, used by training, the benchmark, the study's pre-flight check and the GPU
-check), the LightningModule and the Trainer (with its Ctrl-C and test-hold callbacks)."""
+check). What Lightning fits (the LightningModule, the Trainer) is `fitting`'s: a study checks its
+data and nets here without importing Lightning."""
 
 from __future__ import annotations
 
-import os
-import signal
-import threading
-import time
-from pathlib import Path
-
-import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
-from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
-from pytorch_lightning.plugins.environments import LightningEnvironment
 
-from vgg_ablation import distributed
-from vgg_ablation.checkpoints import AtomicCheckpointIO
-from vgg_ablation.data import make_datamodule
+from vgg_ablation.config import SCHEDULES
+from vgg_ablation.data import FileData, InMemoryData, make_datamodule
 from vgg_ablation.errors import UserError
 from vgg_ablation.models import ARCHS, INITS, Arch, Net, build_model, get_arch
-from vgg_ablation.module import SCHEDULES, Classifier
 
 
 def validate(cfg: DictConfig) -> None:
@@ -94,15 +84,24 @@ def device_choice(cfg: DictConfig) -> tuple[str, str, bool]:
 
 
 def prepare(cfg: DictConfig):
-    """Everything that can fail on bad input: config values, data, model shape."""
+    """Everything that can fail on bad input (config values, data, model shape), seeded for
+    training: the data set up and the net built."""
+    # Lightning's seeding (it also seeds DataLoader workers), imported only where a net trains
+    from lightning_fabric.utilities.seed import seed_everything
+
     validate(cfg)
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)  # before the model's init draws
+    seed_everything(cfg.seed, workers=True, verbose=False)  # before the model's init draws
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
+    datamodule = data_for(cfg)
+    return datamodule, model_for(cfg, cfg.arch, datamodule)
+
+
+def data_for(cfg: DictConfig) -> InMemoryData | FileData:
+    """The data a config names, set up (its splits, sizes and normalisation); refuses bad input."""
     datamodule = make_datamodule(cfg.data, cfg.seed)
     datamodule.setup("fit")
-    model = model_for(cfg, cfg.arch, datamodule)
-    return datamodule, model
+    return datamodule
 
 
 def model_for(cfg: DictConfig, arch: str, datamodule, init: str | None = None) -> Net:
@@ -164,129 +163,3 @@ def apply_device_flags(cfg: DictConfig, accelerator: str) -> None:
         torch.backends.cudnn.benchmark = not is_deterministic(cfg, accelerator)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-
-
-def make_module(cfg: DictConfig, model, accelerator: str, channels_last: bool) -> Classifier:
-    """The LightningModule around `model`, with the device's speed settings applied."""
-    apply_device_flags(cfg, accelerator)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if cfg.trainer.compile:
-        # Dynamo's caches hold the previous cell's graphs: a process training many cells would
-        # hit its recompile limit and fall back to eager without a word. Compile in place
-        # (nn.Module.compile), so the state dict keeps its keys (no `_orig_mod.` prefix) and
-        # checkpoints load into plain nets, from-A transfers included; static shapes (every
-        # batch, evaluation's last included, has the same size).
-        torch._dynamo.reset()
-        model.compile(backend=cfg.trainer.compile_backend, dynamic=False)
-    return Classifier(model, cfg.optim, channels_last=channels_last)
-
-
-class HoldForTests(pl.Callback):
-    """Fault injection for the tests (VGG_ABLATION_HOLD_EPOCH=<epoch>:<file>): training waits at
-    the start of that epoch, every earlier checkpoint whole and renamed, until <file> exists
-    (<file>.held says it waits), so a test changes the world (fills the disk) at a moment it
-    chose, not at one it hoped for."""
-
-    def __init__(self, spec: str):
-        epoch, _, path = spec.partition(":")
-        self.epoch, self.release = int(epoch), Path(path)
-
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        if trainer.current_epoch == self.epoch:
-            Path(f"{self.release}.held").touch()
-            while not self.release.exists():
-                time.sleep(0.05)
-
-
-class CtrlCAtBatchEnd(pl.Callback):
-    """Ctrl-C while Lightning trains or tests stops at the next batch's end, as Lightning's own
-    SIGTERM handling does, instead of wherever the interpreter happens to be: a KeyboardInterrupt
-    raised inside a garbage-collection callback is printed as "Exception ignored ... Traceback" and
-    lost. A second Ctrl-C stops at once."""
-
-    def __init__(self):
-        self.requested = False
-        self.raised = False
-        self._previous = None
-
-    def _handler(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def setup(self, trainer, pl_module, stage: str) -> None:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handler)
-
-    def teardown(self, trainer, pl_module, stage: str) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
-        self._check()  # arrived after the last batch: stop before anything else starts
-
-    def _check(self, *args, **kwargs) -> None:
-        if self.requested and not self.raised:
-            self.raised = True
-            raise KeyboardInterrupt  # Lightning's own KeyboardInterrupt path: teardown, then stop
-
-    on_train_batch_end = on_validation_batch_end = on_test_batch_end = _check
-
-
-def hold_for_tests() -> list[pl.Callback]:
-    spec = os.environ.get("VGG_ABLATION_HOLD_EPOCH")
-    return [HoldForTests(spec)] if spec else []
-
-
-def make_trainer(
-    cfg: DictConfig,
-    accelerator: str,
-    precision: str,
-    ckpt_dir: Path,
-    logger=False,
-    extra_callbacks=(),
-    **overrides,
-) -> pl.Trainer:
-    """The project's Trainer: best + last checkpoints, atomic checkpoint writes, progress bar;
-    the run's logger and callbacks (cell_run's, on its outbox) come from the caller."""
-    deterministic = is_deterministic(cfg, accelerator)
-    if deterministic and accelerator == "gpu":
-        deterministic = "warn"  # some CUDA backward kernels have no deterministic version
-    # Set explicitly every time: Trainer(deterministic=True) leaves it on for later trainers.
-    torch.use_deterministic_algorithms(bool(deterministic), warn_only=deterministic == "warn")
-    # best.ckpt: the epoch with the best validation accuracy (first: trainer.checkpoint_callback).
-    best = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/acc1", mode="max", save_top_k=1,
-                           enable_version_counter=False)  # fmt: skip
-    # last.ckpt: every epoch, what a resume starts from. Not save_last=True: Lightning 2.6 writes
-    # that copy only in an epoch whose monitored metric improved, so a killed run went back to its
-    # last improvement (and a full disk went unnoticed while validation accuracy stalled).
-    last = ModelCheckpoint(dirpath=ckpt_dir, filename="last", monitor=None, save_top_k=1, every_n_epochs=1,
-                           enable_version_counter=False)  # fmt: skip
-    callbacks = [best, last, *extra_callbacks, CtrlCAtBatchEnd(), *hold_for_tests()]
-    if cfg.trainer.progress_bar:
-        callbacks.append(TQDMProgressBar(refresh_rate=20))
-    plugins = [AtomicCheckpointIO()]  # a kill or a full disk mid-write keeps the old file whole
-    if distributed.device_count(cfg) > 1:
-        plugins.append(LightningEnvironment())  # the ranks start themselves, also in a SLURM job
-    kwargs = dict(
-        plugins=plugins,
-        accelerator=accelerator,
-        devices=cfg.trainer.devices,
-        precision=precision,
-        max_epochs=cfg.trainer.max_epochs,
-        limit_train_batches=cfg.trainer.limit_train_batches,
-        limit_val_batches=cfg.trainer.limit_val_batches,
-        limit_test_batches=cfg.trainer.limit_test_batches,
-        deterministic=deterministic,
-        logger=logger,
-        callbacks=callbacks,
-        enable_progress_bar=cfg.trainer.progress_bar,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        log_every_n_steps=1,
-    )
-    kwargs.update(overrides)
-    if kwargs.get("limit_val_batches") == 0:
-        checkpoint_free = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
-        kwargs.update(callbacks=checkpoint_free, enable_checkpointing=False)
-    return pl.Trainer(**kwargs)

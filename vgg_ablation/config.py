@@ -35,6 +35,9 @@ class ModelConfig:
     lrn_scale: Any = "paper"
 
 
+SCHEDULES = ("plateau", "cosine", "step", "none")  # optim.schedule's choices (module.Classifier)
+
+
 @dataclass
 class OptimConfig:
     lr: float = 0.01  # the paper's initial learning rate

@@ -1,4 +1,6 @@
-"""Data: what the net sees. The splits, the sizes, the batches, the LightningDataModules.
+"""Data: what the net sees. The splits, the sizes, the batches, the data modules (plain classes
+with Lightning's hooks; `fitting.LightningData` hands one to a Trainer, so that checking a study's
+data needs no Lightning).
 
 What is on disk and how it is read lives in datasets.py; here:
 
@@ -32,7 +34,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytorch_lightning as pl
 import torch
 
 from vgg_ablation.batches import NORMALIZATIONS, TensorBatches, normalisation
@@ -143,10 +144,10 @@ def check_split_sizes(counts: dict[str, int], classes: int) -> None:
 
 
 # -- data modules -------------------------------------------------------------------------------
-class _Common(pl.LightningDataModule):
+class _Common:
     def __init__(self, cfg: DataConfig, seed: int):
-        super().__init__()
         self.cfg, self.seed = cfg, seed
+        self.shard = (0, 1)  # (rank, ranks): set by fitting.LightningData under DDP
         self.device = torch.device("cpu")
         self.dataset: Dataset | None = None
         self.sizes: Sizes | None = None
@@ -277,11 +278,9 @@ class InMemoryData(_Common):
         x, y = self.splits[split]
         if len(y) == 0:
             raise UserError(f"the {split} split is empty")
-        trainer = getattr(self, "trainer", None)
-        shard = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         return TensorBatches(
             x, y, self.mean, self.std, self.cfg.batch_size, train, self.cfg.augment, self.seed,
-            crop=self.sizes.crop, pad=self.sizes.pad, shard=shard,
+            crop=self.sizes.crop, pad=self.sizes.pad, shard=self.shard,
         )  # fmt: skip
 
     def train_dataloader(self):

@@ -77,8 +77,9 @@ class SyncWatch(pl.Callback):
 def count_step_syncs(dry_run: bool) -> dict:
     """Two epochs of A-LRN (the net with every layer kind) on the sample, data on the device,
     bf16 on a GPU: the sync warnings raised inside training steps."""
-    from vgg_ablation.build import device_choice, make_module, make_trainer, model_for, prepare
+    from vgg_ablation.build import device_choice, model_for, prepare
     from vgg_ablation.config import compose
+    from vgg_ablation.fitting import LightningData, make_module, make_trainer
 
     size = ["model.width=0.0625", "trainer.limit_train_batches=4", "data.batch_size=16"] if dry_run else []
     cfg = compose(["arch=A-LRN", "data=sample", "logger=none", "trainer.max_epochs=2", "trainer.progress_bar=false",
@@ -94,7 +95,7 @@ def count_step_syncs(dry_run: bool) -> dict:
         warnings.simplefilter("always")
         module = make_module(cfg, model_for(cfg, "A-LRN", datamodule), accelerator, channels_last)
         trainer = make_trainer(cfg, accelerator, precision, Path(tmp), extra_callbacks=[watch])
-        trainer.fit(module, datamodule=datamodule)
+        trainer.fit(module, datamodule=LightningData(datamodule))
     syncs = [str(w.message) for w in caught if SYNC_WARNING in str(w.message)]
     return {
         "steps": watch.steps,

@@ -17,8 +17,6 @@ from torch import nn
 from vgg_ablation.batches import IGNORE
 from vgg_ablation.config import OptimConfig
 
-SCHEDULES = ("plateau", "cosine", "step", "none")
-
 
 class NonFiniteLoss(RuntimeError):
     """Training diverged: the loss became NaN or infinite."""

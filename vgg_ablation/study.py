@@ -32,7 +32,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from vgg_ablation import __version__, analysis, tracking
-from vgg_ablation.build import arch_of, model_for, prepare
+from vgg_ablation.build import arch_of, data_for, model_for, validate
 from vgg_ablation.cells import (
     DEADLINE_ENV,
     PROGRESS_ENV,
@@ -72,7 +72,8 @@ def check_study(cfg: DictConfig):
         raise UserError("model.init=from_A needs arch A in study.archs (the deeper nets start from it)")
     if not cfg.logger.enabled:
         raise UserError("a study records its runs in MLflow: drop logger=none")
-    datamodule, _ = prepare(cfg)  # data and the first arch
+    validate(cfg)
+    datamodule = data_for(cfg)
     with torch.device("meta"):  # every arch's shape, at no cost
         for name in study.archs:
             model_for(cfg, name, datamodule)

@@ -26,15 +26,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from vgg_ablation import distributed, tracking
-from vgg_ablation.build import (
-    device_choice,
-    fits_on_device,
-    load_model,
-    make_module,
-    make_trainer,
-    prepare,
-    starts_from_a,
-)
+from vgg_ablation.build import device_choice, fits_on_device, load_model, prepare, starts_from_a
 from vgg_ablation.cell_run import (
     A_WEIGHTS,
     FAILURE_TAG,
@@ -53,6 +45,7 @@ from vgg_ablation.cell_run import (
 from vgg_ablation.cells import DEADLINE_ENV, PROGRESS_ENV, cell_key
 from vgg_ablation.config import CONF_DIR, register
 from vgg_ablation.errors import StoreAway, UserError
+from vgg_ablation.fitting import LightningData, make_module, make_trainer
 from vgg_ablation.models import forward_flops, lrn_activity, transfer_from_a
 from vgg_ablation.outbox import Outbox, root_cause
 from vgg_ablation.runtable import above_chance
@@ -198,10 +191,10 @@ def train_and_record(cell: Cell) -> None:
     trainer = make_trainer(cfg, cell.accelerator, cell.precision, cell.ckpt_dir, logger, callbacks)
     if cell.accelerator == "gpu" and fits_on_device(cfg, datamodule):
         datamodule.move_to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))))
-    fit_start = time.time()
+    fitted, fit_start = LightningData(datamodule), time.time()
     sampler = system_metrics(cfg, outbox, resumed=cell.resume_from is not None)
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cell.resume_from, weights_only=True)
+        trainer.fit(module, datamodule=fitted, ckpt_path=cell.resume_from, weights_only=True)
     finally:
         if sampler is not None:
             sampler.stop()
@@ -209,7 +202,7 @@ def train_and_record(cell: Cell) -> None:
         raise KeyboardInterrupt
     fit_seconds = time.time() - fit_start
     best = trainer.checkpoint_callback.best_model_path or None
-    trainer.test(module, datamodule=datamodule, ckpt_path=best, weights_only=True, verbose=False)
+    trainer.test(module, datamodule=fitted, ckpt_path=best, weights_only=True, verbose=False)
     result.test_acc1 = float(trainer.callback_metrics["test/acc1"])
     result.val_acc1 = float(
         trainer.checkpoint_callback.best_model_score or trainer.callback_metrics.get("val/acc1", float("nan"))
@@ -258,9 +251,10 @@ def run_rank(cfg: DictConfig, shared: dict) -> CellResult:
         trainer = make_trainer(cfg, accelerator, precision, Path(shared["ckpt_dir"]))
         if accelerator == "gpu" and fits_on_device(cfg, datamodule):
             datamodule.move_to(torch.device("cuda", int(os.environ["LOCAL_RANK"])))
-        trainer.fit(module, datamodule=datamodule, ckpt_path=shared["resume_from"], weights_only=True)
+        fitted = LightningData(datamodule)
+        trainer.fit(module, datamodule=fitted, ckpt_path=shared["resume_from"], weights_only=True)
         best = trainer.checkpoint_callback.best_model_path or None
-        trainer.test(module, datamodule=datamodule, ckpt_path=best, weights_only=True, verbose=False)
+        trainer.test(module, datamodule=fitted, ckpt_path=best, weights_only=True, verbose=False)
         ok = True
     finally:
         distributed.tear_down(ok)
