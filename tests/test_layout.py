@@ -108,16 +108,19 @@ def test_arch_reaches_the_model_and_its_param_through_one_resolution():
     assert callers == [], callers
 
 
-def test_a_study_and_its_report_start_without_lightning():
+def test_a_study_checks_its_data_and_nets_without_lightning():
     """A study's orchestrator (and the report and CLI it reaches) checks its data and nets without
-    importing Lightning, which brings torchmetrics, scipy.signal, matplotlib and torch._dynamo:
-    3.2 of the 7.4 CPU-s that importing the training path takes (fitting.py says so)."""
+    importing Lightning, which brings torchmetrics, scipy.signal, matplotlib and torch._dynamo
+    (fitting.py says what that costs), and builds its nets' shapes without drawing weights on the
+    meta device, which would import torch._dynamo (models.initialise)."""
     import subprocess
     import sys
 
     heavy = ["pytorch_lightning", "lightning_fabric", "torchmetrics", "torch._dynamo"]
     code = (
         "import sys, vgg_ablation.cli, vgg_ablation.study, vgg_ablation.report, vgg_ablation.build; "
+        "from vgg_ablation.config import compose; "
+        "vgg_ablation.study.check_study(compose(['experiment=smoke', 'study.archs=[A,A-LRN,B,C,D,E,B-5x5]'])); "
         f"print([m for m in {heavy!r} if m in sys.modules])"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -404,6 +404,10 @@ def initialise(model: nn.Module, scheme: str) -> None:
     authors later found removes the need for A-pretraining; paper: N(0, 0.01 variance), biases 0."""
     if scheme not in INITS:
         raise ValueError(f"unknown init {scheme!r}; choose one of: {', '.join(INITS)}, from_A")
+    if any(p.is_meta for p in model.parameters()):
+        # Shapes only (a study's check, the same-logits tests): there is nothing to draw, and a
+        # draw on the meta device goes through torch._refs, which imports torch._dynamo (1.2 CPU-s).
+        return
     for m in model.modules():
         if isinstance(m, nn.Conv2d | nn.Linear):
             if scheme == "glorot":
