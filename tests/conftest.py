@@ -107,30 +107,8 @@ def user_cache(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(scope="session")
-def migrated_store(tmp_path_factory) -> Path:
-    """An empty default store, created by the package once per worker (`tracking.client`: MLflow
-    creates the tables and runs its ~70 schema migrations, 1.3-1.9 CPU-s) for `workdir` to copy."""
-    from vgg_ablation import tracking
-
-    folder = tmp_path_factory.mktemp("migrated-store")
-    tracking.client(store_uri(folder))
-    return folder / "mlflow.db"
-
-
 @pytest.fixture
-def workdir(tmp_path: Path, migrated_store: Path) -> Path:
-    """A folder whose default store exists, empty and migrated, as where a user has run before (a
-    copy of `migrated_store`): the tests of training, studies and failures pay MLflow's schema
-    migration once per worker, not once each. The tests of a new store's creation, raced by
-    several processes, take `fresh_workdir`."""
-    shutil.copyfile(migrated_store, tmp_path / "mlflow.db")
-    return tmp_path
-
-
-@pytest.fixture
-def fresh_workdir(tmp_path: Path) -> Path:
-    """A folder with no store yet: the CLI creates and migrates it."""
+def workdir(tmp_path: Path) -> Path:
     return tmp_path
 
 

@@ -231,8 +231,7 @@ def test_sigterm_to_the_study_alone_stops_its_sweep_too(workdir):
 
 
 @pytest.mark.long
-def test_two_studies_and_submitits_parallel_jobs_share_one_fresh_default_store(fresh_workdir):
-    workdir = fresh_workdir
+def test_two_studies_and_submitits_parallel_jobs_share_one_fresh_default_store(workdir):
     first = popen_cli(["study", "experiment=smoke", "study.name=left", *TINY], workdir)
     second = popen_cli(
         [
@@ -532,11 +531,10 @@ WRITERS, BATCHES = 32, 20
 
 
 @pytest.mark.parametrize("store", ["sqlite", "server"])
-def test_a_crowd_of_32_writers_loses_nothing(fresh_workdir, store):
+def test_a_crowd_of_32_writers_loses_nothing(workdir, store):
     """32 processes at once (forked by one that imported MLflow: crowd_writer.py), each a run of
     20 batches x 10 metrics, into one fresh store: a new SQLite file (its creation raced by all
     32) or one `mlflow server`."""
-    workdir = fresh_workdir
     server = None
     if store == "server":
         port = free_port()
