@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import shutil
 import subprocess
@@ -78,21 +79,34 @@ class Said:
 
 
 def cli_in_process(args: list[str], cwd: Path, monkeypatch, env: dict | None = None) -> Said:
-    """The CLI's `main` in this process, from `cwd`, with `env` (as `run_cli`'s): for refusals,
-    which happen before any run opens and cost little once torch is imported (a fresh process
-    spends ~10 s importing torch, Lightning and MLflow). The whole command's path, exit code and
-    output, without the import."""
+    """The CLI's `main` in this process, from `cwd`, with `env` (as `run_cli`'s): the whole
+    command's path, exit code and output, without a fresh process's ~6 CPU-s of importing torch,
+    Lightning and MLflow. For refusals, and for runs whose records are what a test checks; what a
+    process does (signals, exit codes of a real start, launches side by side) takes `run_cli`.
+    What a command changes for the rest of its process is put back: the environment (Lightning's
+    seed variables, MLflow's settings), sys.argv (Hydra reads it) and the root logger (Hydra's
+    job logging), so the next test in this worker starts as it would have."""
     monkeypatch.chdir(cwd)
     for key in [k for k in os.environ if k.startswith("MLFLOW_")]:
         monkeypatch.delenv(key)
     for key, value in (env or {}).items():
         monkeypatch.setenv(key, value)
+    saved_env, saved_argv = dict(os.environ), list(sys.argv)
+    root = logging.getLogger()
+    saved_handlers, saved_level = list(root.handlers), root.level
     out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main(args)
-        except SystemExit as exc:  # the task exits as the process would
-            code = exc.code
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(args)
+            except SystemExit as exc:  # the task exits as the process would
+                code = exc.code
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+        sys.argv[:] = saved_argv
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)
     return Said(int(code or 0), out.getvalue(), err.getvalue())
 
 

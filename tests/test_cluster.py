@@ -12,7 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from . import fake_slurm
-from .conftest import TINY, all_runs, assert_children_of_one_study, run_cli, store_uri
+from .conftest import TINY, all_runs, assert_children_of_one_study, cli_in_process, run_cli, store_uri
 from .test_reliability import LONGER, by_cell, popen_cli, val_epochs, wait_for_checkpointed_running_run
 
 pytestmark = pytest.mark.slow
@@ -62,11 +62,11 @@ def victim_is_in(pid_file: Path, victim) -> bool:
 
 
 @pytest.mark.long
-def test_ddp_on_two_cpu_processes_records_each_cell_once_and_never_hangs(workdir):
+def test_ddp_on_two_cpu_processes_records_each_cell_once_and_never_hangs(workdir, monkeypatch):
     """10 cells with trainer.devices=2 (gloo) in one study: each cell starts its second rank and
     tears its process group down; every cell one FINISHED run with the metrics of a one-process
     run, summed over both ranks' images; no rank aborts at exit, nothing hangs."""
-    single = run_cli(["train", "study.name=one", *TINY], workdir)
+    single = cli_in_process(["train", "study.name=one", *TINY], workdir, monkeypatch)  # the 1-process shape
     assert single.returncode == 0, single.stderr[-3000:]
     seeds = ",".join(map(str, range(10)))
     study = ["study", "experiment=smoke", "study.name=ddp", "study.archs=[A]", f"study.seeds=[{seeds}]",

@@ -3,7 +3,7 @@ learns: same seed, same data, test accuracy within noise. On CPU, where both opt
 
 import pytest
 
-from .conftest import all_runs, run_cli
+from .conftest import all_runs, cli_in_process
 
 pytestmark = pytest.mark.slow
 
@@ -20,7 +20,7 @@ BUDGET = [
 
 
 @pytest.mark.long
-def test_fast_path_reaches_the_plain_paths_accuracy(workdir):
+def test_fast_path_reaches_the_plain_paths_accuracy(workdir, monkeypatch):
     accuracy = {}
     for name, extra in {
         "plain": ["trainer.precision=32-true", "trainer.channels_last=off"],
@@ -28,7 +28,7 @@ def test_fast_path_reaches_the_plain_paths_accuracy(workdir):
     }.items():
         folder = workdir / name
         folder.mkdir()
-        out = run_cli(["train", *BUDGET, *extra], folder)
+        out = cli_in_process(["train", *BUDGET, *extra], folder, monkeypatch)
         assert out.returncode == 0, out.stderr[-3000:]
         (run,) = all_runs(folder)
         assert run.data.params["precision"] == extra[0].split("=")[1]

@@ -19,7 +19,16 @@ from vgg_ablation.dashboard import free_port
 from vgg_ablation.labserver import server_env
 from vgg_ablation.tracking import answers
 
-from .conftest import CLI, TINY, all_runs, assert_children_of_one_study, cli_env, run_cli, store_uri
+from .conftest import (
+    CLI,
+    TINY,
+    all_runs,
+    assert_children_of_one_study,
+    cli_env,
+    cli_in_process,
+    run_cli,
+    store_uri,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -447,9 +456,12 @@ class _Exploit:
         return (os.system, ("touch pwned",))
 
 
-def test_checkpoints_load_weights_only(workdir):
-    """A tampered checkpoint in a resumable run's folder must not execute code on resume."""
-    first = run_cli(["train", "arch=A", "optim.lr=1e12", *TINY], workdir)  # a FAILED run with checkpoints?
+def test_checkpoints_load_weights_only(workdir, monkeypatch):
+    """A tampered checkpoint in a resumable run's folder must not execute code on resume (in a
+    fresh process, as a user's re-run would load it)."""
+    first = cli_in_process(
+        ["train", "arch=A", "optim.lr=1e12", *TINY], workdir, monkeypatch
+    )  # FAILED, checkpoints kept
     (run,) = all_runs(workdir)
     assert run.info.status == "FAILED"
     ckpt_dir = Path(run.data.tags["checkpoint_dir"])

@@ -11,8 +11,8 @@ from .conftest import TINY, all_runs, cli_in_process, make_imagefolder, run_cli,
 pytestmark = pytest.mark.slow
 
 
-def test_tiny_run_is_fully_recorded(workdir):
-    out = run_cli(["train", "arch=C", "seed=1", "data=sample", *TINY], workdir)
+def test_tiny_run_is_fully_recorded(workdir, monkeypatch):
+    out = cli_in_process(["train", "arch=C", "seed=1", "data=sample", *TINY], workdir, monkeypatch)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "C seed=1: FINISHED" in out.stdout
     client = MlflowClient(store_uri(workdir))  # MLflow's default store in the working folder
@@ -47,21 +47,24 @@ def test_tiny_run_is_fully_recorded(workdir):
     assert "arch: C" in Path(config).read_text()
 
 
-def test_same_seed_same_metrics_on_cpu(workdir):
+def test_same_seed_same_metrics_on_cpu(workdir, monkeypatch):
+    # once in a fresh process, once in this one after whatever this worker ran before: the seed
+    # alone decides, not the process's history
     metrics = []
     for attempt in range(2):
         folder = workdir / str(attempt)
         folder.mkdir()
-        out = run_cli(["train", "arch=A", "seed=3", *TINY], folder)
+        args = ["train", "arch=A", "seed=3", *TINY]
+        out = run_cli(args, folder) if attempt == 0 else cli_in_process(args, folder, monkeypatch)
         assert out.returncode == 0, out.stderr[-3000:]
         (run,) = all_runs(folder)
         metrics.append({k: v for k, v in run.data.metrics.items() if not k.startswith(("time/", "system/"))})
     assert metrics[0] == metrics[1]
 
 
-def test_imagefolder_run(workdir):
+def test_imagefolder_run(workdir, monkeypatch):
     root = make_imagefolder(workdir / "imgs")
-    out = run_cli(
+    out = cli_in_process(
         [
             "train",
             "arch=A",
@@ -75,6 +78,7 @@ def test_imagefolder_run(workdir):
             *TINY,
         ],
         workdir,
+        monkeypatch,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     (run,) = all_runs(workdir)
@@ -189,29 +193,31 @@ def _test_acc(folder: Path) -> float:
     return run.data.metrics["test/acc1"]
 
 
-def test_the_sample_as_a_folder_learns_as_well_as_data_sample(workdir):
+def test_the_sample_as_a_folder_learns_as_well_as_data_sample(workdir, monkeypatch):
     budget = ["trainer.max_epochs=2", "model.width=0.125", "trainer.progress_bar=false"]  # the default recipe
     root = _sample_as_folder(workdir / "sample-folder")
     (workdir / "a").mkdir()
     (workdir / "b").mkdir()
-    folder = run_cli(["train", "data=imagefolder", f"data.root={root}", *budget], workdir / "a")
+    folder = cli_in_process(
+        ["train", "data=imagefolder", f"data.root={root}", *budget], workdir / "a", monkeypatch
+    )
     assert folder.returncode == 0, folder.stderr[-3000:]
     assert "S=32, Q=32, crop 32" in folder.stdout and "in memory" in folder.stdout
-    sample = run_cli(["train", "data=sample", *budget], workdir / "b")
+    sample = cli_in_process(["train", "data=sample", *budget], workdir / "b", monkeypatch)
     assert sample.returncode == 0, sample.stderr[-3000:]
     acc_folder, acc_sample = _test_acc(workdir / "a"), _test_acc(workdir / "b")
     assert abs(acc_folder - acc_sample) <= 0.03, (acc_folder, acc_sample)
     assert all(r.data.tags["learned"] == "true" for f in ("a", "b") for r in all_runs(workdir / f))
 
 
-def test_a_grayscale_40px_folder_trains_at_sizes_taken_from_the_folder(workdir):
+def test_a_grayscale_40px_folder_trains_at_sizes_taken_from_the_folder(workdir, monkeypatch):
     classes = ("airplane", "automobile", "frog", "horse")
     root = _sample_as_folder(
         workdir / "gray", classes, per_class=450, mode="L", size=(40, 40), val_per_class=100
     )
     # the sizes come from the folder alone; the net is narrower than the default, for the suite's time
-    out = run_cli(["train", "data=imagefolder", f"data.root={root}", "model.width=0.125", "trainer.progress_bar=false"],
-                  workdir)  # fmt: skip
+    out = cli_in_process(["train", "data=imagefolder", f"data.root={root}", "model.width=0.125",
+                          "trainer.progress_bar=false"], workdir, monkeypatch)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     assert "1,800 train" not in out.stdout  # validation carved from train/, val/ is the test set
     assert (
@@ -226,18 +232,19 @@ def test_a_grayscale_40px_folder_trains_at_sizes_taken_from_the_folder(workdir):
     assert dataset.dataset.name == "gray" and dataset.dataset.digest == run.data.params["data_digest"]
 
 
-def test_a_16_bit_grayscale_folder_trains_above_chance(workdir):
+def test_a_16_bit_grayscale_folder_trains_above_chance(workdir, monkeypatch):
     # 48x48 16-bit PNGs (mode I;16), 3 classes: read as white before, at chance, FINISHED
     root = _sample_as_folder(workdir / "g16", ("airplane", "frog", "truck"), per_class=450, mode="I;16",
                              size=(48, 48), val_per_class=100)  # fmt: skip
-    out = run_cli(["train", "data=imagefolder", f"data.root={root}", "model.width=0.125", "trainer.progress_bar=false"],
-                  workdir)  # fmt: skip
+    out = cli_in_process(["train", "data=imagefolder", f"data.root={root}", "model.width=0.125",
+                          "trainer.progress_bar=false"], workdir, monkeypatch)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     (run,) = all_runs(workdir)
     assert run.data.tags["learned"] == "true" and run.data.metrics["test/acc1"] > 0.45, run.data.metrics
 
 
 def test_a_moved_folder_keeps_its_cells_and_other_data_gets_new_ones(workdir):
+    # three launches, as a user makes them: each process lists the folder once (datasets.identify)
     root = make_imagefolder(workdir / "imgs", per_class=8)
     args = ["train", "data=imagefolder", "study.name=mine", *TINY]
     first = run_cli([*args, f"data.root={root}"], workdir)
