@@ -7,7 +7,15 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from .conftest import TINY, all_runs, cli_in_process, run_cli, store_uri, study_runs
+from .conftest import (
+    TINY,
+    all_runs,
+    assert_children_of_one_study,
+    cli_in_process,
+    run_cli,
+    store_uri,
+    study_runs,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -37,13 +45,19 @@ def test_tiny_study_then_rerun_skips_finished_cells(workdir):
     for plot in ("error-vs-depth", "learning-curves", "params-vs-error"):
         assert (workdir / "reports" / f"smoke-{plot}.png").stat().st_size > 1000
 
+    # one cell's run as if recorded outside the study (a `train` of the same config): adopted
+    client = MlflowClient(store_uri(workdir))
+    client.delete_tag(runs[0].info.run_id, "mlflow.parentRunId")
     again = run_cli(["study", *STUDY], workdir)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("already FINISHED") == 4
-    assert "cells to train" not in again.stdout and "· nothing more to train" in again.stdout
-    assert len(all_runs(workdir)) == 4
-    sweeps = list((workdir / "multirun" / "smoke").iterdir())
-    assert len(sweeps) == 2  # a fresh sweep folder per launch
+    assert re.search(
+        r"^\[4/4 · \d+m\d\ds\] B seed=1: already FINISHED \(run \w+\), skipped$", again.stdout, re.M
+    )
+    assert ": started" not in again.stdout and len(all_runs(workdir)) == 4
+    # every cell FINISHED: nothing launched (no sweep folder), all four nested in the study again
+    assert len(list((workdir / "multirun" / "smoke").iterdir())) == 1
+    assert_children_of_one_study(workdir)
 
 
 def test_report_for_a_study_with_no_runs_is_refused(workdir):

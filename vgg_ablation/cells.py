@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -198,10 +199,35 @@ def study_runs(cfg: DictConfig):
     return runtable.load_runs(uri, tracking.experiment_name(cfg), study_fingerprints(cfg))
 
 
-def finished_cells(cfg: DictConfig) -> dict[tuple[str, int], float]:
-    """The study's cells FINISHED so far, (net, seed) -> the run's recorded time in seconds."""
+@dataclass(frozen=True)
+class Finished:
+    """A cell's FINISHED run: what the study needs to skip the cell without launching it."""
+
+    run_id: str
+    seconds: float  # its recorded training time
+    parent: str | None  # the study run it is nested under, if any
+
+
+def finished_cells(cfg: DictConfig) -> dict[tuple[str, int], Finished]:
+    """The study's cells FINISHED so far, by (net, seed). A subset of what the cells themselves
+    would skip (a FINISHED run of the same key, which also has its test metrics here)."""
     runs = study_runs(cfg)
     if runs.empty:
         return {}
     done = runtable.results(runs)
-    return {(r["net"], int(r["seed"])): float(r["seconds"]) for _, r in done.iterrows()}
+    return {
+        (r["net"], int(r["seed"])): Finished(
+            r["run_id"], float(r["seconds"]), r["parent_run"] if isinstance(r["parent_run"], str) else None
+        )
+        for _, r in done.iterrows()
+    }
+
+
+def clock(seconds: float) -> str:
+    """Elapsed or remaining time as a study's progress lines print it: 4m05s, 1h02m."""
+    seconds = int(seconds)
+    return (
+        f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+        if seconds >= 3600
+        else f"{seconds // 60}m{seconds % 60:02d}s"
+    )

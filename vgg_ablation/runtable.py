@@ -41,6 +41,7 @@ RUN_COLUMNS = {
     "tags.failure_reason": "failure_reason",
     "tags.host": "host",
     "tags.pid": "pid",
+    "tags.mlflow.parentRunId": "parent_run",  # the study run it is nested under
     "tags.device": "device",
     "tags.cpu_threads": "cpu_threads",
     "tags.git_commit": "git_commit",

@@ -5,7 +5,8 @@ so any Hydra launcher (joblib, submitit for SLURM) takes them to a cluster uncha
 module adds around them:
 - everything is checked before the first job starts (names, data, shapes, the tracking store, a
   registered rule), and the store and the study's experiment are created once, here, not raced;
-- a unique sweep folder per launch (two launches in one second do not share one);
+- a unique sweep folder per launch (two launches in one second do not share one), and no launch
+  where every cell of it has FINISHED (a re-run of a finished study starts no process or job);
 - the study's looks (cells.design_of): after each one the verdicts are replayed on what FINISHED,
   and only the nets of a comparison still open get the next look's seeds (a fixed-seed study
   has one look); with init=from_A, each seed's A trains before the deeper nets;
@@ -14,6 +15,9 @@ module adds around them:
   checkpoint), mark the study's run KILLED and end with one line; a second Ctrl-C stops at once;
 - afterwards, every cell's state read back from MLflow, the report, and an exit code that is 0
   only when every cell FINISHED.
+
+About 480 lines, one concern: one study's life from its checks to its exit code, in the order it
+happens (open, looks, launches, stops, finish); its stop handling is part of launching a sweep.
 """
 
 from __future__ import annotations
@@ -38,10 +42,12 @@ from vgg_ablation.cells import (
     PROGRESS_ENV,
     SCRATCH_CONTROL,
     SCRATCH_LABEL,
+    Finished,
     cell_cfg,
     cell_configs,
     cell_key,
     check_registered,
+    clock,
     design_of,
     fingerprint,
     finished_cells,
@@ -214,7 +220,8 @@ def stage_cells(cfg: DictConfig, nets: list[str], grow: set[str], seeds: list[in
 
 def run_cells(sweep: Sweep, cells: list[tuple[str, int]]) -> int:
     """Train these cells: one Hydra multirun per group of nets sharing a start (the trained A
-    first, the scratch control apart), finished cells skipped. Returns the worst exit code."""
+    first, the scratch control apart), finished cells skipped (a group whose cells all FINISHED
+    is not launched at all). Returns the worst exit code."""
     cfg = sweep.cfg
     nets = list(dict.fromkeys(net for net, _ in cells))
     seeds = list(dict.fromkeys(seed for _, seed in cells))
@@ -232,7 +239,13 @@ def run_cells(sweep: Sweep, cells: list[tuple[str, int]]) -> int:
         finished = cell_times(cfg)  # for the time left: what will skip, what a cell takes
         labels = [SCRATCH_LABEL] if overrides else archs_
         ahead = sum((net, seed) in finished for net in labels for seed in seeds)
-        progress = (sweep.done, total, sweep.started, sum(finished.values()), len(finished), ahead)
+        if ahead == len(labels) * len(seeds) and skip_finished(sweep, labels, seeds, finished, total):
+            # Nothing to train: no sweep (a launcher's processes, or a cluster's jobs, that
+            # would each import everything only to skip its cell)
+            codes.append(0)
+            continue
+        times = [f.seconds for f in finished.values()]
+        progress = (sweep.done, total, sweep.started, sum(times), len(times), ahead)
         code = launch(sweep.pinned + overrides, archs_, seeds, sweep.folder, seed_major=cfg.model.init != "from_A",
                       progress=progress, deadline=sweep.deadline)  # fmt: skip
         sweep.done += len(archs_) * len(seeds)
@@ -242,9 +255,29 @@ def run_cells(sweep: Sweep, cells: list[tuple[str, int]]) -> int:
     return max(codes, default=0)
 
 
-def cell_times(cfg: DictConfig) -> dict[tuple[str, int], float]:
-    """The study's FINISHED cells and their times, or none when the store cannot say right now:
-    the time left is a courtesy, and a store away at launch is the cells' to handle (outbox)."""
+def skip_finished(sweep: Sweep, nets: list[str], seeds: list[int], finished: dict, total: int) -> bool:
+    """Cells whose runs FINISHED, said in the study's voice as a cell would say it; a run
+    recorded outside this study (a `train` of the same config) is nested under it first, as a
+    cell adopts it. False when the store refused that: the cells are launched and see to it."""
+    from mlflow.exceptions import MlflowException
+
+    cells = [(net, seed) for net in nets for seed in seeds]
+    try:
+        for cell in cells:
+            if finished[cell].parent != sweep.parent:
+                sweep.client.set_tag(finished[cell].run_id, tracking.PARENT_TAG, sweep.parent)
+    except (MlflowException, OSError):
+        return False
+    for net, seed in cells:
+        sweep.done += 1
+        print(f"[{sweep.done}/{total} · {clock(time.time() - sweep.started)}] {net} seed={seed}: "
+              f"already FINISHED (run {finished[(net, seed)].run_id}), skipped", flush=True)  # fmt: skip
+    return True
+
+
+def cell_times(cfg: DictConfig) -> dict[tuple[str, int], Finished]:
+    """The study's FINISHED cells (their runs and times), or none when the store cannot say right
+    now: then every cell is launched, and a store away at launch is the cells' to handle (outbox)."""
     from mlflow.exceptions import MlflowException
 
     try:

@@ -42,7 +42,7 @@ from vgg_ablation.cell_run import (
     trained_a_checkpoint,
     weights_only,
 )
-from vgg_ablation.cells import DEADLINE_ENV, PROGRESS_ENV, cell_key
+from vgg_ablation.cells import DEADLINE_ENV, PROGRESS_ENV, cell_key, clock
 from vgg_ablation.config import CONF_DIR, register
 from vgg_ablation.errors import StoreAway, UserError
 from vgg_ablation.fitting import LightningData, make_module, make_trainer
@@ -348,7 +348,7 @@ class Progress:
         )
 
     def prefix(self) -> str:
-        return f"[{self.k}/{self.total} · {_clock(time.time() - self.started)}]"
+        return f"[{self.k}/{self.total} · {clock(time.time() - self.started)}]"
 
     def left(self) -> str:
         remaining = self.total - self.k
@@ -362,7 +362,7 @@ class Progress:
         if not timed:
             return f"{cells} (time left known after the first)"
         mean = (self.seconds + sum(_THIS_PROCESS["trained"])) / timed
-        return f"about {_clock(mean * to_train)} left ({cells})"
+        return f"about {clock(mean * to_train)} left ({cells})"
 
     @staticmethod
     def count(r: CellResult) -> None:
@@ -383,15 +383,6 @@ def _job_num() -> int:
         return HydraConfig.get().job.num
     except ValueError:
         return 0
-
-
-def _clock(seconds: float) -> str:
-    seconds = int(seconds)
-    return (
-        f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-        if seconds >= 3600
-        else f"{seconds // 60}m{seconds % 60:02d}s"
-    )
 
 
 def _print_summary(r: CellResult, progress: Progress | None = None) -> None:
