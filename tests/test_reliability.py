@@ -15,6 +15,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from vgg_ablation.cell_run import RACE_HOLD_ENV
 from vgg_ablation.dashboard import free_port
 from vgg_ablation.labserver import server_env
 from vgg_ablation.tracking import answers
@@ -422,16 +423,14 @@ def test_a_run_whose_server_never_returns_keeps_its_metrics_and_says_how_to_send
             assert not (Path(run.data.tags["checkpoint_dir"]) / "outbox.jsonl").exists()
         assert len(client.search_runs([runs[0].info.experiment_id])) == 2
 
-        # A store that dies while a cell opens its run (held open by the race-window hook, after
-        # its experiment exists): one line, exit 1, nothing trained. (MLflow's own retries, minutes
-        # of backoff before the outbox takes over, are off: the line, not the wait, is tested.)
+        # A store that dies while a cell opens its run (held where it has found no run, its
+        # experiment created, until the server is dead): one line, exit 1, nothing trained.
+        # (MLflow's own retries, minutes of backoff before the outbox takes over, are off: the
+        # line, not the wait, is tested.)
+        hold = workdir / "opening-hold"
         opening = popen_cli(["train", "arch=A", "seed=2", "study.name=opening", *TINY], workdir,
-                            {**env, "VGG_ABLATION_RACE_WINDOW": "15", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})  # fmt: skip
-        deadline = time.time() + 300
-        while client.get_experiment_by_name("vgg-ablation/opening") is None:
-            assert opening.poll() is None and time.time() < deadline, opening.stdout.read()[-3000:]
-            time.sleep(0.2)
-        os.killpg(server.pid, signal.SIGKILL)
+                            {**env, RACE_HOLD_ENV: str(hold), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})  # fmt: skip
+        held_then_released(hold, [opening], 1, meanwhile=lambda: os.killpg(server.pid, signal.SIGKILL))
         said = opening.communicate(timeout=300)[0]
         assert opening.returncode == 1, said[-3000:]
         assert said.strip().splitlines()[-1].startswith("error: A seed=2: the tracking store"), said[-3000:]
@@ -498,9 +497,27 @@ def test_dashboard_binds_to_loopback_by_default_and_stops_with_its_command(workd
     assert not listening(), "the MLflow server outlived `vgg-ablation ui`"
 
 
-def launch_together(args: list[str], cwd: Path, env: dict | None = None) -> list[str]:
-    """Two identical launches started in the same instant; their outputs (both must exit 0)."""
-    procs = [popen_cli(args, cwd, env) for _ in range(2)]
+def held_then_released(hold: Path, procs: list[subprocess.Popen], arrivals: int, meanwhile=None) -> None:
+    """Wait until `arrivals` of the processes have found no run for their cell and are held
+    before creating one (cell_run.hold_here_for_tests), do `meanwhile`, then let them all go on."""
+    deadline = time.time() + 300
+    while len(list(hold.parent.glob(f"{hold.name}.*"))) < arrivals:
+        assert all(p.poll() is None for p in procs), [
+            p.stdout.read()[-3000:] for p in procs if p.poll() is not None
+        ]
+        assert time.time() < deadline, "the launches never reached the moment before creating a run"
+        time.sleep(0.1)
+    if meanwhile:
+        meanwhile()
+    hold.touch()
+
+
+def launch_together(args: list[str], cwd: Path, env: dict, arrivals: int) -> list[str]:
+    """Two identical launches, both held where they have found no run until `arrivals` of them
+    are there; their outputs (both must exit 0)."""
+    hold = cwd / "race-hold"
+    procs = [popen_cli(args, cwd, {**env, RACE_HOLD_ENV: str(hold)}) for _ in range(2)]
+    held_then_released(hold, procs, arrivals)
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     return outputs
@@ -519,12 +536,11 @@ def test_two_launches_of_one_cell_at_the_same_instant_make_one_run(workdir):
         for store, seed in (("sqlite", 0), ("server", 0), ("server", 1)):
             folder = workdir / f"{store}{seed}"
             folder.mkdir()
-            # both launches find no run, then wait 2 s before creating one: the race, made certain
-            env = {
-                "VGG_ABLATION_RACE_WINDOW": "2",
-                **({"MLFLOW_TRACKING_URI": uri} if store == "server" else {}),
-            }
-            outputs = launch_together(["train", "arch=A", f"seed={seed}", *TINY], folder, env)
+            # On a server both launches find no run and are held there until both are: the race,
+            # made certain. On SQLite the store's lock lets one decide at a time: one is held.
+            env = {"MLFLOW_TRACKING_URI": uri} if store == "server" else {}
+            arrivals = 2 if store == "server" else 1
+            outputs = launch_together(["train", "arch=A", f"seed={seed}", *TINY], folder, env, arrivals)
             client = MlflowClient(uri if store == "server" else store_uri(folder))
             runs = [
                 r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])

@@ -215,6 +215,23 @@ def _take_over(mlflow_client, run, cfg: DictConfig, key: str, device_name: str) 
     return run_id, resume.path
 
 
+# Fault injection for the tests: hold the moment between finding no run and creating one, where
+# two launches (or two machines on one server) would both find none. The process says it got
+# here (a file <hold>.<pid>) and goes on once the test creates <hold>: the test makes the race
+# (or a store's death at this moment) happen, instead of hoping a sleep is long enough for it.
+RACE_HOLD_ENV = "VGG_ABLATION_RACE_HOLD"
+
+
+def hold_here_for_tests(limit: float = 300) -> None:
+    hold = os.environ.get(RACE_HOLD_ENV)
+    if not hold:
+        return
+    Path(f"{hold}.{os.getpid()}").touch()
+    deadline = time.time() + limit  # a test that never releases fails on its own timeout
+    while not Path(hold).exists() and time.time() < deadline:
+        time.sleep(0.05)
+
+
 def _create_run(
     mlflow_client, experiment_id, cfg: DictConfig, key: str, params: dict, device_name: str, datamodule
 ):
@@ -222,9 +239,7 @@ def _create_run(
     another launch created it in the same moment."""
     from mlflow.entities import Param
 
-    # Fault injection for the tests: widen the moment between finding no run and creating one,
-    # where two launches (or two machines on one server) would both find none.
-    time.sleep(float(os.environ.get("VGG_ABLATION_RACE_WINDOW", 0)))
+    hold_here_for_tests()
     parent = cfg.logger.parent_run_id
     tags = {
         "cell": key,
