@@ -1,5 +1,5 @@
-# Everyday commands. Each installs the project into .venv on first use (about 2 minutes: torch and
-# torchvision come from this machine's disk), then reuses it.
+# Everyday commands. Each installs the project into .venv on first use (about a minute here: torch
+# and torchvision come from this machine's disk), then reuses it.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed-stamp
