@@ -8,6 +8,7 @@ import io
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -84,16 +85,24 @@ def cli_in_process(args: list[str], cwd: Path, monkeypatch, env: dict | None = N
     Lightning and MLflow. For refusals, and for runs whose records are what a test checks; what a
     process does (signals, exit codes of a real start, launches side by side) takes `run_cli`.
     What a command changes for the rest of its process is put back: the environment (Lightning's
-    seed variables, MLflow's settings), sys.argv (Hydra reads it) and the root logger (Hydra's
-    job logging), so the next test in this worker starts as it would have."""
+    seed variables, MLflow's settings), sys.argv (Hydra reads it), the root logger (Hydra's job
+    logging), the SIGINT/SIGTERM handlers and torch's deterministic-algorithms flag, so the next
+    test in this worker starts as it would have."""
     monkeypatch.chdir(cwd)
     for key in [k for k in os.environ if k.startswith("MLFLOW_")]:
         monkeypatch.delenv(key)
     for key, value in (env or {}).items():
         monkeypatch.setenv(key, value)
+    import torch
+
     saved_env, saved_argv = dict(os.environ), list(sys.argv)
     root = logging.getLogger()
     saved_handlers, saved_level = list(root.handlers), root.level
+    saved_signals = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    deterministic = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
     out, err = io.StringIO(), io.StringIO()
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -102,11 +111,15 @@ def cli_in_process(args: list[str], cwd: Path, monkeypatch, env: dict | None = N
             except SystemExit as exc:  # the task exits as the process would
                 code = exc.code
     finally:
-        os.environ.clear()
-        os.environ.update(saved_env)
+        for key in set(os.environ) - set(saved_env):
+            del os.environ[key]
+        os.environ.update({k: v for k, v in saved_env.items() if os.environ.get(k) != v})
         sys.argv[:] = saved_argv
         root.handlers[:] = saved_handlers
         root.setLevel(saved_level)
+        for signum, handler in saved_signals.items():
+            signal.signal(signum, handler)
+        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
     return Said(int(code or 0), out.getvalue(), err.getvalue())
 
 

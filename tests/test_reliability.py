@@ -517,7 +517,10 @@ def launch_together(args: list[str], cwd: Path, env: dict, arrivals: int) -> lis
     are there; their outputs (both must exit 0)."""
     hold = cwd / "race-hold"
     procs = [popen_cli(args, cwd, {**env, RACE_HOLD_ENV: str(hold)}) for _ in range(2)]
-    held_then_released(hold, procs, arrivals)
+    try:
+        held_then_released(hold, procs, arrivals)
+    finally:  # a launch that died before it got there fails the test: the other is not left held
+        hold.touch()
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     return outputs

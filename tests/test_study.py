@@ -175,3 +175,44 @@ def test_a_study_runs_until_decided_and_stops_the_decided_nets(workdir):
     assert (
         other.returncode == 2 and "was registered with another rule (seeds_per_look 2 -> 3)" in other.stderr
     )
+
+
+def test_a_study_counts_as_finished_only_its_own_cells_runs(workdir):
+    """What lets a study skip a launch (cells.finished_cells) is a FINISHED run of each cell's own
+    key. A kaiming study of the same name shares its fingerprint with a from-A study's scratch-B
+    control: its runs of A, B and B-5x5 must not pass for the from-A study's cells, or that study
+    would launch nothing and never train."""
+    from vgg_ablation import tracking
+    from vgg_ablation.build import arch_of
+    from vgg_ablation.cells import cell_cfg, cell_key, fingerprint, finished_cells, scratch_config
+    from vgg_ablation.config import compose, study_overrides
+
+    uri = store_uri(workdir)
+    base = ["experiment=smoke", "study.archs=[A,B,B-5x5]", f"logger.tracking_uri={uri}"]
+    from_a = compose(study_overrides([*base, "model.init=from_A"]))
+    kaiming = compose(study_overrides([*base, "model.init=kaiming"]))
+    client = MlflowClient(uri)
+    experiment = client.create_experiment(tracking.experiment_name(from_a))
+
+    def finished_run(cfg, arch: str, seed: int) -> None:
+        cell = cell_cfg(cfg, arch, seed)
+        tags = {"cell": cell_key(cell), "fingerprint": fingerprint(cell), "arch": arch, "seed": str(seed)}
+        run_id = client.create_run(experiment, tags=tags).info.run_id
+        params = {"arch": arch, "seed": seed, "depth": arch_of(arch).depth, "init": cfg.model.init}
+        for key, value in params.items():
+            client.log_param(run_id, key, value)
+        client.log_metric(run_id, "test/err1", 0.5)
+        client.log_metric(run_id, "time/seconds", 3.0)
+        client.set_terminated(run_id, "FINISHED")
+
+    for arch in ("A", "B", "B-5x5"):
+        for seed in (0, 1):
+            finished_run(kaiming, arch, seed)
+    assert finished_cells(kaiming).keys() == {(a, s) for a in ("A", "B", "B-5x5") for s in (0, 1)}
+    assert finished_cells(from_a) == {}  # none of them is a cell of the from-A study
+    finished_run(from_a, "B", 0)
+    # The kaiming study's B runs are the from-A study's scratch-B control by key (a cell of
+    # that control would find them too); its A and B-5x5 runs are still no cell of this study.
+    assert finished_cells(from_a).keys() == {("B", 0), ("B (scratch)", 0), ("B (scratch)", 1)}
+    finished_run(scratch_config(from_a), "B", 2)
+    assert ("B (scratch)", 2) in finished_cells(from_a)

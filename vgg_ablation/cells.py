@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+import pandas as pd
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vgg_ablation import analysis, runtable, tracking
@@ -81,8 +82,18 @@ def cell_cfg(cfg: DictConfig, arch: str, seed: int) -> DictConfig:
     return cell
 
 
-def cell_key(cfg: DictConfig) -> str:
-    return f"{cfg.study.name}/{cfg.data.name}/{cfg.arch}/seed={cfg.seed}/{fingerprint(cfg)}"
+def cell_key(cfg: DictConfig, fp: str | None = None) -> str:
+    """The tag that finds a cell's runs; `fp`: its config's fingerprint, when already known."""
+    return f"{cfg.study.name}/{cfg.data.name}/{cfg.arch}/seed={cfg.seed}/{fp or fingerprint(cfg)}"
+
+
+def cell_keys(cfg: DictConfig, seeds) -> dict[tuple[str, int], str]:
+    """Each (net, seed) of the study's nets and these seeds -> its cell key."""
+    keys = {}
+    for label, net_cfg in cell_configs(cfg):
+        arch, fp = ("B" if label == SCRATCH_LABEL else label), fingerprint(net_cfg)
+        keys.update({(label, seed): cell_key(cell_cfg(net_cfg, arch, seed), fp) for seed in seeds})
+    return keys
 
 
 def study_run_key(cfg: DictConfig) -> str:
@@ -209,12 +220,19 @@ class Finished:
 
 
 def finished_cells(cfg: DictConfig) -> dict[tuple[str, int], Finished]:
-    """The study's cells FINISHED so far, by (net, seed). A subset of what the cells themselves
-    would skip (a FINISHED run of the same key, which also has its test metrics here)."""
+    """The study's cells FINISHED so far, by (net, seed): runs of each cell's own key, as the cell
+    itself looks it up (the scratch-B control's fingerprint is also that of a kaiming study of the
+    same name, whose runs are not this study's), FINISHED with their test metrics. So a cell found
+    here is one its own launch would skip."""
     runs = study_runs(cfg)
     if runs.empty:
         return {}
-    done = runtable.results(runs)
+    keys = cell_keys(cfg, sorted({int(s) for s in runs["seed"].dropna()}))
+    own = [
+        pd.notna(seed) and isinstance(cell, str) and keys.get((net, int(seed))) == cell
+        for net, seed, cell in zip(runs["net"], runs["seed"], runs["cell"], strict=True)
+    ]
+    done = runtable.results(runs[own])
     return {
         (r["net"], int(r["seed"])): Finished(
             r["run_id"], float(r["seconds"]), r["parent_run"] if isinstance(r["parent_run"], str) else None

@@ -103,10 +103,18 @@ class CtrlCAtBatchEnd(pl.Callback):
             self._previous = signal.signal(signal.SIGINT, self._handler)
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
+        self._restore()
+        self._check()  # arrived after the last batch: stop before anything else starts
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        # A fit that raises (a diverged run) skips teardown: without this, the next Ctrl-C in a
+        # sweep's process, between its cells, would only be noted by a handler nobody reads.
+        self._restore()
+
+    def _restore(self) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
             self._previous = None
-        self._check()  # arrived after the last batch: stop before anything else starts
 
     def _check(self, *args, **kwargs) -> None:
         if self.requested and not self.raised:

@@ -41,6 +41,7 @@ RUN_COLUMNS = {
     "tags.failure_reason": "failure_reason",
     "tags.host": "host",
     "tags.pid": "pid",
+    "tags.cell": "cell",  # the cell's key (cells.cell_key)
     "tags.mlflow.parentRunId": "parent_run",  # the study run it is nested under
     "tags.device": "device",
     "tags.cpu_threads": "cpu_threads",
