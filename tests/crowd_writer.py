@@ -26,7 +26,10 @@ def write(uri: str, name: str, k: int, batches: int) -> None:
         now = int(time.time() * 1000)
         client.log_batch(run, metrics=[Metric(f"m{j}", float(step * 10 + j), now, step) for j in range(10)])
     client.set_terminated(run, "FINISHED")
-    print("ok", k, flush=True)
+    # One write(2) of the whole line: under PYTHONUNBUFFERED (as the tests run it) print() writes
+    # "ok", " ", k and "\n" apart, and 32 writers on one pipe interleaved them ("okok 9", " 21");
+    # a single write under PIPE_BUF bytes to a pipe is atomic.
+    os.write(sys.stdout.fileno(), f"ok {k}\n".encode())
 
 
 def main() -> int:
