@@ -4,13 +4,13 @@ temporary folder with its own store."""
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +43,30 @@ def pytest_configure(config):
     import torch
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+# Modules whose tests share a costly module-scoped fixture (the lab server, ~20 s to start; the
+# dashboard's study, ~25 s): each goes to one xdist worker whole, its tests one after another, so
+# the fixture is made once. With each test handed out alone (as `--dist load` does), they spread
+# over both workers and between other modules' tests, and the fixture was made 3 and 2 times.
+ONE_WORKER_MODULES = {"tests/test_lab.py", "tests/test_dashboard.py"}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist load`, except that a module in ONE_WORKER_MODULES is one unit of work. (xdist's own
+    `--dist loadgroup` does this by a mark, but with pytest 9.2 it silently groups nothing:
+    pytest-xdist issue #1386.) Units go out in the collection's order, the largest first."""
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedFixtureScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return module if module in ONE_WORKER_MODULES else nodeid
+
+    return SharedFixtureScheduling(config, log)
 
 
 def pytest_collection_modifyitems(items):
@@ -82,8 +106,10 @@ class Said:
 def cli_in_process(args: list[str], cwd: Path, monkeypatch, env: dict | None = None) -> Said:
     """The CLI's `main` in this process, from `cwd`, with `env` (as `run_cli`'s): the whole
     command's path, exit code and output, without a fresh process's ~6 CPU-s of importing torch,
-    Lightning and MLflow. For refusals, and for runs whose records are what a test checks; what a
-    process does (signals, exit codes of a real start, launches side by side) takes `run_cli`.
+    Lightning and MLflow. For refusals, and for runs and studies whose records and output are what
+    a test checks (a study's sweep is still a process of its own, its output captured with the
+    study's); what a process does (signals, exit codes of a real start, launches side by side)
+    takes `run_cli`.
     What a command changes for the rest of its process is put back: the environment (Lightning's
     seed variables, MLflow's settings), sys.argv (Hydra reads it), the root logger (Hydra's job
     logging), the SIGINT/SIGTERM handlers and torch's deterministic-algorithms flag, so the next
@@ -103,9 +129,8 @@ def cli_in_process(args: list[str], cwd: Path, monkeypatch, env: dict | None = N
         torch.are_deterministic_algorithms_enabled(),
         torch.is_deterministic_algorithms_warn_only_enabled(),
     )
-    out, err = io.StringIO(), io.StringIO()
     try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        with captured_output() as said:
             try:
                 code = main(args)
             except SystemExit as exc:  # the task exits as the process would
@@ -120,7 +145,39 @@ def cli_in_process(args: list[str], cwd: Path, monkeypatch, env: dict | None = N
         for signum, handler in saved_signals.items():
             signal.signal(signum, handler)
         torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
-    return Said(int(code or 0), out.getvalue(), err.getvalue())
+    return Said(int(code or 0), said.stdout, said.stderr)
+
+
+@contextlib.contextmanager
+def captured_output():
+    """This process's stdout and stderr, and those of the processes it starts (a study's sweep
+    writes to the file descriptors it inherits), each into one file in the order written, as a
+    terminal would show them: the `Said` yielded is filled in on exit. Python's own streams write
+    to the same descriptors, line by line, so its lines and a child's do not change places."""
+    said = Said(0, "", "")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    with contextlib.ExitStack() as stack:
+        files = {fd: stack.enter_context(tempfile.TemporaryFile()) for fd in (1, 2)}
+        for fd in files:  # put back last, after the streams below are flushed
+            stack.callback(os.close, saved := os.dup(fd))
+            stack.callback(os.dup2, saved, fd)
+        for fd, file in files.items():
+            os.dup2(file.fileno(), fd)
+        out, err = (
+            stack.enter_context(open(fd, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False))
+            for fd in files
+        )
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                yield said
+        finally:
+            out.flush()
+            err.flush()
+            for fd, file in files.items():
+                file.seek(0)
+                text = file.read().decode("utf-8", errors="replace")
+                said.stdout, said.stderr = (text, said.stderr) if fd == 1 else (said.stdout, text)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import TINY, all_runs, assert_children_of_one_study, cli_env, run_cli, store_uri
+from .conftest import TINY, all_runs, assert_children_of_one_study, cli_env, cli_in_process, store_uri
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +22,8 @@ STUDY = ["study", "experiment=smoke", *TINY, f"study.description='{DESCRIPTION}'
 def study(tmp_path_factory) -> tuple[Path, str]:
     """A tiny real study, run once for this module's tests: its folder and its stdout."""
     workdir = tmp_path_factory.mktemp("dashboard")
-    out = run_cli(STUDY, workdir)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        out = cli_in_process(STUDY, workdir, monkeypatch)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return workdir, out.stdout
 

@@ -12,7 +12,6 @@ from .conftest import (
     all_runs,
     assert_children_of_one_study,
     cli_in_process,
-    run_cli,
     store_uri,
     study_runs,
 )
@@ -22,8 +21,8 @@ pytestmark = pytest.mark.slow
 STUDY = ["experiment=smoke", *TINY]  # archs A, B x seeds 0, 1
 
 
-def test_tiny_study_then_rerun_skips_finished_cells(workdir):
-    first = run_cli(["study", *STUDY], workdir)
+def test_tiny_study_then_rerun_skips_finished_cells(workdir, monkeypatch):
+    first = cli_in_process(["study", *STUDY], workdir, monkeypatch)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     runs = all_runs(workdir)
     assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)
@@ -48,7 +47,7 @@ def test_tiny_study_then_rerun_skips_finished_cells(workdir):
     # one cell's run as if recorded outside the study (a `train` of the same config): adopted
     client = MlflowClient(store_uri(workdir))
     client.delete_tag(runs[0].info.run_id, "mlflow.parentRunId")
-    again = run_cli(["study", *STUDY], workdir)
+    again = cli_in_process(["study", *STUDY], workdir, monkeypatch)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("already FINISHED") == 4
     assert re.search(
@@ -60,8 +59,8 @@ def test_tiny_study_then_rerun_skips_finished_cells(workdir):
     assert_children_of_one_study(workdir)
 
 
-def test_report_for_a_study_with_no_runs_is_refused(workdir):
-    out = run_cli(["report", "experiment=smoke"], workdir)
+def test_report_for_a_study_with_no_runs_is_refused(workdir, monkeypatch):
+    out = cli_in_process(["report", "experiment=smoke"], workdir, monkeypatch)
     assert out.returncode == 2
     assert out.stderr.strip().startswith("error: no runs recorded for study 'smoke'")
     assert not (workdir / "reports").exists()
@@ -85,9 +84,11 @@ def test_bad_study_refused_before_any_job(workdir, args, message, monkeypatch):
     assert all_runs(workdir) == [] and not (workdir / "multirun").exists()
 
 
-def test_deeper_nets_start_from_the_trained_a_of_their_seed(workdir):
-    out = run_cli(
-        ["study", *STUDY, "model.init=from_A", "study.seeds=[0]", "study.archs=[A,A-LRN,B,B-5x5]"], workdir
+def test_deeper_nets_start_from_the_trained_a_of_their_seed(workdir, monkeypatch):
+    out = cli_in_process(
+        ["study", *STUDY, "model.init=from_A", "study.seeds=[0]", "study.archs=[A,A-LRN,B,B-5x5]"],
+        workdir,
+        monkeypatch,
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     all_b = [r for r in all_runs(workdir) if r.data.params["arch"] == "B"]
@@ -114,14 +115,15 @@ def test_deeper_nets_start_from_the_trained_a_of_their_seed(workdir):
     assert re.search(r"^\[\d+/\d+ · \d+m\d\ds\] B seed=0: init from A: copied", out.stdout, re.M), out.stdout
 
 
-def test_a_compiled_from_a_study_loads_its_checkpoints_and_never_recompiles_for_shapes(workdir):
+def test_a_compiled_from_a_study_loads_its_checkpoints_and_never_recompiles_for_shapes(workdir, monkeypatch):
     # aot_eager: Dynamo and AOTAutograd for real, without inductor's C++ build (slow on 2 cores)
-    out = run_cli(
+    out = cli_in_process(
         ["study", *STUDY, "model.init=from_A", "study.seeds=[0]", "study.archs=[A,A-LRN,B]",
          "trainer.compile=true", "trainer.compile_backend=aot_eager",
          "trainer.limit_test_batches=1.0"],  # all 1,000 test images: a short last batch, padded
         workdir,
-        env={"TORCH_LOGS": "recompiles"},
+        monkeypatch,
+        env={"TORCH_LOGS": "recompiles"},  # read by the sweep's process
     )  # fmt: skip
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     runs = {r.data.params["arch"]: r for r in all_runs(workdir)}
@@ -137,14 +139,14 @@ def test_a_compiled_from_a_study_loads_its_checkpoints_and_never_recompiles_for_
 
 
 @pytest.mark.long
-def test_a_study_runs_until_decided_and_stops_the_decided_nets(workdir):
+def test_a_study_runs_until_decided_and_stops_the_decided_nets(workdir, monkeypatch):
     # Constructed through the margins, fixed before the runs: A-LRN vs A with a 50-point margin is
     # decided at the first look (its interval lies inside it), and A-LRN gets no more seeds; B vs A
     # with a 0.1-point margin cannot be decided on this budget, so A and B get the second look's
     # seeds and the study stops at its maximum.
     study = ["study", "experiment=smoke", "study.name=sequential", *TINY, "study.archs=[A,A-LRN,B]",
              "study.seeds=[0,1,2]", "study.max_seeds=5", "study.margins.lrn=50", "study.margins.depth=0.1"]  # fmt: skip
-    out = run_cli([*study, "study.seeds_per_look=2"], workdir)
+    out = cli_in_process([*study, "study.seeds_per_look=2"], workdir, monkeypatch)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     cells = sorted((r.data.params["arch"], int(r.data.params["seed"])) for r in all_runs(workdir))
     assert [s for a, s in cells if a == "A-LRN"] == [0, 1, 2]  # stopped after its first look
@@ -166,12 +168,12 @@ def test_a_study_runs_until_decided_and_stops_the_decided_nets(workdir):
     )
     assert json.loads(Path(looks).read_text())["stages_done"] == 2
     # The same command again: nothing to train, the same verdicts; another rule is refused.
-    again = run_cli([*study, "study.seeds_per_look=2"], workdir)
+    again = cli_in_process([*study, "study.seeds_per_look=2"], workdir, monkeypatch)
     assert again.returncode == 0 and again.stdout.count("already FINISHED") == len(cells)
     assert len(all_runs(workdir)) == len(cells)
     report = (workdir / "reports" / "sequential.md").read_text()
     assert next(line for line in report.splitlines() if line.startswith("| 1 ")) == claim1
-    other = run_cli([*study, "study.max_seeds=6", "study.seeds_per_look=3"], workdir)
+    other = cli_in_process([*study, "study.max_seeds=6", "study.seeds_per_look=3"], workdir, monkeypatch)
     assert (
         other.returncode == 2 and "was registered with another rule (seeds_per_look 2 -> 3)" in other.stderr
     )
