@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 
 from vgg_ablation.outbox import MAX_METRICS_PER_BATCH, Journal, Outbox, batches, sync
 
-from .conftest import run_cli
+from .conftest import cli_in_process
 
 
 def record(seq: int, kind: str, **body) -> dict:
@@ -98,11 +98,11 @@ def test_sending_a_journal_twice_records_each_value_once(tmp_path, store):
     assert len(client.get_metric_history(run_id, "val/acc1")) == 1
 
 
-def test_sync_refuses_what_is_not_a_journal_in_one_line(tmp_path):
-    result = run_cli(["sync", str(tmp_path / "nothing-here")], tmp_path)
+def test_sync_refuses_what_is_not_a_journal_in_one_line(tmp_path, monkeypatch):
+    result = cli_in_process(["sync", str(tmp_path / "nothing-here")], tmp_path, monkeypatch)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"error: no outbox journal at {tmp_path / 'nothing-here' / 'outbox.jsonl'}"
     ]
-    nothing = run_cli(["sync"], tmp_path)
+    nothing = cli_in_process(["sync"], tmp_path, monkeypatch)
     assert nothing.returncode == 0 and "nothing to send" in nothing.stdout

@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 from vgg_ablation.cell_run import RACE_HOLD_ENV
 from vgg_ablation.dashboard import free_port
 from vgg_ablation.labserver import server_env
-from vgg_ablation.tracking import answers
+from vgg_ablation.tracking import answers, pid_alive
 
 from .conftest import (
     CLI,
@@ -104,12 +104,17 @@ def by_cell(runs):
 
 def sigkill_mid_cell(study: list[str], workdir: Path, arch: str = "B"):
     """Start `study`, SIGKILL its whole process group once a cell of `arch` has checkpointed an
-    epoch; returns that cell's run (as it was just before the kill)."""
+    epoch; returns that cell's run (as it was just before the kill), once the cell's process is
+    gone (reaped: until then its pid still answers, and the run would look alive)."""
     proc = popen_cli(study, workdir)
     victim = wait_for_checkpointed_running_run(workdir, proc, arch=arch)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(30)
     proc.stdout.close()
+    deadline = time.time() + 30
+    while pid_alive(int(victim.data.tags["pid"])):
+        assert time.time() < deadline, "the killed cell's process is still there after 30 s"
+        time.sleep(0.05)
     return victim
 
 
@@ -119,17 +124,17 @@ def val_epochs(workdir: Path, run_id: str) -> set[int]:
 
 
 @pytest.mark.long
-def test_sigkill_mid_run_then_rerun_resumes_the_same_run(workdir):
+def test_sigkill_mid_run_then_rerun_resumes_the_same_run(workdir, monkeypatch):
     study = ["study", "experiment=smoke", *LONGER]
     victim = sigkill_mid_cell(study, workdir)
     assert MlflowClient(store_uri(workdir)).get_run(victim.info.run_id).info.status == "RUNNING"
     # Left RUNNING by a dead process: shown as such, never counted as a result.
-    report = run_cli(["report", "experiment=smoke", *LONGER], workdir)
+    report = cli_in_process(["report", "experiment=smoke", *LONGER], workdir, monkeypatch)
     assert report.returncode == 0, report.stderr[-2000:]
     text = (workdir / "reports" / "smoke.md").read_text()
     assert f"`{victim.info.run_id[:8]}` | B | " in text and "RUNNING (orphaned: its process is gone)" in text
 
-    again = run_cli(study, workdir)
+    again = cli_in_process(study, workdir, monkeypatch)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     runs = all_runs(workdir)
     cells = by_cell(runs)
@@ -144,12 +149,12 @@ def test_sigkill_mid_run_then_rerun_resumes_the_same_run(workdir):
 
 
 @pytest.mark.long
-def test_a_cut_last_checkpoint_never_blocks_its_cell(workdir):
+def test_a_cut_last_checkpoint_never_blocks_its_cell(workdir, monkeypatch):
     study = ["study", "experiment=smoke", *LONGER]
     victim = sigkill_mid_cell(study, workdir)
     last = Path(victim.data.tags["checkpoint_dir"]) / "last.ckpt"
     last.write_bytes(last.read_bytes()[:1000])  # what a kill or a full disk mid-write leaves
-    again = run_cli(study, workdir)
+    again = cli_in_process(study, workdir, monkeypatch)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     cells = by_cell(all_runs(workdir))
     assert len(cells) == 4 and all(len(r) == 1 for r in cells.values())  # none lost, none doubled
@@ -162,8 +167,8 @@ def test_a_cut_last_checkpoint_never_blocks_its_cell(workdir):
     assert val_epochs(workdir, victim.info.run_id) == set(range(6))
 
 
-def test_diverging_runs_are_recorded_failed_and_the_sweep_goes_on(workdir):
-    out = run_cli(["study", "experiment=smoke", "optim.lr=1e12", *TINY], workdir)
+def test_diverging_runs_are_recorded_failed_and_the_sweep_goes_on(workdir, monkeypatch):
+    out = cli_in_process(["study", "experiment=smoke", "optim.lr=1e12", *TINY], workdir, monkeypatch)
     assert out.returncode == 1
     runs = all_runs(workdir)
     assert len(runs) == 4  # every cell was tried: one failure does not stop the sweep
@@ -175,7 +180,7 @@ def test_diverging_runs_are_recorded_failed_and_the_sweep_goes_on(workdir):
     assert_children_of_one_study(workdir, status="FAILED")  # the study's run follows its cells
 
 
-def test_sigterm_checkpoints_marks_killed_and_exits_nonzero_then_resumes(workdir):
+def test_sigterm_checkpoints_marks_killed_and_exits_nonzero_then_resumes(workdir, monkeypatch):
     study = ["study", "experiment=smoke", *LONGER]
     proc = popen_cli(study, workdir)
     victim = wait_for_checkpointed_running_run(workdir, proc)
@@ -188,13 +193,13 @@ def test_sigterm_checkpoints_marks_killed_and_exits_nonzero_then_resumes(workdir
     assert killed.data.tags["failure_reason"].startswith("SIGTERM received")
     assert (Path(killed.data.tags["checkpoint_dir"]) / "last.ckpt").is_file()
 
-    again = run_cli(study, workdir)
+    again = cli_in_process(study, workdir, monkeypatch)
     assert again.returncode == 0, again.stderr[-3000:]
     cells = by_cell(all_runs(workdir))
     assert len(cells) == 4 and all(len(r) == 1 and r[0].info.status == "FINISHED" for r in cells.values())
 
 
-def test_ctrl_c_stops_a_study_in_one_line_marks_it_killed_and_the_rerun_resumes(workdir):
+def test_ctrl_c_stops_a_study_in_one_line_marks_it_killed_and_the_rerun_resumes(workdir, monkeypatch):
     study = ["study", "experiment=smoke", *LONGER]
     proc = subprocess.Popen(
         [*CLI, *study], cwd=workdir, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -216,7 +221,7 @@ def test_ctrl_c_stops_a_study_in_one_line_marks_it_killed_and_the_rerun_resumes(
     assert (Path(victim.data.tags["checkpoint_dir"]) / "last.ckpt").is_file()
     assert_children_of_one_study(workdir, status="KILLED")
 
-    again = run_cli(study, workdir)
+    again = cli_in_process(study, workdir, monkeypatch)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "sent 0 records" not in again.stderr
     cells = by_cell(all_runs(workdir))
@@ -440,9 +445,12 @@ def test_a_run_whose_server_never_returns_keeps_its_metrics_and_says_how_to_send
             os.killpg(server.pid, signal.SIGKILL)
 
 
-def test_unreachable_tracking_uri_is_refused_before_training(workdir):
-    out = run_cli(
-        ["study", "experiment=smoke", *TINY], workdir, env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}
+def test_unreachable_tracking_uri_is_refused_before_training(workdir, monkeypatch):
+    out = cli_in_process(
+        ["study", "experiment=smoke", *TINY],
+        workdir,
+        monkeypatch,
+        env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"},
     )
     assert out.returncode == 2
     assert out.stderr.strip() == (
@@ -631,7 +639,7 @@ def fill(disk: Path) -> Path:
     return filler
 
 
-def test_a_full_disk_fails_the_run_in_one_line_and_the_rerun_resumes(workdir, small_disk):
+def test_a_full_disk_fails_the_run_in_one_line_and_the_rerun_resumes(workdir, small_disk, monkeypatch):
     # long enough for the disk to fill while it trains (records no longer slow an epoch down)
     longer = [*LONGER, "trainer.max_epochs=30"]
     train = ["train", "arch=A", *longer, f"logger.checkpoint_root={small_disk / 'checkpoints'}"]
@@ -657,7 +665,7 @@ def test_a_full_disk_fails_the_run_in_one_line_and_the_rerun_resumes(workdir, sm
     assert not [p for p in last.parent.iterdir() if p.name.endswith(".tmp")]  # no half-written file
 
     filler.unlink()  # space is back
-    again = run_cli(train, workdir)
+    again = cli_in_process(train, workdir, monkeypatch)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     (run,) = all_runs(workdir)
     assert run.info.run_id == victim.info.run_id and run.info.status == "FINISHED"
@@ -665,7 +673,9 @@ def test_a_full_disk_fails_the_run_in_one_line_and_the_rerun_resumes(workdir, sm
     assert val_epochs(workdir, run.info.run_id) == set(range(30))
 
 
-def test_a_full_disk_under_the_store_keeps_training_and_the_records_until_there_is_space(workdir, small_disk):
+def test_a_full_disk_under_the_store_keeps_training_and_the_records_until_there_is_space(
+    workdir, small_disk, monkeypatch
+):
     """The SQLite store's disk fills up mid-run (checkpoints elsewhere): training goes on, the run
     ends UNSENT with one line, what the store held is intact, and `sync` sends the rest once there
     is space again."""
@@ -692,7 +702,7 @@ def test_a_full_disk_under_the_store_keeps_training_and_the_records_until_there_
     assert 1 <= len(before) < 30
 
     filler.unlink()  # space is back
-    sent = run_cli(["sync", str(kept)], workdir)
+    sent = cli_in_process(["sync", str(kept)], workdir, monkeypatch)
     assert sent.returncode == 0, sent.stderr[-3000:]
     run = client.get_run(victim.info.run_id)
     assert run.info.status == "FINISHED" and "test/acc1" in run.data.metrics
