@@ -174,10 +174,11 @@ def captured_output():
         finally:
             out.flush()
             err.flush()
+            texts = {}
             for fd, file in files.items():
                 file.seek(0)
-                text = file.read().decode("utf-8", errors="replace")
-                said.stdout, said.stderr = (text, said.stderr) if fd == 1 else (said.stdout, text)
+                texts[fd] = file.read().decode("utf-8", errors="replace")
+            said.stdout, said.stderr = texts[1], texts[2]
 
 
 @pytest.fixture(scope="session", autouse=True)
