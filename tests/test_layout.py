@@ -10,14 +10,17 @@ PACKAGE = Path(__file__).resolve().parent.parent / "vgg_ablation"
 
 # Lowest first. A module may import from its own layer or below, never above.
 LAYERS = [
-    ("foundation", {"__init__", "errors", "config", "sequential"}),
-    ("stores", {"tracking", "outbox", "checkpoints", "labserver"}),
+    ("foundation", {"__init__", "errors", "files", "config", "sequential"}),
+    ("stores", {"tracking", "outbox", "checkpoints", "labserver", "archive"}),
     ("data and nets", {"datasets", "batches", "data", "models", "design", "module", "distributed"}),
     ("statistics", {"runtable", "analysis"}),
     ("a study's cells", {"cells"}),
     ("one cell's objects", {"build", "fitting"}),
     ("one cell's run", {"cell_run"}),
-    ("tasks and documents", {"train", "report_plots", "report_sections", "report", "bench_report", "bench"}),
+    (
+        "tasks and documents",
+        {"train", "report_plots", "report_sections", "report", "bench_report", "bench", "travel"},
+    ),
     ("the orchestrator", {"study"}),
     ("around a study", {"gpucheck", "dashboard", "ui"}),
     ("the command line", {"cli", "__main__"}),

@@ -16,7 +16,7 @@ from typing import Any
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from vgg_ablation import analysis, runtable, tracking
+from vgg_ablation import __version__, analysis, runtable, tracking
 from vgg_ablation.errors import UserError
 from vgg_ablation.runtable import SCRATCH
 
@@ -44,6 +44,7 @@ NON_SEMANTIC = {
     "study.time_limit",
     "logger",
     "bench",
+    "archive",
     "trainer.progress_bar",
     "trainer.threads",
     "trainer.compile",  # speed settings: a study resumed with compile on keeps its finished cells
@@ -53,13 +54,14 @@ NON_SEMANTIC = {
 }
 
 
-def fingerprint(cfg: DictConfig) -> str:
+def fingerprint(cfg: DictConfig, digest: str | None = None) -> str:
     """Short hash of everything that changes what a cell computes (not arch, seed, logging).
     The data enters by its digest (file list and sizes), not its path: a moved folder keeps its
-    cells, different images under the same name get new ones."""
+    cells, different images under the same name get new ones. `digest`: the data's, when known
+    without reading it (a report on a machine without the data)."""
     from vgg_ablation.datasets import identify
 
-    flat: dict[str, Any] = {"data.digest": identify(cfg.data).digest}
+    flat: dict[str, Any] = {"data.digest": digest or identify(cfg.data).digest}
 
     def walk(node: Any, prefix: str) -> None:
         if prefix in NON_SEMANTIC:
@@ -127,11 +129,24 @@ def net_labels(cfg: DictConfig) -> list[str]:
     return [label for label, _ in cell_configs(cfg)]
 
 
-def study_fingerprints(cfg: DictConfig) -> list[str]:
-    fps = [fingerprint(cfg)]
+def study_fingerprints(cfg: DictConfig, digest: str | None = None) -> list[str]:
+    fps = [fingerprint(cfg, digest)]
     if needs_scratch_b(cfg):
-        fps.append(fingerprint(scratch_config(cfg)))
+        fps.append(fingerprint(scratch_config(cfg), digest))
     return fps
+
+
+def recorded_fingerprints(cfg: DictConfig) -> list[str]:
+    """The study's fingerprints on a machine without its data (a study imported to be re-analysed):
+    computed with each data digest its runs recorded; [] when no digest gives runs of this config.
+    Reading only: a study that trains reads its data, and with it the digest."""
+    uri = tracking.tracking_uri(cfg.logger.tracking_uri)
+    runs = runtable.load_runs(uri, tracking.experiment_name(cfg))
+    for digest in runs["data_digest"].dropna().unique() if not runs.empty else []:
+        fps = study_fingerprints(cfg, str(digest))
+        if runs["fingerprint"].isin(fps).any():
+            return fps
+    return []
 
 
 def margins_of(cfg: DictConfig) -> dict[str, float]:
@@ -161,6 +176,27 @@ def rule_params(cfg: DictConfig) -> dict[str, str]:
         "rule.comparisons": str(design_of(cfg).rule.comparisons),
         "rule.horizon": str(cfg.study.max_seeds),
         "rule.margins": ",".join(f"{k}={v:g}" for k, v in margins.items()),
+    }
+
+
+def study_params(cfg: DictConfig) -> dict:
+    """What a user filters studies by, on the study's run (cells carry their own params)."""
+    margins = OmegaConf.to_container(cfg.study.margins)
+    return {
+        "data": cfg.data.name,
+        "epochs": cfg.trainer.max_epochs,
+        "width": cfg.model.width,
+        "batch_norm": cfg.model.batch_norm,
+        "init": cfg.model.init,
+        "dropout": cfg.model.dropout,
+        "lr": cfg.optim.lr,
+        "schedule": cfg.optim.schedule,
+        "warmup_epochs": cfg.optim.warmup_epochs,
+        "batch_size": cfg.data.batch_size,
+        "margins_points": ",".join(f"{k}={v:g}" for k, v in margins.items()),
+        "min_effect_points": cfg.study.min_effect,
+        "fingerprint": fingerprint(cfg),
+        "version": __version__,
     }
 
 

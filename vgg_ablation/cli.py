@@ -42,6 +42,16 @@ COMMANDS = {
                      "to the nets of a comparison still open. Running the same command again continues it."),
     "report": Command("write reports/<study>.md (with plots and a runs CSV) from the study's MLflow runs",
                       "report [experiment=NAME] [key=value ...]", "vgg-ablation report experiment=sample", "report"),
+    "export": Command("write a study's runs (histories, artifacts) into one archive that any store can import",
+                      "export [experiment=NAME] [key=value ...]",
+                      "vgg-ablation export experiment=cifar10-cpu archive.out=cifar10-cpu.tar.gz", "export",
+                      "Reads the store, never changes it. With archive.from_csv=<a report's runs CSV>, rebuilds the "
+                      "archive of a study whose store was lost (it needs the study's data, for its digest)."),
+    "import": Command("import study archives into a store: nothing twice, two machines' cells merged",
+                      "import ARCHIVE [ARCHIVE ...] [key=value ...]",
+                      "vgg-ablation import reports/cifar10-cpu-archive.tar.gz", "ImportOptions",
+                      "Then the study's own command continues it (finished cells are skipped), and "
+                      "`vgg-ablation report` re-analyses it."),
     "bench": Command("training images/s: plain PyTorch against this project's Lightning path, and per net",
                      "bench [key=value ...]", "vgg-ablation bench arch=A bench.rounds=5 bench.folders=true", "bench"),
     "ui": Command("MLflow's dashboard on this folder's store; with a study's overrides, where that study is",
@@ -63,6 +73,7 @@ SECTIONS = {
     "train": ("arch", "seed", "model", "optim", "data", "trainer", "logger"),
     "study": ("study",),
     "report": ("study", "logger.tracking_uri", "logger.ui_url"),
+    "export": ("archive", "logger.tracking_uri"),
     "bench": ("bench", "arch", "data.batch_size", "model.width", "trainer.precision"),
 }
 
@@ -83,8 +94,10 @@ def help_text(name: str) -> str:
     if command.notes:
         lines += ["", command.notes]
     if command.keys in SECTIONS:
-        cfg = config.compose(config.study_overrides([]) if command.keys in ("study", "report") else [])
-        if command.keys in ("study", "report"):
+        cfg = config.compose(
+            config.study_overrides([]) if command.keys in ("study", "report", "export") else []
+        )
+        if command.keys in ("study", "report", "export"):
             lines += ["", f"experiment=NAME: the study, one of: {', '.join(config.studies())} "
                           f"(files in {config.CONF_DIR / 'experiment'}); default {config.DEFAULT_STUDY}",
                       "study_dir=DIR: also look in your own folder of studies, DIR/NAME.yaml "
@@ -184,6 +197,10 @@ def dispatch(name: str, args: list[str]) -> int:
         from vgg_ablation.report import run_report as run
     elif name == "bench":
         from vgg_ablation.bench import run_bench as run
+    elif name == "export":
+        from vgg_ablation.travel import run_export as run
+    elif name == "import":
+        from vgg_ablation.travel import run_import as run
     elif name == "ui":
         from vgg_ablation.ui import run_ui as run
     elif name == "sync":
@@ -215,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
             with contextlib.suppress(BrokenPipeError):  # `... --help | head` is fine
                 print(help_text(command))
             return 0
+        if command == "import" and "--dry-run" in flags:  # the spelling users know from other tools
+            args = ["dry_run=true" if a == "--dry-run" else a for a in args]
+            flags.remove("--dry-run")
         if flags:
             raise UserError(f"unknown option {flags[0]!r} for {command}: it takes key=value (see --help)")
         return dispatch(command, args)

@@ -163,6 +163,20 @@ class BenchConfig:
 
 
 @dataclass
+class ArchiveConfig:
+    """A study's archive (`vgg-ablation export`, and the one a study writes beside its report at
+    each look): where it goes and what it holds. No run reads these."""
+
+    out: str = ""  # a .tar.gz, or a folder; empty: reports/<study>-archive.tar.gz, beside the report
+    checkpoints: bool = False  # also unfinished cells' checkpoints (they resume mid-training elsewhere)
+    system_metrics: bool = False  # also the runs' system/ metrics (CPU, memory, ...: most of a store's rows)
+    # Rebuild the archive of a study whose store was lost from its report's runs CSV (and the
+    # config and the data, which give the rest); the archive says what it lacks.
+    from_csv: str = ""
+    with_report: bool = True  # a study writes its archive beside its report, at every look
+
+
+@dataclass
 class Config:
     arch: str = "A"
     seed: int = 0
@@ -173,6 +187,7 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     study: StudyConfig = field(default_factory=StudyConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+    archive: ArchiveConfig = field(default_factory=ArchiveConfig)
 
 
 # -- the options of the commands that are not a training config --------------------------------------
@@ -223,6 +238,15 @@ class ServerUserOptions:
     password: str = ""  # empty: one is generated and printed once
     study: str = ""  # a study to grant the user a permission on
     permission: str = "EDIT"  # READ | EDIT | MANAGE | NO_PERMISSIONS
+
+
+@dataclass
+class ImportOptions:
+    """`vgg-ablation import ARCHIVE [ARCHIVE ...]`: a study's archive into a tracking store."""
+
+    tracking_uri: str = ""  # the store to import into; empty: $MLFLOW_TRACKING_URI, else ./mlflow.db
+    checkpoint_root: str = "checkpoints"  # where an unfinished cell's exported checkpoints go
+    dry_run: bool = False  # say what would be added and skipped (or why refused); write nothing
 
 
 def options(schema: type, args: list[str], command: str):

@@ -20,8 +20,8 @@ from vgg_ablation.cells import (
     design_of,
     margins_of,
     net_labels,
+    recorded_fingerprints,
     study_fingerprints,
-    study_run_key,
 )
 from vgg_ablation.errors import UserError
 from vgg_ablation.report_plots import _atomic_write
@@ -50,7 +50,12 @@ def gather(cfg: DictConfig, stop_reason: str = "") -> Gathered:
             f"run `vgg-ablation study experiment={cfg.study.name}` first (or set MLFLOW_TRACKING_URI)"
         )
     experiment = tracking.experiment_name(cfg)
-    fps = study_fingerprints(cfg)
+    try:
+        fps, data_here = study_fingerprints(cfg), True
+    except UserError:  # the data is not on this machine: the digest its runs recorded names it
+        fps, data_here = recorded_fingerprints(cfg), False
+        if not fps:
+            raise
     runs = runtable.load_runs(uri, experiment, fps)
     if runs.empty:
         raise UserError(
@@ -62,7 +67,7 @@ def gather(cfg: DictConfig, stop_reason: str = "") -> Gathered:
         raise UserError(f"study {cfg.study.name!r} has runs in {uri} but none FINISHED yet")
     client = tracking.client(uri)
     exp = client.get_experiment_by_name(experiment)
-    parent = tracking.find_study_run(client, exp.experiment_id, study_run_key(cfg)) if exp else None
+    parent = tracking.find_study_run(client, exp.experiment_id, f"{cfg.study.name}/{fps[0]}") if exp else None
     design = design_of(cfg, dict(parent.data.params) if parent else None)
     summary = analysis.per_arch(res, order=[*cfg.study.archs, SCRATCH_LABEL])
     concl = analysis.conclusions(
@@ -72,7 +77,7 @@ def gather(cfg: DictConfig, stop_reason: str = "") -> Gathered:
     if not stop_reason and design.sequential:
         stop_reason = _stop_reason(concl, list(design.stages))
     return Gathered(cfg, uri, experiment, exp, parent, fps, runs, res, summary, _histories(client, res),
-                    design, concl, stop_reason, client)  # fmt: skip
+                    design, concl, stop_reason, client, data_here)  # fmt: skip
 
 
 def _stop_reason(concl, stages: list[int]) -> str:

@@ -19,7 +19,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from vgg_ablation import __version__, analysis, design, runtable, tracking
-from vgg_ablation.cells import SCRATCH_LABEL, fingerprint, needs_scratch_b, scratch_config
+from vgg_ablation.cells import SCRATCH_LABEL, needs_scratch_b
 from vgg_ablation.models import PAPER_STEPS
 
 # facts.md, Table 3, single test scale, S=256: ImageNet val top-1 / top-5 error, %.
@@ -59,6 +59,7 @@ class Gathered:
     concl: pd.DataFrame
     stop_reason: str
     client: object = field(repr=False, default=None)
+    data_here: bool = True  # False: the data was not read here (its runs' recorded digest named it)
 
     @property
     def order(self) -> list[str]:
@@ -93,10 +94,17 @@ def rule_words(design: analysis.Design, alpha: float) -> str:
 def header(g: Gathered) -> list[str]:
     cfg, res, runs = g.cfg, g.res, g.runs
     not_results = runs[~runs["run_id"].isin(res["run_id"])]
+    rebuilt = sorted(res["rebuilt_from"].dropna().unique())
     wall = (res["end_time"].max() - res["start_time"].min()).total_seconds()
+    wall_text = (f"not recorded (its runs were rebuilt from {', '.join(rebuilt)}, which holds no start or end times)"
+                 if rebuilt else f"{wall / 60:.1f} min ({wall:.0f} s, first run's start to last run's end)")  # fmt: skip
     seeds = ", ".join(f"{md_escape(n)} {int(r['seeds'])}" for n, r in g.summary.iterrows())
     trained_by = ", ".join(sorted(res["version"].dropna().unique())) or "not recorded"
     version = f"{trained_by} (this report: {__version__})"
+
+    def recorded(column: str) -> str:
+        return md_escape(", ".join(sorted(res[column].dropna().unique()))) or "not recorded"
+
     return [
         f"# Study `{md_escape(cfg.study.name)}`: do the VGG conclusions hold here?",
         "",
@@ -104,21 +112,28 @@ def header(g: Gathered) -> list[str]:
         "",
         "| | |",
         "|---|---|",
-        _dataset_line(res, cfg, g.client),
+        _dataset_line(res, cfg, g.client, g.data_here),
         f"| budget | {budget_words(cfg)}, batch {cfg.data.batch_size}, dropout {cfg.model.dropout}, "
         f"LRN scale `{cfg.model.lrn_scale}` |",
         f"| seeds per net | {seeds} (seeds {_seed_range(sorted(res['seed'].astype(int).unique()))}) |",
         f"| rule | {rule_words(g.design, cfg.study.alpha)}; margins (points): "
         + ", ".join(f"{k} ±{v:g}" for k, v in OmegaConf.to_container(cfg.study.margins).items())
         + " |",
-        f"| hardware | {md_escape(', '.join(sorted(res['device'].dropna().unique())))}, "
-        f"{os.cpu_count()} CPU cores where this report was written |",
-        f"| versions | vgg-ablation {version}, torch {md_escape(', '.join(sorted(res['torch_version'].dropna().unique())))}, "
-        f"Lightning {md_escape(', '.join(sorted(res['lightning_version'].dropna().unique())))}, MLflow {_mlflow_version()} |",
-        f"| git commit | {md_escape(', '.join(sorted(res['git_commit'].dropna().unique())))} |",
+        f"| hardware | {recorded('device')}, {os.cpu_count()} CPU cores where this report was written |",
+        f"| versions | vgg-ablation {version}, torch {recorded('torch_version')}, "
+        f"Lightning {recorded('lightning_version')}, MLflow {_mlflow_version()} |",
+        f"| git commit | {recorded('git_commit')} |",
+        *(
+            [
+                f"| rebuilt | from {md_escape(', '.join(rebuilt))} (the study's store was lost): what it lacks is in its "
+                "archive's manifest; the original report is among the study run's artifacts |"
+            ]
+            if rebuilt
+            else []
+        ),
         f"| runs | {len(res)} results (one FINISHED run per net and seed) of {len(runs)} recorded; "
         f"{len(not_results)} not counted |",
-        f"| wall time | {wall / 60:.1f} min ({wall:.0f} s, first run's start to last run's end); the "
+        f"| wall time | {wall_text}; the "
         f"cells' own times sum to {res['seconds'].sum() / 60:.1f} min (each from loading its data to its "
         "last record; a resumed run: its last attempt) |",
         f"| written | {time.strftime('%Y-%m-%d %H:%M %Z')} from MLflow experiment `{md_escape(g.experiment)}` "
@@ -155,7 +170,7 @@ def headline(g: Gathered) -> list[str]:
 
 
 def per_network(g: Gathered) -> list[str]:
-    links = _run_links(g.cfg, g.exp.experiment_id, g.summary.index) if g.exp else {}
+    links = _run_links(g.cfg, g.exp.experiment_id, g.summary.index, g.fingerprints) if g.exp else {}
     seen = runtable.observe(g.runs)
     rows = []
     for net, r in g.summary.iterrows():
@@ -451,7 +466,7 @@ def _mlflow_version() -> str:
     return mlflow.__version__
 
 
-def _dataset_line(res: pd.DataFrame, cfg: DictConfig, client) -> str:
+def _dataset_line(res: pd.DataFrame, cfg: DictConfig, client, data_here: bool = True) -> str:
     digests = ", ".join(f"`{d}`" for d in sorted(res["data_digest"].dropna().unique())) or "not recorded"
     counts = res.iloc[0]
     inputs = client.get_run(counts["run_id"]).inputs.dataset_inputs
@@ -460,7 +475,13 @@ def _dataset_line(res: pd.DataFrame, cfg: DictConfig, client) -> str:
     return (
         f"| data | {md_escape(name)} (`data={md_escape(cfg.data.name)}`), digest {digests}: {int(counts['train_images']):,} training, "
         f"{val}{int(counts['test_images']):,} test images, {int(counts['num_classes'])} classes; "
-        f"normalize `{cfg.data.normalize}` |"
+        f"normalize `{cfg.data.normalize}`"
+        + (
+            ""
+            if data_here
+            else " (the data is not on the machine that wrote this report: its runs' recorded digest names it)"
+        )
+        + " |"
     )
 
 
@@ -505,14 +526,15 @@ def _mlflow_line(cfg: DictConfig, exp, parent) -> str:
     return f"| MLflow (`vgg-ablation ui`) | {study_run}[every run]({tracking.runs_url(base, exp.experiment_id)}) |"
 
 
-def _run_links(cfg: DictConfig, experiment_id: str, nets) -> dict[str, str]:
-    """Each net's runs in the dashboard: the runs page filtered to its config and arch."""
+def _run_links(cfg: DictConfig, experiment_id: str, nets, fingerprints: list[str]) -> dict[str, str]:
+    """Each net's runs in the dashboard: the runs page filtered to its config and arch
+    (`fingerprints`: the study's, then its scratch-B control's when it has one)."""
     links = {}
     for net in nets:
         scratch = net == f"B{runtable.SCRATCH}"
-        net_cfg = scratch_config(cfg) if scratch and needs_scratch_b(cfg) else cfg
+        fp = fingerprints[1] if scratch and needs_scratch_b(cfg) else fingerprints[0]
         arch = "B" if scratch else net
-        search = f"tags.fingerprint = '{fingerprint(net_cfg)}' and params.arch = '{arch}'"
+        search = f"tags.fingerprint = '{fp}' and params.arch = '{arch}'"
         links[net] = tracking.runs_url(cfg.logger.ui_url, experiment_id, search)
     return links
 

@@ -42,6 +42,8 @@ RUN_COLUMNS = {
     "tags.host": "host",
     "tags.pid": "pid",
     "tags.cell": "cell",  # the cell's key (cells.cell_key)
+    "tags.fingerprint": "fingerprint",  # its config's (cells.fingerprint)
+    "tags.rebuilt_from": "rebuilt_from",  # a run rebuilt from a report's runs CSV (archive.py)
     "tags.mlflow.parentRunId": "parent_run",  # the study run it is nested under
     "tags.device": "device",
     "tags.cpu_threads": "cpu_threads",

@@ -35,7 +35,7 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from vgg_ablation import __version__, analysis, tracking
+from vgg_ablation import analysis, tracking
 from vgg_ablation.build import arch_of, data_for, model_for, validate
 from vgg_ablation.cells import (
     DEADLINE_ENV,
@@ -49,11 +49,11 @@ from vgg_ablation.cells import (
     check_registered,
     clock,
     design_of,
-    fingerprint,
     finished_cells,
     net_labels,
     rule_params,
     study_looks,
+    study_params,
     study_run_key,
 )
 from vgg_ablation.config import compose, study_overrides, with_study_dir
@@ -204,6 +204,8 @@ def run_looks(sweep: Sweep) -> str:
             return "stopped"
         if design.sequential:
             record_looks(sweep, k + 1)
+            if k + 1 < len(design.stages):
+                write_documents(sweep.cfg)  # an interim report and archive: the study travels now
     if sweep.deadline and time.time() >= sweep.deadline:
         return f"time limit ({cfg.study.time_limit:g} min) reached"
     return "maximum reached" if design.sequential else ""
@@ -414,14 +416,25 @@ def finish_study(sweep: Sweep, stop_reason: str) -> int:
         print("the sweep was stopped; run the same command again to resume", file=sys.stderr)
         return next(c for c in sweep.exit_codes if c not in (0, 1))
     if (states["status"] == "FINISHED").any():
-        from vgg_ablation.report import write_report
-
-        path = write_report(cfg, stop_reason=stop_reason)  # also onto the study's run
-        print(f"report: {path}")
+        write_documents(cfg, stop_reason)
     ok = len(unfinished) == 0 and all(c == 0 for c in sweep.exit_codes)
     # The study's run follows its cells: FINISHED only when every cell is (and the report is on it)
     sweep.client.set_terminated(sweep.parent, "FINISHED" if ok else "FAILED")
     return 0 if ok else 1
+
+
+def write_documents(cfg: DictConfig, stop_reason: str = "") -> None:
+    """The report (also onto the study's run), and the study's archive beside it: what a user
+    commits, or carries to another machine, to continue the study there."""
+    from vgg_ablation.report import REPORTS_DIR, write_report
+    from vgg_ablation.travel import archive_path, export_for
+
+    path = write_report(cfg, stop_reason=stop_reason)
+    print(f"report: {path}", flush=True)
+    if cfg.archive.with_report:
+        done = export_for(cfg, archive_path(cfg, REPORTS_DIR))
+        print(f"archive: {done.path} ({done.runs} runs; `vgg-ablation import {done.path}` carries the study "
+              "to another store)", flush=True)  # fmt: skip
 
 
 def cell_states(cfg: DictConfig, cells: list[tuple[str, int]] | None = None) -> pd.DataFrame:
@@ -455,24 +468,3 @@ def _cell_state(client, experiment, net_cfg: DictConfig, label: str, seed: int) 
         )
         row["test top-1"] = run.data.metrics.get("test/acc1")
     return row
-
-
-def study_params(cfg: DictConfig) -> dict:
-    """What a user filters studies by, on the study's run (cells carry their own params)."""
-    margins = OmegaConf.to_container(cfg.study.margins)
-    return {
-        "data": cfg.data.name,
-        "epochs": cfg.trainer.max_epochs,
-        "width": cfg.model.width,
-        "batch_norm": cfg.model.batch_norm,
-        "init": cfg.model.init,
-        "dropout": cfg.model.dropout,
-        "lr": cfg.optim.lr,
-        "schedule": cfg.optim.schedule,
-        "warmup_epochs": cfg.optim.warmup_epochs,
-        "batch_size": cfg.data.batch_size,
-        "margins_points": ",".join(f"{k}={v:g}" for k, v in margins.items()),
-        "min_effect_points": cfg.study.min_effect,
-        "fingerprint": fingerprint(cfg),
-        "version": __version__,
-    }
