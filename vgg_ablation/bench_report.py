@@ -94,3 +94,100 @@ def _render_paths(folders: dict) -> list[str]:
         *[f"| {k} | {v:.3f} | {targets[k]} |" for k, v in folders["ratios"].items()],
         "",
     ]
+
+
+# -- bench.mode=cells -------------------------------------------------------------------------------------
+def write_cells(record: dict, out: Path, args: list[str]) -> Path:
+    """The cells benchmark's record as reports/bench-<device>-cells.json and .md."""
+    slug = "cpu" if record["device"].startswith("cpu") else record["device"].lower().replace(" ", "-")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"bench-{slug}-cells.json").write_text(json.dumps(record, indent=2))
+    path = out / f"bench-{slug}-cells.md"
+    path.write_text("\n".join(render_cells(record, args)))
+    return path
+
+
+def _profile_rows(profiles: list[dict], epochs: int | None = None) -> list[dict]:
+    """Each profiled cell's phases as fractions of its wall time; with `epochs`, of a cell of that
+    many epochs (per-epoch phases scaled from the cell's own epochs, the rest as measured)."""
+    from vgg_ablation.profiling import PHASES
+
+    per_epoch = {"training steps", "between steps", "validation", "checkpoints"}
+    rows = []
+    for p in profiles:
+        scale = (epochs / p["epochs"]) if epochs else 1.0
+        phases = {k: v * (scale if k in per_epoch else 1.0) for k, v in p["phases"].items()}
+        total = sum(phases.values())
+        row = {"net": p["arch"], "threads": p["threads"], "compiled": "yes" if p["compiled"] else "",
+               "cell s": f"{total:.0f}"}  # fmt: skip
+        row.update({k: f"{100 * phases[k] / total:.1f}%" for k in PHASES})
+        if not epochs:
+            row["cell img/s (steps)"] = f"{p['cell img/s']:.0f}"
+            row["step bench img/s"] = f"{p['step bench img/s']:.0f}"
+            row["cell / bench"] = f"{p['cell img/s'] / p['step bench img/s']:.2f}"
+        rows.append(row)
+    return rows
+
+
+def render_cells(record: dict, args: list[str]) -> list[str]:
+    import pandas as pd
+
+    studies = record["studies"]
+    n = record["epochs"]
+    return [
+        f"# Whole cells on {record['device']}: where the time goes, and cells per hour",
+        "",
+        f"`vgg-ablation bench {' '.join(args)}` · torch {record['torch']}, Lightning {record['lightning']}, "
+        f"Python {record['python']} · {record['written']}",
+        "",
+        f"Real cells of the study ({', '.join(record['archs'])}), shortened to {n} epochs, each in its own process as "
+        "`vgg-ablation train` runs one, all measured in one sitting on this machine (absolute times on a shared "
+        "machine vary; the fractions and ratios are the result).",
+        "",
+        "## Where a cell's time goes",
+        "",
+        "Phases as fractions of the cell's wall time, from its process's creation to its exit: start-up (imports, "
+        "Hydra), data (listed, read back from the decode cache, split), tracking (the MLflow run opened, its records, "
+        "its last writes), training steps (forward, backward, optimizer), between steps (the next batch cut and "
+        "augmented, Lightning's loop, the logger), validation, checkpoint writes, the test (the best checkpoint "
+        "loaded, 10,000 images), other (Lightning's set-up and teardown, the FLOPs count, the LRN probe, exit). "
+        "Beside them, the cell's training images/s against the training-step bench (plain loop, synthetic batches) "
+        "at the same thread count.",
+        "",
+        pd.DataFrame(_profile_rows(record["profiles"])).to_markdown(index=False, disable_numparse=True),
+        "",
+        f"The same cells at the study's {record['study_epochs']} epochs (the per-epoch phases scaled from these "
+        f"{n}, the rest as measured):",
+        "",
+        pd.DataFrame(_profile_rows(record["profiles"], record["study_epochs"])).to_markdown(
+            index=False, disable_numparse=True
+        ),
+        "",
+        "## Cells per hour, way by way",
+        "",
+        f"The same study ({', '.join(record['archs'])} x {studies[0]['cells'] // len(record['archs'])} seeds, {n} epochs) "
+        "run whole (`vgg-ablation study`: its sweep, store and report) in a fresh folder and store, once per way:",
+        "",
+        pd.DataFrame(
+            [
+                {
+                    "way": s["way"],
+                    "what": s["what"],
+                    "cells": s["cells"],
+                    "wall s": f"{s['wall']:.0f}",
+                    "cells / hour": f"{s['cells per hour']:.1f}",
+                    "ratio to basic": f"{s['ratio to basic']:.2f}",
+                    "threads recorded": ", ".join(t for t in s["threads"] if t),
+                }
+                for s in studies
+            ]
+        ).to_markdown(index=False, disable_numparse=True),  # fmt: skip
+        "",
+        "Test top-1 error of each cell, way by way (1 and 2 threads, compiled or not, sum in different orders: "
+        "the same seed gives slightly different numbers, which is why a study keeps one setting for all its cells):",
+        "",
+        pd.DataFrame(
+            {s["way"]: {k: f"{100 * v:.2f}" for k, v in s["test errors"].items()} for s in studies}
+        ).to_markdown(disable_numparse=True),
+        "",
+    ]

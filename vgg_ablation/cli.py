@@ -196,7 +196,7 @@ def dispatch(name: str, args: list[str]) -> int:
     elif name == "report":
         from vgg_ablation.report import run_report as run
     elif name == "bench":
-        from vgg_ablation.bench import run_bench as run
+        from vgg_ablation.bench_cells import run_bench as run
     elif name == "export":
         from vgg_ablation.travel import run_export as run
     elif name == "import":

@@ -160,6 +160,13 @@ class BenchConfig:
     name: str = ""  # a suffix for the report's file name (reports/bench-<device>-<name>.md)
     folders: bool = False  # also measure the data paths (the sample as a folder; 224 px JPEGs)
     out: str = "reports"  # the folder the report goes to
+    # steps: the training step alone (plain loop vs Lightning, per net); cells: whole cells of the
+    # study the overrides name, profiled phase by phase, and the study run whole each way of
+    # filling the machine (cells per hour; bench_cells.py)
+    mode: str = "steps"
+    epochs: int = 2  # cells: each cell shortened to this many epochs
+    seeds: int = 2  # cells: seeds per net in each way's study
+    ways: list[str] | None = None  # cells: the ways compared (bench_cells.WAYS); None: all
 
 
 @dataclass

@@ -17,7 +17,7 @@ import signal
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import hydra
@@ -48,6 +48,7 @@ from vgg_ablation.errors import StoreAway, UserError
 from vgg_ablation.fitting import LightningData, make_module, make_trainer
 from vgg_ablation.models import forward_flops, lrn_activity, transfer_from_a
 from vgg_ablation.outbox import Outbox, root_cause
+from vgg_ablation.profiling import Timeline, timeline
 from vgg_ablation.runtable import above_chance
 
 
@@ -78,6 +79,7 @@ class Cell:
     outbox: Outbox | None = None
     resume_from: str | None = None
     start: float = 0.0
+    line: Timeline = field(default_factory=timeline)  # where its time goes (bench.mode=cells)
 
 
 def run_cell(cfg: DictConfig, progress: Progress | None = None) -> CellResult:
@@ -141,15 +143,27 @@ def open_cell_or_say_why(cfg: DictConfig, progress: Progress | None) -> Cell:
 def open_cell(cfg: DictConfig, progress: Progress | None) -> Cell:
     """The first half of a cell: data, model and devices, then its MLflow run (found FINISHED,
     busy, taken over or created), A's weights in a deeper net, and the run's outbox."""
-    start = time.time()
+    start, line = time.time(), timeline()
+    line.mark("cell")
     datamodule, model = prepare(cfg)
+    line.mark("prepared")
     if progress is None:
         print(datamodule.describe(), flush=True)
     key = cell_key(cfg)
     accelerator, precision, channels_last = device_choice(cfg)
     result = CellResult(cell=key, arch=cfg.arch, seed=cfg.seed, status="FAILED")
     cell = Cell(
-        cfg, key, datamodule, model, accelerator, precision, channels_last, result, Path(), start=start
+        cfg,
+        key,
+        datamodule,
+        model,
+        accelerator,
+        precision,
+        channels_last,
+        result,
+        Path(),
+        start=start,
+        line=line,
     )
     run_id = None
     if cfg.logger.enabled:
@@ -179,6 +193,7 @@ def open_cell(cfg: DictConfig, progress: Progress | None) -> Cell:
         cell.outbox = Outbox(mlflow_client, run_id, cell.ckpt_dir, f"{cfg.arch} seed={cfg.seed}")
     else:
         cell.ckpt_dir = Path(cfg.logger.checkpoint_root).resolve() / f"nolog-{key.replace('/', '_')}"
+    line.mark("opened")
     return cell
 
 
@@ -188,10 +203,12 @@ def train_and_record(cell: Cell) -> None:
     cfg, datamodule, result, outbox = cell.cfg, cell.datamodule, cell.result, cell.outbox
     module = make_module(cfg, cell.model, cell.accelerator, cell.channels_last)
     logger, callbacks = (CellLogger(outbox), [Heartbeat(outbox)]) if outbox else (False, [])
-    trainer = make_trainer(cfg, cell.accelerator, cell.precision, cell.ckpt_dir, logger, callbacks)
+    trainer = make_trainer(cfg, cell.accelerator, cell.precision, cell.ckpt_dir, logger,
+                           [*cell.line.callbacks(), *callbacks])  # fmt: skip
     if cell.accelerator == "gpu" and fits_on_device(cfg, datamodule):
         datamodule.move_to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))))
     fitted, fit_start = LightningData(datamodule), time.time()
+    cell.line.mark("fit_start")
     sampler = system_metrics(cfg, outbox, resumed=cell.resume_from is not None)
     try:
         trainer.fit(module, datamodule=fitted, ckpt_path=cell.resume_from, weights_only=True)
@@ -201,8 +218,10 @@ def train_and_record(cell: Cell) -> None:
     if trainer.interrupted:
         raise KeyboardInterrupt
     fit_seconds = time.time() - fit_start
+    cell.line.mark("fit_end")
     best = trainer.checkpoint_callback.best_model_path or None
     trainer.test(module, datamodule=fitted, ckpt_path=best, weights_only=True, verbose=False)
+    cell.line.mark("test_end")
     result.test_acc1 = float(trainer.callback_metrics["test/acc1"])
     result.val_acc1 = float(
         trainer.checkpoint_callback.best_model_score or trainer.callback_metrics.get("val/acc1", float("nan"))
@@ -221,21 +240,16 @@ def train_and_record(cell: Cell) -> None:
     outbox.set_tags({"learned": str(result.learned).lower(), **({"best_checkpoint": best} if best else {})})
     if cfg.arch == "A" and cfg.model.init == "from_A" and best:  # deeper nets start from it
         outbox.log_artifact(weights_only(best, cell.ckpt_dir / A_WEIGHTS[1]), A_WEIGHTS[0])
-    outbox.log_metrics(
-        {
-            "test/chance_p": chance_p,
-            "images_seen": trainer.global_step * cfg.data.batch_size,
-            "flops_per_image": forward_flops(module.model, datamodule.input_size),
-            **(
-                {"lrn/denominator_mean": activity["mean"], "lrn/denominator_p99": activity["p99"]}
-                if activity
-                else {}
-            ),
-            "time/fit_seconds": fit_seconds,
-        },
-        step=0,
+    lrn = (
+        {"lrn/denominator_mean": activity["mean"], "lrn/denominator_p99": activity["p99"]} if activity else {}
     )
+    outbox.log_metrics({"test/chance_p": chance_p, "images_seen": trainer.global_step * cfg.data.batch_size,
+                        "flops_per_image": forward_flops(module.model, datamodule.input_size), **lrn,
+                        "time/fit_seconds": fit_seconds}, step=0)  # fmt: skip
+    cell.line.mark("finish_start")
     finish(outbox, "FINISHED", cfg.logger.outage_wait, cell.start, result)
+    cell.line.mark("recorded")
+    cell.line.write_cell(cfg, trainer, outbox.write_seconds)
 
 
 def run_rank(cfg: DictConfig, shared: dict) -> CellResult:
