@@ -10,7 +10,7 @@ INSTALLED := $(VENV)/.installed-stamp
 # pip's install all 16,782 (here the install took 60-62 s instead of 103 s).
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: study test test-fast lint bench gpu-wheels gpu-data gpu-check install-check ui dashboard-shots clean
+.PHONY: study smoke sample-report test test-fast lint bench gpu-wheels gpu-data gpu-check install-check ui dashboard-shots clean
 
 $(INSTALLED): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -18,8 +18,14 @@ $(INSTALLED): pyproject.toml
 	$(PY) -m pip install --quiet --no-compile -e '.[dev]'
 	touch $(INSTALLED)
 
-study: $(INSTALLED)  ## the main job: the six-step study on the embedded sample, then its report
-	$(VENV)/bin/vgg-ablation study $(ARGS)
+study: $(INSTALLED)  ## the main job: the six-step study on the embedded sample; its report in outputs/reports/ (not the committed one)
+	$(VENV)/bin/vgg-ablation study study.reports_dir=outputs/reports $(ARGS)
+
+smoke: $(INSTALLED)  ## a one-minute study (2 nets x 2 seeds, a few batches): the whole path, end to end
+	$(VENV)/bin/vgg-ablation study experiment=smoke study.reports_dir=outputs/reports $(ARGS)
+
+sample-report: $(INSTALLED)  ## maintainers: regenerate the committed reports/sample.* (the defaults: a cell per core, one thread each, reproduce it)
+	$(VENV)/bin/vgg-ablation study experiment=sample $(ARGS)
 
 test: $(INSTALLED)  ## every test, the slow (real training, real sweeps) ones included
 	$(PY) -m pytest $(ARGS)

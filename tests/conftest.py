@@ -28,6 +28,9 @@ TINY = [
     "trainer.limit_test_batches=2",
     "data.batch_size=32",
     "trainer.progress_bar=false",
+    # one cell at a time, as the tests were written: a study's default on a CPU (a cell per core,
+    # side by side) has its own test (test_study.py)
+    "study.parallel=off",
 ]
 
 

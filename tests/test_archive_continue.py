@@ -52,7 +52,7 @@ def test_a_study_stopped_after_its_first_look_continues_elsewhere_to_the_uninter
     # B vs A at a family-wise error of 1e-6 cannot be decided on 2 or 3 seeds (its interval spans
     # tens of points): every look is taken
     study = ["study", *STUDY, "study.name=travels", "study.seeds=[0,1]", "study.max_seeds=3",
-             "study.seeds_per_look=1", "study.alpha=0.000001",
+             "study.seeds_per_look=1", "study.alpha=0.000001", "study.futility=0",
              "trainer.limit_test_batches=1.0"]  # fmt: skip  # all 1,000 test images: no two differences alike
     first = tmp_path / "first"
     first.mkdir()

@@ -58,7 +58,7 @@ def test_version(capsys):
 def test_a_studys_time_left_counts_the_cells_still_to_train_at_the_time_a_trained_cell_takes(monkeypatch):
     """A resumed look: 6 cells, one of them FINISHED before (it skips). Skipped cells neither
     shorten the estimate (they are not quick trained cells) nor lengthen it (not cells to train)."""
-    from vgg_ablation import train
+    from vgg_ablation import progress as train
     from vgg_ablation.cell_run import CellResult
 
     monkeypatch.setattr(train, "_THIS_PROCESS", {"trained": [], "skipped": 0})
@@ -77,3 +77,12 @@ def test_a_studys_time_left_counts_the_cells_still_to_train_at_the_time_a_traine
     assert ended(1, "SKIPPED") == "2 cells to train (time left known after the first)"
     assert ended(2, "FINISHED", 60.0) == "about 1m00s left (1 cell to train)"
     assert ended(3, "FINISHED", 60.0) == "last cell"
+
+
+def test_cells_side_by_side_share_the_time_left(monkeypatch):
+    """Two cells trained at once (a CPU study's default): the cells still to train take half the time."""
+    from vgg_ablation import progress
+
+    monkeypatch.setattr(progress, "_THIS_PROCESS", {"trained": [], "skipped": 0})
+    monkeypatch.setenv(progress.PROGRESS_ENV, f"0:10:{time.time()}:{4 * 600.0}:4:0:2")
+    assert progress.Progress.from_env(3).left() == "about 30m00s left (6 cells to train)"  # 6 x 600 s / 2

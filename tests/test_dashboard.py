@@ -95,8 +95,10 @@ def test_each_cell_run_carries_what_the_dashboard_columns_expect(study):
 def test_a_study_prints_a_few_lines_per_cell_with_k_of_n_and_time_left(study):
     _, stdout = study
     lines = stdout.splitlines()
-    cells = [line for line in lines if re.match(r"\[\d/4 · \d+m\d\ds\] [AB] seed=\d: ", line)]
+    cells = [line for line in lines if re.match(r"\[\d/4 · \d+m\d\ds\] [AB] seed=\d: (?!epoch)", line)]
     assert len(cells) == 8  # started + ended, per cell
+    epochs = [line for line in lines if re.match(r"\[\d/4 · \d+m\d\ds\] [AB] seed=\d: epoch \d/2, ", line)]
+    assert len(epochs) == 8 and "about" in epochs[0] and "left in this cell" in epochs[0]  # a line per epoch
     assert all(
         ("FINISHED" in line) == ("left" in line or "last cell" in line)
         for line in cells
@@ -104,7 +106,7 @@ def test_a_study_prints_a_few_lines_per_cell_with_k_of_n_and_time_left(study):
     )
     ended = [line for line in cells if "FINISHED" in line]
     assert ended[0].endswith("left (3 cells to train)") and ended[-1].endswith("last cell"), ended
-    assert len(lines) <= 8 + 20, stdout  # no progress bars, no per-job Hydra or Lightning banners
+    assert len(lines) <= 16 + 20, stdout  # no progress bars, no per-job Hydra or Lightning banners
     assert "LOCAL_RANK" not in stdout and "GPU available" not in stdout
 
 

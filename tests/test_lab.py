@@ -230,3 +230,33 @@ def test_a_login_revoked_mid_run_keeps_every_record_and_sync_sends_them(tmp_path
     run = client.get_run(victim.info.run_id)
     assert run.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val/acc1")] == list(range(20))
+
+
+def test_a_study_archive_round_trips_through_the_lab_server_with_a_login(tmp_path, lab, monkeypatch):
+    from .test_archive import contents
+
+    uri, _, root, env = lab
+    committed = Path(__file__).resolve().parent.parent / "reports" / "lrn-cpu-archive.tar.gz"
+    dee = as_user(env, "dee", add_user(root, uri, "dee", tmp_path))
+    nobody = cli_in_process(["import", str(committed)], tmp_path, monkeypatch, as_user(env, None, None))
+    assert nobody.returncode == 2 and "refused these credentials (401, no login" in nobody.stderr, (
+        nobody.stderr
+    )
+    assert admin_client(env).get_experiment_by_name("vgg-ablation/lrn-cpu") is None  # nothing written
+    done = cli_in_process(["import", str(committed)], tmp_path, monkeypatch, dee)
+    assert done.returncode == 0 and "add 34 runs (1 study run, 33 other)" in done.stdout, (
+        done.stdout + done.stderr
+    )
+    again = cli_in_process(["import", str(committed)], tmp_path, monkeypatch, dee)
+    assert again.returncode == 0 and "add 0 runs" in again.stdout and "skip 34" in again.stdout
+    back = cli_in_process(["export", "experiment=lrn-cpu", f"logger.tracking_uri={uri}", "archive.out=back.tar.gz"],
+                          tmp_path, monkeypatch, dee)  # fmt: skip
+    assert back.returncode == 0, back.stderr
+    there, here = contents(tmp_path / "back.tar.gz"), contents(committed)
+    for origin, run in here.items():  # a cell RUNNING when exported (its process elsewhere) arrives KILLED
+        if run["status"] == "RUNNING":
+            assert there[origin]["status"] == "KILLED" and "arrived KILLED" in there[origin]["tags"].pop(
+                "import_note"
+            )
+            run["status"] = "KILLED"
+    assert there == here  # PostgreSQL kept every record

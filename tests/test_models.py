@@ -114,7 +114,7 @@ def test_b5x5_replaces_each_pair_of_3x3_with_one_5x5():
         ({"arch": "A", "input_size": 16}, "A needs inputs of at least 32x32 (5 max-pools); got 16x16"),
         ({"arch": "alexnet", "input_size": 64}, "alexnet needs inputs of at least 67x67"),
         ({"arch": "lenet", "input_size": 3}, "lenet needs inputs of at least 4x4"),
-        ({"arch": "F"}, "unknown arch 'F'; choose one of: A, A-LRN, B, C, D, E, B-5x5"),
+        ({"arch": "F"}, "unknown arch 'F'; choose one of: A, A-LRN, A-LRN0, B, C, D, E, B-5x5"),
         ({"arch": "A", "width": 0}, "width must be positive"),
         ({"arch": "A", "num_classes": 0}, "num_classes must be a positive integer"),
         ({"arch": "A", "head": "big"}, "unknown head 'big'"),

@@ -83,7 +83,7 @@ DEPTH = [c for c in analysis.CLAIMS if c.key == "depth"]  # B vs A, D vs B: shar
 MARGINS = {"depth": 0.01, "lrn": 0.005}
 
 
-def simulate_studies(means, sds, design, comparisons, studies, seed, corr=None):
+def simulate_studies(means, sds, design, comparisons, studies, seed, corr=None, futility=0.0):
     """Run `analysis.replay` on simulated studies: per-seed errors N(mean, sd) per net (optionally
     correlated across nets), every seed present, the procedure stopping where it stops. Returns
     each study's outcomes and the seeds each net trained."""
@@ -97,7 +97,8 @@ def simulate_studies(means, sds, design, comparisons, studies, seed, corr=None):
             n: dict(zip(design.order, means[n] + sds[n] * z[i], strict=True)) for i, n in enumerate(nets)
         }
         seen = runtable.Observed(pd.DataFrame(), errors, {}, {n: set(design.order) for n in nets})
-        outcomes = analysis.replay(comparisons, seen, design.order, design.stages, design.rule, MARGINS)
+        outcomes = analysis.replay(comparisons, seen, design.order, design.stages, design.rule, MARGINS,
+                                   futility=futility)  # fmt: skip
         results.append(outcomes)
     return results
 
@@ -188,3 +189,75 @@ def test_simulate_and_plan_agree_with_the_replay():
     assert np.mean(codes != OPEN) == pytest.approx(replayed, abs=0.04)
     n, mean_used = sequential.plan("better", -0.01, 0.01, 0.01, rule)
     assert 4 <= n <= 40 and mean_used <= n
+
+
+# -- futility stops ---------------------------------------------------------------------------------------
+def test_futility_stops_keep_the_family_wise_error_and_save_seeds():
+    """A comparison stops as futile once its chance of a verdict by the maximum is under 10%. The
+    stop is non-binding (the efficacy boundaries are not relaxed for it), so it can only take
+    verdicts away: the error stays within alpha, under the global null and at the margins."""
+    tested, design = depth_design()
+    null = simulate_studies({"A": 0.27, "B": 0.27, "D": 0.27}, dict.fromkeys("ABD", 0.009), design, tested, 1500,
+                            seed=11, futility=0.1)  # fmt: skip
+    assert np.mean([any(wrong(o, 0.0, 0.01) for o in s) for s in null]) <= 0.045 + 3 * math.sqrt(0.045 / 1500)
+    edge = simulate_studies({"A": 0.27, "B": 0.28, "D": 0.29}, dict.fromkeys("ABD", 0.009), design, tested, 1500,
+                            seed=12, futility=0.1)  # fmt: skip
+    assert np.mean([any(wrong(o, 0.01, 0.01) for o in s) for s in edge]) <= 0.045 + 3 * math.sqrt(
+        0.045 / 1500
+    )
+
+
+def test_a_comparison_that_cannot_end_stops_as_futile_early():
+    """LRN better by exactly its margin: a 'no better' comparison that no number of seeds decides.
+    Without futility it runs to its maximum; with it, most studies stop after a few looks, and no
+    more of them err."""
+    lrn = [c for c in analysis.CLAIMS if c.key == "lrn"]
+    tested, _ = analysis.testable(["A", "A-LRN"], False, lrn)
+    design = analysis.make_design(list(range(8)), 40, 4, 0.05, 1)
+    means, sds = {"A": 0.30, "A-LRN": 0.295}, {"A": 0.0065, "A-LRN": 0.0065}
+    plain = simulate_studies(means, sds, design, tested, 800, seed=13)
+    futile = simulate_studies(means, sds, design, tested, 800, seed=13, futility=0.1)
+    used = lambda studies: np.mean([s[0].last.n for s in studies])  # noqa: E731
+    stopped = np.mean([s[0].state == "futile" for s in futile])
+    assert stopped > 0.5 and used(futile) < 0.6 * used(plain)
+    assert np.mean([wrong(s[0], -0.005, 0.005) for s in futile]) <= np.mean(
+        [wrong(s[0], -0.005, 0.005) for s in plain]
+    )
+    # ... and the chance it stopped on is what it says: those studies, continued, rarely decide
+    futile_ids = [i for i, s in enumerate(futile) if s[0].state == "futile"]
+    decided_later = np.mean([plain[i][0].state == "decided" for i in futile_ids])
+    assert decided_later < 0.2
+
+
+def test_the_chance_of_a_verdict_at_the_first_look_is_the_rule_s_own_decision_rate():
+    """Conditional power given nothing seen but the first look's data agrees with simulating the
+    whole rule: averaged over first looks, the chance equals the share of studies that decide."""
+    rule = Rule(0.05, 1, 4, 2, 10)
+    rng = np.random.default_rng(21)
+    chances = []
+    for _ in range(300):
+        d = -0.01 + 0.01 * rng.standard_normal(4)
+        look = sequential.look_at(d, rule.levels((4,))[0], "better", 0.01)
+        chances.append(1.0 if look.code != OPEN else sequential.chance_of_verdict(
+            "better", d, (4,), rule, 0.01, 10, -0.01, 0.01, studies=2000, seed=len(chances)))  # fmt: skip
+    codes, _ = sequential.simulate("better", -0.01, 0.01, 0.01, rule, 10, studies=4000, seed=3)
+    assert np.mean(chances) == pytest.approx(np.mean(codes != OPEN), abs=0.05)
+
+
+@pytest.mark.parametrize(
+    "kind,low,high,words",
+    [
+        ("better", -0.0233, -0.0049, "B better by 0.49 to 2.33 points"),
+        ("better", 0.0014, 0.019, "B worse by 0.14 to 1.90 points; whether by more than the 1-point margin is open"),
+        ("better", 0.012, 0.019, "B worse by 1.20 to 1.90 points"),
+        ("better", -0.004, 0.003, "no difference of 1 point or more: from B better by 0.40 to B worse by 0.30 points"),
+        ("better", -0.02, 0.015, "not yet known which is better: from B better by 2.00 to B worse by 1.50 points"),
+        ("no better", -0.0126, -0.0009,
+         "B better by 0.09 to 1.26 points; whether by more than the 0.5-point margin is open"),
+        ("no better", -0.004, -0.001, "B better by 0.10 to 0.40 points, less than the 0.5-point margin"),
+        ("no better", -0.02, -0.006, "B better by 0.60 to 2.00 points, more than the 0.5-point margin"),
+    ],
+)  # fmt: skip
+def test_every_interval_reads_in_plain_words(kind, low, high, words):
+    margin = 0.01 if kind == "better" else 0.005
+    assert sequential.reading(kind, low, high, margin, "B") == words

@@ -113,7 +113,7 @@ def _broken_folder(workdir, kind):
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["arch=F"], "unknown arch 'F'; choose one of: A, A-LRN, B, C, D, E, B-5x5, lenet, alexnet"),
+        (["arch=F"], "unknown arch 'F'; choose one of: A, A-LRN, A-LRN0, B, C, D, E, B-5x5, lenet, alexnet"),
         (
             ["data=mnist"],
             "unknown data 'mnist'; choose one of: cifar10, cifar100, imagefolder, sample, synthetic",
@@ -153,7 +153,7 @@ def test_bad_input_one_line_nonzero_exit_nothing_recorded(workdir, args, message
 def test_bad_input_in_a_real_process_is_one_line_and_exit_2(workdir):
     out = run_cli(["train", *TINY, "arch=F"], workdir, timeout=120)
     assert out.returncode == 2 and out.stderr.strip().splitlines() == [
-        "error: unknown arch 'F'; choose one of: A, A-LRN, B, C, D, E, B-5x5, lenet, alexnet"
+        "error: unknown arch 'F'; choose one of: A, A-LRN, A-LRN0, B, C, D, E, B-5x5, lenet, alexnet"
     ], out.stderr[-2000:]
     assert all_runs(workdir) == [] and not (workdir / "outputs").exists()
 

@@ -33,11 +33,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from vgg_ablation import sequential
+from vgg_ablation import plans, sequential
 from vgg_ablation.runtable import SCRATCH, Observed, observe, run_learned
 from vgg_ablation.sequential import OPEN, Rule
 
-POWER = 0.8  # plans: the chance of a verdict a new study is sized for
 LRN_INACTIVE = 1.01  # mean LRN denominator / k below this: the layer changed activations by < ~1%
 
 
@@ -52,8 +51,13 @@ class Claim:
     text: str
     first: str
     second: str
-    kind: str  # "better" | "no better"
+    kind: str  # "better" | "no better" | "no help" (three-way: helps, no relevant difference, hurts)
     needs: str = ""  # what a study must include to test it, when it cannot
+    # A claim tested only by a study that names it in study.claims; it then replaces a default
+    # claim on the same two nets. Opt-in, so that adding one never changes the comparisons (and the
+    # error split) of a study registered before it.
+    opt_in: str = ""
+    paper: bool = True  # one of the paper's conclusions (a control is named only where tested)
 
 
 # facts.md, "The conclusions to test" (paper section 4.1).
@@ -73,7 +77,40 @@ CLAIMS = (
         "better",
         needs="B and B-5x5 from the same start (in a from-A study the study adds a from-scratch B)",
     ),
+    # LRN in a design that ends whichever way the data point: A-LRN helps (contradicted), no
+    # relevant difference or hurts (supported); and a control that tells LRN's normalisation from
+    # its constant rescaling (alpha = 0: every activation divided by k^beta = 1.68).
+    Claim(
+        1,
+        "lrn",
+        "LRN does not help: A-LRN neither beats A nor matters (three-way)",
+        "A-LRN",
+        "A",
+        "no help",
+        opt_in="lrn-three-way",
+    ),
+    Claim(
+        1,
+        "lrn",
+        "LRN's effect is its normalisation: A-LRN vs A-LRN0 (alpha 0, its rescaling only)",
+        "A-LRN",
+        "A-LRN0",
+        "no help",
+        needs="A-LRN and A-LRN0 in the study",
+        paper=False,
+    ),
 )
+OPT_IN = {c.opt_in for c in CLAIMS if c.opt_in}
+
+
+def claims_for(opted=()) -> tuple[Claim, ...]:
+    """The claims a study tests: the default ones, with those it opts into (study.claims) in place
+    of the default claims on the same two nets."""
+    unknown = sorted(set(opted) - OPT_IN)
+    if unknown:
+        raise ValueError(f"unknown study.claims {unknown[0]!r}; choose from: {', '.join(sorted(OPT_IN))}")
+    taken = {(c.first, c.second) for c in CLAIMS if c.opt_in in opted}
+    return tuple(c for c in CLAIMS if (c.opt_in in opted if c.opt_in else (c.first, c.second) not in taken))
 
 
 def per_arch(res: pd.DataFrame, order: list[str] | None = None) -> pd.DataFrame:
@@ -122,14 +159,13 @@ class Comparison:
     second: str
 
 
-def testable(
-    nets: list[str], from_a: bool, claims=CLAIMS
-) -> tuple[list[Comparison], list[tuple[Claim, str]]]:
+def testable(nets: list[str], from_a: bool, claims=None) -> tuple[list[Comparison], list[tuple[Claim, str]]]:
     """The comparisons a study with these nets tests, and the claims it cannot with what they
     need. Fixed by the study's design, not by which runs finished: the family's error is split
-    over exactly these."""
+    over exactly these (`claims`: the study's, analysis.claims_for; the defaults when None). A
+    control that is not one of the paper's conclusions is listed only where tested."""
     tested, untested = [], []
-    for claim in claims:
+    for claim in claims_for() if claims is None else claims:
         first = f"B{SCRATCH}" if claim.key == "filters" and from_a else claim.first
         if first in nets and claim.second in nets:
             tested.append(Comparison(claim, first, claim.second))
@@ -137,7 +173,8 @@ def testable(
             needs = (
                 claim.needs if claim.key == "filters" else f"{claim.first} and {claim.second} in the study"
             )
-            untested.append((claim, needs))
+            if claim.paper:
+                untested.append((claim, needs))
     return tested, untested
 
 
@@ -149,8 +186,11 @@ class Outcome:
     comparison: Comparison
     looks: list[sequential.Look] = field(default_factory=list)
     code: int = OPEN
-    state: str = "no data"  # decided | open (seeds still to come) | maximum | identical | no data
+    # decided | open (seeds still to come) | futile (stopped: a verdict by the maximum was too
+    # unlikely) | maximum | identical | no data
+    state: str = "no data"
     pairs: list[int] = field(default_factory=list)  # the seeds of the last look
+    chance: float | None = None  # after an open look: the chance of a verdict by the maximum, as seen
 
     @property
     def last(self) -> sequential.Look | None:
@@ -165,18 +205,20 @@ def replay(
     rule: Rule,
     margins: dict[str, float],
     stages_done: int | None = None,
+    futility: float = 0.0,
 ) -> list[Outcome]:
     """Walk the study's first `stages_done` stages (all by default) in order: at stage k the first
     `stages[k]` seeds of `order`, once every one of them is settled (FINISHED or FAILED) for both
     nets of a comparison, are a look at it, paired on the seeds both FINISHED; a comparison stops
-    at its first verdict.
+    at its first verdict, or, with `futility`, at a look after which its chance of a verdict by
+    the maximum (`sequential.chance_of_verdict`, at the difference and spread seen) is below it.
 
     A KILLED, running or missing cell holds its stage open: no look until it is settled."""
     out = []
     for comp in comparisons:
         first, second = seen.errors.get(comp.first, {}), seen.errors.get(comp.second, {})
         done = seen.settled.get(comp.first, set()) & seen.settled.get(comp.second, set())
-        sizes, samples, reached = [], [], 0
+        sizes, samples, look_stages, reached = [], [], [], 0
         for size in stages[:stages_done]:
             seeds = order[:size]
             if not set(seeds) <= done:
@@ -186,10 +228,11 @@ def replay(
             if len(pairs) >= 2 and (not sizes or len(pairs) > sizes[-1]):
                 sizes.append(len(pairs))
                 samples.append(pairs)
+                look_stages.append(size)
         outcome = Outcome(comp)
         margin = margins[comp.claim.key]
         levels = rule.levels(tuple(sizes)) if sizes else ()
-        for pairs, level in zip(samples, levels, strict=True):
+        for k, (pairs, level) in enumerate(zip(samples, levels, strict=True)):
             diffs = np.array([first[s] - second[s] for s in pairs])
             look = sequential.look_at(diffs, level, comp.claim.kind, margin)
             outcome.looks.append(look)
@@ -200,6 +243,13 @@ def replay(
             if look.code != OPEN:
                 outcome.code, outcome.state = look.code, "decided"
                 break
+            if futility and look_stages[k] < stages[-1]:  # looks to come: is a verdict still likely?
+                outcome.chance = plans.chance_seen(
+                    comp, diffs, tuple(sizes[: k + 1]), rule, margin, stages[-1]
+                )
+                if outcome.chance < futility:
+                    outcome.state = "futile"
+                    break
         else:
             if outcome.looks:
                 outcome.state = "maximum" if reached >= stages[-1] else "open"
@@ -208,7 +258,8 @@ def replay(
 
 
 def nets_to_grow(outcomes: list[Outcome]) -> set[str]:
-    """Nets that need the next stage's seeds: those of a comparison still open."""
+    """Nets that need the next stage's seeds: those of a comparison still open (not decided, not
+    stopped as futile, not at the maximum)."""
     return {
         n
         for o in outcomes
@@ -227,14 +278,15 @@ def conclusions(
     order: list[int],
     stages: list[int],
     min_effect: float = 0.01,
-    claims=CLAIMS,
+    claims=None,
+    futility: float = 0.0,
 ) -> pd.DataFrame:
     """One row per claim: the comparison, its looks, the interval the verdict used, the verdict,
-    what it assumed, and for an undecided one, a plan. Errors, margins and effects are fractions
-    of top-1 error (0.005 = 0.5 points)."""
+    its reading in plain words, what it assumed, and for an undecided one, its chances and plans.
+    Errors, margins and effects are fractions of top-1 error (0.005 = 0.5 points)."""
     seen = observe(runs)
     tested, untested = testable(nets, from_a, claims)
-    outcomes = replay(tested, seen, order, stages, rule, margins)
+    outcomes = replay(tested, seen, order, stages, rule, margins, futility=futility)
     learned = {(r["net"], int(r["seed"])): bool(r["learned"]) for _, r in seen.res.iterrows()}
     rows = []
     for o in outcomes:
@@ -250,6 +302,8 @@ def conclusions(
             outcome = sequential.VERDICTS[o.code]
         elif o.state == "no data":
             outcome = _no_verdict_yet(c, learned, seen.failed, order, stages, pairs_in)
+        elif o.state == "futile":
+            outcome = "undecided: futile at this budget"
         else:
             outcome = "undecided"
         row = {
@@ -261,8 +315,8 @@ def conclusions(
             "second": c.second,
             "margin": margin,
             "outcome": outcome,
-            "detail": sequential.detail(c.claim.kind, o.code, last.low, last.high, margin, c.first)
-            if o.state == "decided"
+            "detail": sequential.reading(c.claim.kind, last.low, last.high, margin, c.first)
+            if last is not None and not math.isnan(last.low)
             else "",
             "state": o.state,
             "looks": len(o.looks),
@@ -278,7 +332,9 @@ def conclusions(
                 (lk.n, lk.level, lk.mean, lk.low, lk.high, sequential.VERDICTS[lk.code]) for lk in o.looks
             ],
         }
-        row.update(_plans(c, last, margin, min_effect, rule) if o.state in ("maximum", "open") else {})
+        if o.state in ("maximum", "open", "futile"):
+            row.update(plans.new_study(c, last, margin, min_effect, rule))
+            row.update(plans.chances(o, seen, rule, margin, min_effect, stages, futility))
         rows.append(row)
     for claim, needs in untested:
         rows.append({"claim": claim.number, "statement": claim.text, "kind": claim.kind, "key": claim.key,
@@ -323,24 +379,6 @@ def _notes(o: Outcome, failed: dict[str, dict[int, str]], learned: dict, order: 
     return "; ".join(parts)
 
 
-def _plans(c: Comparison, last: sequential.Look | None, margin: float, min_effect: float, rule: Rule) -> dict:
-    """Seeds per net a new study under the same design needs for an 80% chance of a verdict,
-    with the spread at its 80% upper confidence limit: at the design's effect (a `min_effect`
-    gain for a 'better' claim, no difference for a 'no better' one) and at the observed one."""
-    if last is None or not last.sd > 0:
-        return {}
-    sd = sequential.sd_upper(last.sd, last.n)
-    design_effect = -min_effect if c.claim.kind == "better" else 0.0
-    at_design, _ = sequential.plan(c.claim.kind, design_effect, sd, margin, rule, POWER)
-    at_observed, _ = sequential.plan(c.claim.kind, last.mean, sd, margin, rule, POWER)
-    return {
-        "sd_upper": sd,
-        "design_effect": design_effect,
-        "plan_design": at_design,
-        "plan_observed": at_observed,
-    }
-
-
 def lrn_activity(summary: pd.DataFrame) -> pd.DataFrame:
     """Per net with LRN: mean and 99th-percentile denominator / k on validation images, and
     whether LRN did anything at this input scale."""
@@ -383,6 +421,7 @@ class Design:
     order: list[int]
     stages: list[int]
     rule: Rule
+    futility: float = 0.0  # a comparison stops when its chance of a verdict by the maximum falls below it
 
     @property
     def sequential(self) -> bool:
@@ -390,7 +429,7 @@ class Design:
 
 
 def make_design(seeds: list[int], max_seeds: int | None, seeds_per_look: int, alpha: float,
-                comparisons: int, horizon: int | None = None) -> Design:  # fmt: skip
+                comparisons: int, horizon: int | None = None, futility: float = 0.0) -> Design:  # fmt: skip
     """The first look has `seeds`; with `max_seeds`, every later look adds `seeds_per_look`
     seeds (the next ones after the largest) up to `max_seeds`. `horizon` is the maximum the study
     was registered with (its rule spends (1 - reserve) of the error by then); a larger
@@ -401,4 +440,4 @@ def make_design(seeds: list[int], max_seeds: int | None, seeds_per_look: int, al
     rule = Rule(alpha, comparisons, first, seeds_per_look, horizon or max_seeds)
     top = max(seeds)
     order = list(seeds) + list(range(top + 1, top + 1 + max_seeds - first))
-    return Design(order, rule.looks(max_seeds), rule)
+    return Design(order, rule.looks(max_seeds), rule, futility)

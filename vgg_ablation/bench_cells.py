@@ -30,35 +30,18 @@ from vgg_ablation.errors import UserError
 
 CORES = os.cpu_count() or 1
 # Ways to fill the machine with a study's cells: (what it is, the overrides that make it).
+PER_CORE = ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={CORES}", "trainer.threads=1"]
 WAYS = {
-    "basic": (
-        "one cell at a time on torch's threads (the basic launcher: the default before this bench)",
-        [],
-    ),
+    "basic": ("one cell at a time on torch's threads (the basic launcher: the default before this bench)", []),
     "basic-compile": ("one cell at a time on torch's threads, torch.compile", ["trainer.compile=true"]),
-    "per-core": (
-        f"a cell per core at once ({CORES}), 1 thread each (Hydra's joblib launcher)",
-        ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={CORES}", "trainer.threads=1"],
-    ),
-    "per-core-channels_last": (
-        "a cell per core, 1 thread each, channels_last",
-        [
-            "hydra/launcher=joblib",
-            f"hydra.launcher.n_jobs={CORES}",
-            "trainer.threads=1",
-            "trainer.channels_last=on",
-        ],
-    ),
-    "per-core-compile": (
-        "a cell per core, 1 thread each, torch.compile (inductor's C++ backend)",
-        [
-            "hydra/launcher=joblib",
-            f"hydra.launcher.n_jobs={CORES}",
-            "trainer.threads=1",
-            "trainer.compile=true",
-        ],
-    ),
-}
+    "basic-channels_last": ("one cell at a time on torch's threads, channels_last", ["trainer.channels_last=on"]),
+    "per-core": (f"a cell per core at once ({CORES}), 1 thread each (Hydra's joblib launcher)", PER_CORE),
+    "per-core-channels_last": ("a cell per core, 1 thread each, channels_last", [*PER_CORE, "trainer.channels_last=on"]),
+    "per-core-compile": ("a cell per core, 1 thread each, torch.compile (inductor's C++ backend)",
+                         [*PER_CORE, "trainer.compile=true"]),
+    "per-core-compile-channels_last": ("a cell per core, 1 thread each, torch.compile and channels_last",
+                                       [*PER_CORE, "trainer.compile=true", "trainer.channels_last=on"]),
+}  # fmt: skip
 
 
 def run_bench(args: list[str]) -> int:
@@ -101,18 +84,22 @@ def measure_cells(cfg: DictConfig, overrides: list[str]) -> dict:
     print(f"bench cells: {', '.join(archs)} x {opts.epochs} epochs; profiles at {CORES} and 1 thread(s), then "
           f"ways {', '.join(ways)} ({opts.seeds} seeds per net each)", flush=True)  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="vgg-ablation-bench-") as tmp:
-        profiles = [
-            profile_cell(base, arch, threads, compiled, Path(tmp), env, seed=900 + i)
-            for i, (arch, threads, compiled) in enumerate(
-                (a, t, c) for a in archs for t, c in ((CORES, False), (1, False), (1, True))
-            )
-        ]
+        cells = (
+            [(a, t, c) for a in archs for t, c in ((CORES, False), (1, False), (1, True))]
+            if opts.profiles
+            else []
+        )
+        profiles = [profile_cell(base, arch, threads, compiled, Path(tmp), env, seed=900 + i)
+                    for i, (arch, threads, compiled) in enumerate(cells)]  # fmt: skip
         steps = {(p["arch"], p["threads"]): step_rate(cfg, p["arch"], p["threads"]) for p in profiles}
-        studies = [study_rate(base, way, archs, opts.seeds, Path(tmp), env) for way in ways]
+        # the ways interleaved, round by round: a shared machine's drift falls on every way alike,
+        # and each round's ratios compare studies run minutes apart
+        studies = [study_rate(base, way, archs, opts.seeds, Path(tmp), env, r)
+                   for r in range(opts.rounds) for way in ways]  # fmt: skip
     for p in profiles:
         p["step bench img/s"] = steps[(p["arch"], p["threads"])]
-    basic = next((s for s in studies if s["way"] == "basic"), studies[0])
     for s in studies:
+        basic = next((b for b in studies if b["way"] == "basic" and b["round"] == s["round"]), s)
         s["ratio to basic"] = s["cells per hour"] / basic["cells per hour"]
     return {"profiles": profiles, "studies": studies, "epochs": opts.epochs, "study_epochs": cfg.trainer.max_epochs,
             "archs": archs, "cores": CORES}  # fmt: skip
@@ -191,11 +178,13 @@ def _sized(cfg: DictConfig, datamodule) -> DictConfig:
     return sized
 
 
-def study_rate(base: list[str], way: str, archs: list[str], seeds: int, tmp: Path, env: dict) -> dict:
+def study_rate(
+    base: list[str], way: str, archs: list[str], seeds: int, tmp: Path, env: dict, round_: int = 0
+) -> dict:
     """The shortened study run whole one way, in a fresh folder and store: cells per hour."""
     from mlflow.tracking import MlflowClient
 
-    folder = tmp / f"study-{way}"
+    folder = tmp / f"study-{way}-{round_}"
     folder.mkdir()
     _, extra = WAYS[way]
     command = [sys.executable, "-m", "vgg_ablation", "study", *base, *extra, f"study.name=bench-{way}",
@@ -214,6 +203,6 @@ def study_rate(base: list[str], way: str, archs: list[str], seeds: int, tmp: Pat
     errors = {f"{r.data.tags['arch']} {r.data.tags['seed']}": r.data.metrics["test/err1"] for r in finished}
     print(f"  way {way}: {len(finished)} cells in {wall:.0f} s = {3600 * len(finished) / wall:.1f} cells/hour",
           flush=True)  # fmt: skip
-    return {"way": way, "what": WAYS[way][0], "overrides": extra, "cells": len(finished), "wall": wall,
+    return {"way": way, "round": round_ + 1, "what": WAYS[way][0], "overrides": extra, "cells": len(finished), "wall": wall,
             "cells per hour": 3600 * len(finished) / wall, "test errors": errors,
             "threads": sorted({r.data.tags.get("cpu_threads") for r in finished})}  # fmt: skip

@@ -154,24 +154,30 @@ def render_cells(record: dict, args: list[str]) -> list[str]:
         "Beside them, the cell's training images/s against the training-step bench (plain loop, synthetic batches) "
         "at the same thread count.",
         "",
-        pd.DataFrame(_profile_rows(record["profiles"])).to_markdown(index=False, disable_numparse=True),
+        pd.DataFrame(_profile_rows(record["profiles"])).to_markdown(index=False, disable_numparse=True)
+        if record["profiles"]
+        else "(not profiled in this run: bench.profiles=false)",
         "",
         f"The same cells at the study's {record['study_epochs']} epochs (the per-epoch phases scaled from these "
         f"{n}, the rest as measured):",
         "",
         pd.DataFrame(_profile_rows(record["profiles"], record["study_epochs"])).to_markdown(
             index=False, disable_numparse=True
-        ),
+        )
+        if record["profiles"]
+        else "",
         "",
         "## Cells per hour, way by way",
         "",
         f"The same study ({', '.join(record['archs'])} x {studies[0]['cells'] // len(record['archs'])} seeds, {n} epochs) "
-        "run whole (`vgg-ablation study`: its sweep, store and report) in a fresh folder and store, once per way:",
+        "run whole (`vgg-ablation study`: its sweep, store and report) in a fresh folder and store, once per way "
+        "and round, the ways interleaved round by round; each ratio compares a way with `basic` in the same round:",
         "",
         pd.DataFrame(
             [
                 {
                     "way": s["way"],
+                    "round": s.get("round", 1),
                     "what": s["what"],
                     "cells": s["cells"],
                     "wall s": f"{s['wall']:.0f}",
@@ -187,7 +193,26 @@ def render_cells(record: dict, args: list[str]) -> list[str]:
         "the same seed gives slightly different numbers, which is why a study keeps one setting for all its cells):",
         "",
         pd.DataFrame(
-            {s["way"]: {k: f"{100 * v:.2f}" for k, v in s["test errors"].items()} for s in studies}
+            {
+                f"{s['way']} ({s.get('round', 1)})": {
+                    k: f"{100 * v:.2f}" for k, v in s["test errors"].items()
+                }
+                for s in studies
+            }
         ).to_markdown(disable_numparse=True),
         "",
+        *_ratio_summary(studies),
     ]
+
+
+def _ratio_summary(studies: list[dict]) -> list[str]:
+    """Each way's ratio to basic, round by round, and their median."""
+    import statistics
+
+    ways = list(dict.fromkeys(s["way"] for s in studies))
+    ratios = {w: [s["ratio to basic"] for s in studies if s["way"] == w] for w in ways}
+    rows = [
+        f"| {w} | {', '.join(f'{r:.2f}' for r in rs)} | {statistics.median(rs):.2f} |"
+        for w, rs in ratios.items()
+    ]
+    return ["| way | cells per hour / basic's, each round | median |", "|---|---|---:|", *rows, ""]

@@ -18,6 +18,9 @@ from vgg_ablation.models import ARCHS, INITS, Arch, Net, build_model, get_arch
 def validate(cfg: DictConfig) -> None:
     """Reject impossible values with one line, before any data is read or any run recorded."""
     arch_of(cfg.arch)
+    if cfg.data.root and cfg.data.name in ("sample", "synthetic"):  # a folder silently ignored otherwise
+        raise UserError(f"data.root is not read by data={cfg.data.name} (the embedded sample or random images): "
+                        f"to train on {cfg.data.root}, add data=imagefolder")  # fmt: skip
     positive = {
         "data.batch_size": cfg.data.batch_size,
         "optim.lr": cfg.optim.lr,
@@ -73,13 +76,16 @@ def arch_of(name: str):
 
 def device_choice(cfg: DictConfig) -> tuple[str, str, bool]:
     """(accelerator, precision, channels_last) for this machine: a GPU gets bf16 autocast and
-    channels_last; a CPU gets fp32 (Lightning turns 16-mixed on CPU into bf16 silently)."""
+    channels_last; a CPU gets fp32 (Lightning turns 16-mixed on CPU into bf16 silently), and
+    channels_last when it trains on one thread (a CPU study's cells: reports/bench-cpu-cells.md
+    measured 1.35-1.40x the cells per hour with it there, and nothing on two threads)."""
     gpu = torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda")
     accelerator = "gpu" if gpu else ("cpu" if cfg.trainer.accelerator == "auto" else cfg.trainer.accelerator)
     precision = cfg.trainer.precision
     if precision == "auto":
         precision = "bf16-mixed" if gpu else "32-true"
-    channels_last = cfg.trainer.channels_last == "on" or (cfg.trainer.channels_last == "auto" and gpu)
+    auto = gpu or (accelerator == "cpu" and torch.get_num_threads() == 1)
+    channels_last = cfg.trainer.channels_last == "on" or (cfg.trainer.channels_last == "auto" and auto)
     return accelerator, precision, channels_last
 
 
@@ -124,6 +130,12 @@ def model_for(cfg: DictConfig, arch: str, datamodule, init: str | None = None) -
         )
     except ValueError as exc:
         raise UserError(str(exc)) from None
+
+
+def lr_of(cfg: DictConfig, arch: str | None = None) -> float:
+    """The learning rate a net trains at: its own (optim.lr_per_arch, what a study's lr selection
+    chose), else optim.lr."""
+    return float(cfg.optim.lr_per_arch.get(arch or cfg.arch, cfg.optim.lr))
 
 
 def starts_from_a(cfg: DictConfig, arch: Arch) -> bool:

@@ -26,7 +26,7 @@ from pytorch_lightning.loggers import Logger
 from pytorch_lightning.utilities import rank_zero_only
 
 from vgg_ablation import __version__, distributed, tracking
-from vgg_ablation.build import lrn_scale_value, starts_from_a
+from vgg_ablation.build import lr_of, lrn_scale_value, starts_from_a
 from vgg_ablation.cells import cell_cfg, cell_key, fingerprint
 from vgg_ablation.checkpoints import AtomicCheckpointIO, choose_resume
 from vgg_ablation.errors import UserError
@@ -120,7 +120,7 @@ def curated_params(cfg: DictConfig, model: Net, datamodule, precision: str) -> d
         "num_classes": datamodule.num_classes,
         "batch_size": cfg.data.batch_size,  # per device: the global batch is devices x this
         "devices": distributed.device_count(cfg),
-        "lr": cfg.optim.lr,
+        "lr": lr_of(cfg),  # this net's own, when the study chose one (optim.lr_per_arch)
         "momentum": cfg.optim.momentum,
         "weight_decay": cfg.optim.weight_decay,
         "schedule": cfg.optim.schedule,
@@ -204,7 +204,13 @@ def _take_over(mlflow_client, run, cfg: DictConfig, key: str, device_name: str) 
         print(f"warning: {key}: {resume.note}", file=sys.stderr, flush=True)
         mlflow_client.set_tag(run_id, "checkpoint_recovery", resume.note[:5000])
     mlflow_client.update_run(run_id, status="RUNNING")
-    for name, value in tracking.environment_tags(device_name).items():
+    # Its attempts, and the epochs its checkpoint had (a resumed cell's time is its last attempt's)
+    epochs = {m.step for m in mlflow_client.get_metric_history(run_id, "val/acc1")} if resume.path else set()
+    attempt = {
+        "attempts": str(int(run.data.tags.get("attempts", "1")) + 1),
+        "resumed_after_epochs": str(len(epochs)),
+    }
+    for name, value in {**tracking.environment_tags(device_name), **attempt}.items():
         mlflow_client.set_tag(run_id, name, value)
     if cfg.logger.parent_run_id:  # the study's run, also when a dead attempt is taken over
         mlflow_client.set_tag(run_id, tracking.PARENT_TAG, cfg.logger.parent_run_id)

@@ -24,7 +24,7 @@ SCRATCH_CONTROL = ["model.init=kaiming"]  # the overrides that make the scratch-
 SCRATCH_LABEL = f"B{SCRATCH}"
 # Set by the study for its cells (environment, so that any Hydra launcher carries them):
 # "<cells before this launch>:<cells in the study>:<start time>:<recorded seconds of its FINISHED
-# cells>:<how many>:<cells of this launch already FINISHED>" (train.Progress reads it)
+# cells>:<how many>:<cells of this launch already FINISHED>:<cells trained at once>" (progress.Progress reads it)
 PROGRESS_ENV = "VGG_ABLATION_PROGRESS"
 DEADLINE_ENV = "VGG_ABLATION_DEADLINE"  # epoch seconds after which a cell of the study does not start
 
@@ -42,6 +42,15 @@ NON_SEMANTIC = {
     "study.seeds_per_look",
     "study.alpha",
     "study.time_limit",
+    "study.futility",
+    "study.claims",
+    "study.parallel",
+    "study.reports_dir",
+    "study.lr_grid",
+    "study.lr_seeds",
+    "study.convergence_epochs",
+    "study.convergence_seeds",
+    "study.convergence_tolerance",
     "logger",
     "bench",
     "archive",
@@ -52,6 +61,12 @@ NON_SEMANTIC = {
     "data.num_workers",
     "data.root",
 }
+
+
+# Keys added after studies were registered, at the value that computes what those studies did:
+# left out of the fingerprint at that value, so the studies' cells keep their keys. (An empty
+# mapping, optim.lr_per_arch's default, adds nothing to it anyway.)
+NEUTRAL = {"trainer.test": True}
 
 
 def fingerprint(cfg: DictConfig, digest: str | None = None) -> str:
@@ -69,7 +84,7 @@ def fingerprint(cfg: DictConfig, digest: str | None = None) -> str:
         if isinstance(node, dict):
             for key, value in node.items():
                 walk(value, f"{prefix}.{key}" if prefix else key)
-        else:
+        elif not (prefix in NEUTRAL and node == NEUTRAL[prefix]):
             flat[prefix] = node
 
     walk(OmegaConf.to_container(cfg, resolve=True), "")
@@ -136,17 +151,18 @@ def study_fingerprints(cfg: DictConfig, digest: str | None = None) -> list[str]:
     return fps
 
 
-def recorded_fingerprints(cfg: DictConfig) -> list[str]:
-    """The study's fingerprints on a machine without its data (a study imported to be re-analysed):
-    computed with each data digest its runs recorded; [] when no digest gives runs of this config.
-    Reading only: a study that trains reads its data, and with it the digest."""
+def recorded_digest(cfg: DictConfig, configs: list[DictConfig]) -> str | None:
+    """The study's data digest on a machine without its data (a study imported to be re-analysed):
+    the digest its runs recorded whose fingerprints, for any of `configs` (the study's, its lr
+    selection's), are those of runs; None when none is. Reading only: a study that trains reads its
+    data, and with it the digest."""
     uri = tracking.tracking_uri(cfg.logger.tracking_uri)
     runs = runtable.load_runs(uri, tracking.experiment_name(cfg))
     for digest in runs["data_digest"].dropna().unique() if not runs.empty else []:
-        fps = study_fingerprints(cfg, str(digest))
+        fps = {fingerprint(c, str(digest)) for c in configs}
         if runs["fingerprint"].isin(fps).any():
-            return fps
-    return []
+            return str(digest)
+    return None
 
 
 def margins_of(cfg: DictConfig) -> dict[str, float]:
@@ -154,13 +170,29 @@ def margins_of(cfg: DictConfig) -> dict[str, float]:
     return {k: v / 100 for k, v in OmegaConf.to_container(cfg.study.margins).items()}
 
 
+def claims_of(cfg: DictConfig) -> tuple:
+    """The claims the study tests (analysis.claims_for its study.claims); one line when unknown."""
+    try:
+        return analysis.claims_for(list(cfg.study.claims))
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
 def design_of(cfg: DictConfig, registered: dict | None = None) -> analysis.Design:
     """The study's seeds, looks and rule; `registered` holds the rule its study run was created
     with (a continued study keeps its horizon)."""
-    tested, _ = analysis.testable(net_labels(cfg), cfg.model.init == "from_A")
+    tested, _ = analysis.testable(net_labels(cfg), cfg.model.init == "from_A", claims_of(cfg))
     horizon = int(registered["rule.horizon"]) if registered and "rule.horizon" in registered else None
     return analysis.make_design(list(cfg.study.seeds), cfg.study.max_seeds, cfg.study.seeds_per_look,
-                                cfg.study.alpha, len(tested), horizon)  # fmt: skip
+                                cfg.study.alpha, len(tested), horizon, futility_of(cfg, registered))  # fmt: skip
+
+
+def futility_of(cfg: DictConfig, registered: dict | None = None) -> float:
+    """The futility threshold the study's looks use: the one it registered (a study registered
+    before futility stops existed has none: 0), else the config's."""
+    if registered and any(k.startswith("rule.") for k in registered):
+        return float(registered.get("rule.futility", 0.0))
+    return float(cfg.study.futility) if cfg.study.max_seeds else 0.0
 
 
 def rule_params(cfg: DictConfig) -> dict[str, str]:
@@ -176,6 +208,8 @@ def rule_params(cfg: DictConfig) -> dict[str, str]:
         "rule.comparisons": str(design_of(cfg).rule.comparisons),
         "rule.horizon": str(cfg.study.max_seeds),
         "rule.margins": ",".join(f"{k}={v:g}" for k, v in margins.items()),
+        **({"rule.futility": f"{cfg.study.futility:g}"} if cfg.study.futility else {}),
+        **({"rule.claims": ",".join(cfg.study.claims)} if cfg.study.claims else {}),
     }
 
 
@@ -190,6 +224,11 @@ def study_params(cfg: DictConfig) -> dict:
         "init": cfg.model.init,
         "dropout": cfg.model.dropout,
         "lr": cfg.optim.lr,
+        **(
+            {"lr_per_arch": ",".join(f"{k}={v:g}" for k, v in cfg.optim.lr_per_arch.items())}
+            if cfg.optim.lr_per_arch
+            else {}
+        ),  # fmt: skip
         "schedule": cfg.optim.schedule,
         "warmup_epochs": cfg.optim.warmup_epochs,
         "batch_size": cfg.data.batch_size,
@@ -213,8 +252,11 @@ def check_registered(cfg: DictConfig, registered: dict) -> None:
     if not wanted:
         raise UserError(f"study {cfg.study.name!r} runs until decided (registered with max_seeds="
                         f"{had['rule.horizon']}): keep study.max_seeds set")  # fmt: skip
+    # A study registered before futility stops existed keeps its looks without them (rule.futility
+    # absent: none), whatever the config now says.
     changed = [f"{k.removeprefix('rule.')} {had.get(k)} -> {wanted.get(k)}" for k in wanted
-               if k != "rule.horizon" and had.get(k) != wanted.get(k)]  # fmt: skip
+               if k != "rule.horizon" and had.get(k) != wanted.get(k)
+               and not (k == "rule.futility" and k not in had)]  # fmt: skip
     if changed:
         raise UserError(f"study {cfg.study.name!r} was registered with another rule ({'; '.join(changed)}): "
                         "its looks were taken under that one; a new rule is a new study (study.name=...)")  # fmt: skip
@@ -236,8 +278,9 @@ def registered_rule(cfg: DictConfig, client=None) -> dict:
 def study_looks(cfg: DictConfig, design: analysis.Design, stages: int) -> list[analysis.Outcome]:
     """The study's first `stages` looks, replayed on the runs it recorded."""
     seen = runtable.observe(study_runs(cfg))
-    tested, _ = analysis.testable(net_labels(cfg), cfg.model.init == "from_A")
-    return analysis.replay(tested, seen, design.order, design.stages, design.rule, margins_of(cfg), stages)
+    tested, _ = analysis.testable(net_labels(cfg), cfg.model.init == "from_A", claims_of(cfg))
+    return analysis.replay(tested, seen, design.order, design.stages, design.rule, margins_of(cfg), stages,
+                           futility=design.futility)  # fmt: skip
 
 
 def study_runs(cfg: DictConfig):

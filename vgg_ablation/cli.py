@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import inspect
 import logging
+import os
 import re
 import sys
 from dataclasses import dataclass
@@ -178,6 +179,14 @@ def _field_comments(schema) -> dict[str, str]:
     return comments
 
 
+def _expand_home(arg: str) -> str:
+    """key=~/path as users type it: the shell leaves a ~ after = alone, and Hydra cannot parse it."""
+    key, sep, value = arg.partition("=")
+    if sep and value.startswith("~"):
+        return f"{key}={os.path.expanduser(value)}"
+    return os.path.expanduser(arg) if arg.startswith("~") else arg
+
+
 def version() -> str:
     from vgg_ablation import __version__
     from vgg_ablation.tracking import git_commit
@@ -223,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] == "--version":
         print(version())
         return 0
-    command, args = argv[0], argv[1:]
+    command, args = argv[0], [_expand_home(a) for a in argv[1:]]
     try:
         if command not in COMMANDS:
             raise UserError(f"unknown command {command!r}; choose one of: {', '.join(COMMANDS)}")

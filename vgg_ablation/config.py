@@ -47,6 +47,9 @@ class OptimConfig:
     plateau_patience: int = 2  # epochs without val-accuracy gain before lr /= 10
     step_every: int = 10  # epochs between /10 drops for schedule=step
     warmup_epochs: int = 0  # linear warm-up (helps deep nets without BN at higher lr)
+    # A net's own learning rate, where it has one (a study's lr selection writes it: study.lr_grid);
+    # the others train at lr. E.g. {A: 0.05, D: 0.025}
+    lr_per_arch: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -87,9 +90,12 @@ class TrainerConfig:
     # (cuDNN autotuning picks the fastest kernels, not always the same ones)
     compile: bool = False  # torch.compile the model (in place; worth it on a GPU)
     compile_backend: str = "inductor"  # torch.compile backend (tests use a cheap one: aot_eager)
-    channels_last: str = "auto"  # auto: on for a GPU
+    channels_last: str = "auto"  # auto: on for a GPU, and for a CPU cell on one thread | on | off
     progress_bar: bool = True
     threads: int | None = None  # CPU threads for torch; None leaves torch's choice
+    # The test pass after training. Off for the cells that choose a study's lr or check its nets'
+    # convergence: they read the validation split only, the test set is for the test cells.
+    test: bool = True
 
 
 @dataclass
@@ -143,10 +149,35 @@ class StudyConfig:
     # Planning only: the smallest gain worth detecting, in points, for sizing the next study (1
     # point: the size of the paper's depth steps, A->B 0.9, B->D 1.7 points).
     min_effect: float = 1.0
+    # Claims tested beyond the defaults, by name (analysis.CLAIMS): "lrn-three-way" tests A-LRN vs A
+    # in a design that ends whichever way (helps / no relevant difference / hurts) in place of the
+    # non-superiority claim. Registered with the rule. []: the default claims.
+    claims: list[str] = field(default_factory=list)
+    # A fair learning rate per net: before the first look, each net trains once per lr here on
+    # lr_seeds (cells of their own, validation only, never results), and its cells then use the lr
+    # with the lowest mean validation error (recorded as optim.lr_per_arch). []: one lr for all.
+    lr_grid: list[float] = field(default_factory=list)
+    lr_seeds: list[int] = field(default_factory=lambda: [1000])
+    # Convergence: with the first look, each net also trains convergence_seeds of the study's seeds
+    # for convergence_epochs (validation only, never results); a net whose validation error falls by
+    # less than convergence_tolerance points with the longer budget had converged at the study's.
+    convergence_epochs: int | None = None
+    convergence_seeds: int = 2
+    convergence_tolerance: float = 0.5
+    # Run until decided: after a look, a comparison whose chance of a verdict by max_seeds (at the
+    # difference and spread seen so far, simulated under the rule) is below this stops as
+    # "undecided: futile at this budget", and its nets get no more seeds for it. Registered with the
+    # rule; non-binding, so the error rate holds (docs/statistics.md). 0: never.
+    futility: float = 0.1
+    # auto: on a CPU, a cell per core side by side, one thread each (Hydra's joblib launcher;
+    # reports/bench-cpu-cells.md); off: one cell at a time on torch's threads. A launcher or a
+    # thread count given explicitly wins either way.
+    parallel: str = "auto"
     # Minutes of wall time after which the study starts no new cell (a cell already training
     # finishes) and writes its report with what it has; None: no limit.
     time_limit: float | None = None
     description: str = ""
+    reports_dir: str = "reports"  # where its report, plots, runs CSV and archive go
 
 
 @dataclass
@@ -167,6 +198,7 @@ class BenchConfig:
     epochs: int = 2  # cells: each cell shortened to this many epochs
     seeds: int = 2  # cells: seeds per net in each way's study
     ways: list[str] | None = None  # cells: the ways compared (bench_cells.WAYS); None: all
+    profiles: bool = True  # cells: also profile each net's cells phase by phase (before the ways)
 
 
 @dataclass

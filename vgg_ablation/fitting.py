@@ -20,7 +20,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.plugins.environments import LightningEnvironment
 
 from vgg_ablation import distributed
-from vgg_ablation.build import apply_device_flags, is_deterministic
+from vgg_ablation.build import apply_device_flags, is_deterministic, lr_of
 from vgg_ablation.checkpoints import AtomicCheckpointIO
 from vgg_ablation.data import FileData, InMemoryData
 from vgg_ablation.module import Classifier
@@ -62,7 +62,7 @@ def make_module(cfg: DictConfig, model, accelerator: str, channels_last: bool) -
         # batch, evaluation's last included, has the same size).
         torch._dynamo.reset()
         model.compile(backend=cfg.trainer.compile_backend, dynamic=False)
-    return Classifier(model, cfg.optim, channels_last=channels_last)
+    return Classifier(model, cfg.optim, channels_last=channels_last, lr=lr_of(cfg))
 
 
 class HoldForTests(pl.Callback):

@@ -137,7 +137,7 @@ def run_gpu_study(work: Path, out: Path, dry_run: bool, size: dict, data: Path |
     if dry_run:
         where = ["data=sample", "model.width=0.0625", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
                  "trainer.limit_test_batches=4", "data.batch_size=16", "trainer.max_epochs=1", "study.seeds=[0,1]",
-                 "study.seeds_per_look=3"]  # fmt: skip
+                 "study.seeds_per_look=3", "study.parallel=off", "study.futility=0"]  # fmt: skip  # as on the GPU: a cell at a time; the cap, not futility, ends it
     else:
         where = [f"data.root={data}"]
     args = ["study", "experiment=cifar10-gpu", *where, f"study.max_seeds={size['max_seeds']}",

@@ -46,6 +46,7 @@ class Pool:
 
 
 LRN = "LRN"  # AlexNet's local response normalisation (k=2, n=5, alpha=1e-4, beta=0.75)
+LRN0 = "LRN0"  # the same layer with alpha = 0: no normalisation, every activation divided by k^beta
 M = Pool()  # the paper's max-pool, one per block
 
 Token = Conv | Pool | str
@@ -57,8 +58,8 @@ def vgg_layers(*blocks: Sequence[int | str | tuple[int, int]]) -> tuple[Token, .
     tokens: list[Token] = []
     for block in blocks:
         for item in block:
-            if item == LRN:
-                tokens.append(LRN)
+            if item in (LRN, LRN0):
+                tokens.append(item)
             elif isinstance(item, tuple):
                 tokens.append(Conv(out=item[1], k=item[0]))
             else:
@@ -98,6 +99,16 @@ ARCHS: dict[str, Arch] = {
     for a in (
         _vgg("A", [64], [128], [256, 256], [512, 512], [512, 512]),
         _vgg("A-LRN", [64, LRN], [128], [256, 256], [512, 512], [512, 512]),
+        _vgg(
+            "A-LRN0",
+            [64, LRN0],
+            [128],
+            [256, 256],
+            [512, 512],
+            [512, 512],
+            notes="control for LRN: its layer with alpha = 0, a constant division by k^beta = 2^0.75 = 1.68 "
+            "(Krizhevsky et al. 2012's constants): its rescaling without its normalisation",
+        ),  # fmt: skip
         _vgg("B", [64, 64], [128, 128], [256, 256], [512, 512], [512, 512]),
         _vgg(
             "C",
@@ -344,6 +355,8 @@ def build_model(
             layers.append(nn.MaxPool2d(token.k, token.stride))
         elif token == LRN:
             layers.append(AlexNetLRN(scale=lrn_scale))
+        elif token == LRN0:
+            layers.append(AlexNetLRN(alpha=0.0, scale=lrn_scale))
         else:  # pragma: no cover - the table above is the only source of tokens
             raise AssertionError(f"unknown token {token!r}")
 

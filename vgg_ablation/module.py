@@ -56,10 +56,13 @@ class FiniteCheck:
 
 
 class Classifier(pl.LightningModule):
-    def __init__(self, model: nn.Module, optim: OptimConfig, channels_last: bool = False):
+    def __init__(
+        self, model: nn.Module, optim: OptimConfig, channels_last: bool = False, lr: float | None = None
+    ):
         super().__init__()
         self.model = model
         self.optim = optim
+        self.lr = optim.lr if lr is None else lr  # this net's own (optim.lr_per_arch), else optim.lr
         self.channels_last = channels_last
         # Sums over an epoch, kept as tensors on the device: one sync per epoch, not per step.
         self._sums: dict[str, torch.Tensor] = {}
@@ -154,7 +157,7 @@ class Classifier(pl.LightningModule):
         # Weight decay on weights only (biases and BN parameters are not regularised).
         optimizer = torch.optim.SGD(
             [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0}],
-            lr=o.lr,
+            lr=self.lr,
             momentum=o.momentum,
         )
         epochs = max(1, self.trainer.max_epochs or 1)

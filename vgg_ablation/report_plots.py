@@ -3,18 +3,12 @@ against error; PNGs written atomically beside the report."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pandas as pd
 
+from vgg_ablation.files import atomic_write
 from vgg_ablation.models import PAPER_STEPS
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def plots(study: str, summary: pd.DataFrame, res: pd.DataFrame, curves: pd.DataFrame, out: Path) -> list[str]:
@@ -27,7 +21,7 @@ def plots(study: str, summary: pd.DataFrame, res: pd.DataFrame, curves: pd.DataF
 
     def save(fig, suffix: str) -> None:
         name = f"{study}-{suffix}.png"
-        _atomic_write(out / name, lambda p: fig.savefig(p, format="png", dpi=110, bbox_inches="tight"))
+        atomic_write(out / name, lambda p: fig.savefig(p, format="png", dpi=110, bbox_inches="tight"))
         plt.close(fig)
         names.append(name)
 
@@ -52,10 +46,11 @@ def plots(study: str, summary: pd.DataFrame, res: pd.DataFrame, curves: pd.DataF
     ax.grid(alpha=0.3)
     save(fig, "error-vs-depth")
 
-    if not curves.empty:
+    if not curves.empty and "val/err1" in curves:
         fig, ax = plt.subplots(figsize=(6, 4))
         for arch in summary.index:
-            c = curves[curves["net"] == arch].groupby("epoch")["val/err1"].agg(["mean", "std"])
+            mine = curves[curves["net"] == arch]
+            c = mine.groupby("epoch")["val/err1"].agg(["mean", "std"])
             if c.empty:
                 continue
             line = ax.plot(c.index + 1, c["mean"] * 100, label=arch)[0]
@@ -66,7 +61,11 @@ def plots(study: str, summary: pd.DataFrame, res: pd.DataFrame, curves: pd.DataF
                 alpha=0.15,
                 color=line.get_color(),
             )
-        ax.set(xlabel="epoch", ylabel="validation top-1 error (%)", title=f"{study}: learning curves")
+            if "train/err1" in mine:  # dashed: training error (augmented batches, dropout on)
+                t = mine.groupby("epoch")["train/err1"].mean().dropna()
+                ax.plot(t.index + 1, t * 100, linestyle="--", linewidth=1, color=line.get_color())
+        ax.set(xlabel="epoch", ylabel="top-1 error (%)",
+               title=f"{study}: learning curves (solid: validation, dashed: training)")  # fmt: skip
         ax.legend(ncol=2, fontsize=8)
         ax.grid(alpha=0.3)
         save(fig, "learning-curves")

@@ -60,6 +60,8 @@ class Gathered:
     stop_reason: str
     client: object = field(repr=False, default=None)
     data_here: bool = True  # False: the data was not read here (its runs' recorded digest named it)
+    selection: object = None  # reference_cells.Selection: the study's lr selection, when it has one
+    convergence: pd.DataFrame | None = None  # per net: validation error at the study's and a longer budget
 
     @property
     def order(self) -> list[str]:
@@ -68,9 +70,13 @@ class Gathered:
 
 def budget_words(cfg: DictConfig) -> str:
     """The budget every verdict of a study is conditional on, in one phrase."""
+    own = cfg.optim.lr_per_arch
+    lr = (f"lr per net {', '.join(f'{n} {v:g}' for n, v in own.items())}"
+          + (" (chosen on validation)" if cfg.study.lr_grid else "") + f", {cfg.optim.schedule}"
+          if own else f"lr {cfg.optim.lr:g} ({cfg.optim.schedule})")  # fmt: skip
     return (
         f"{cfg.trainer.max_epochs} epochs, width x{cfg.model.width:g}, batch norm {'on' if cfg.model.batch_norm else 'off'}, "
-        f"init `{cfg.model.init}`, lr {cfg.optim.lr:g} ({cfg.optim.schedule})"
+        f"init `{cfg.model.init}`, {lr}"
     )
 
 
@@ -194,12 +200,28 @@ def per_network(g: Gathered) -> list[str]:
                 "failed": f"**{len(failed)} of {len(failed) + int(r['seeds'])} seeds**" if failed else "none",
             }
         )
+    common = set.intersection(
+        *[set(g.res.loc[g.res["net"] == n, "seed"].astype(int)) for n in g.summary.index]
+    )
+    uneven = len({int(r["seeds"]) for _, r in g.summary.iterrows()}) > 1 and len(common) >= 2
+    if uneven:  # a run-until-decided study gives nets different seeds: their means on the shared ones too
+        label = f"top-1 err % on the {len(common)} seeds every net has"
+        for row, net in zip(rows, g.summary.index, strict=True):
+            shared = g.res[(g.res["net"] == net) & g.res["seed"].astype(int).isin(common)]["test_err1"]
+            row[label] = pct(shared.mean(), 2)
     return [
         "## Results per network",
         "",
         "Test top-1/top-5 error on this data, mean ± standard deviation over seeds, beside the paper's "
         "ImageNet errors (Table 3). The absolute numbers are not comparable across datasets; the "
-        "ordering is what the paper's conclusions are about.",
+        "ordering is what the paper's conclusions are about."
+        + (
+            " The nets have different numbers of seeds (a net stops getting seeds once its comparisons are "
+            "decided), so their means over all their seeds are not paired: the last column compares them on the "
+            "seeds they share; the verdicts below pair each comparison's own seeds."
+            if uneven
+            else ""
+        ),
         "",
         pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True),
         "",
@@ -208,6 +230,7 @@ def per_network(g: Gathered) -> list[str]:
 
 def verdicts(g: Gathered) -> list[str]:
     cfg = g.cfg
+    unconverged = not_converged(g)
     rows = []
     for _, r in g.concl.iterrows():
         tested = r["state"] != "not tested"
@@ -222,7 +245,20 @@ def verdicts(g: Gathered) -> list[str]:
                 "interval the verdict used": _interval(r) if tested else "",
                 "verdict": f"**{md_escape(r['outcome'])}**"
                 + (f" ({md_escape(r['detail'])})" if _text(r, "detail") else ""),
-                "assumed": md_escape(_text(r, "notes")),
+                "assumed": md_escape(
+                    "; ".join(
+                        x
+                        for x in [
+                            _text(r, "notes"),
+                            *[
+                                unconverged[n]
+                                for n in (r["first"], r["second"])
+                                if n in unconverged and tested
+                            ],
+                        ]
+                        if x
+                    )
+                ),
             }
         )
     body = pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True) if rows else ""
@@ -242,7 +278,7 @@ def verdicts(g: Gathered) -> list[str]:
         f"holds for this budget only: {budget_words(cfg)}; and each assumes that the per-seed "
         "differences are independent, with one spread, and near enough to normal (the error rate "
         "above was computed under that model). The *assumed* column adds what a verdict assumed "
-        "beyond it: seeds left out, results at chance.",
+        "beyond it: seeds left out, results at chance, a net that had not converged at this budget.",
         "",
         body,
         "",
@@ -324,69 +360,175 @@ def seeds(g: Gathered) -> list[str]:
 
 
 def planning(g: Gathered) -> list[str]:
+    """Every comparison left undecided: where it stands, its chance of a verdict by the study's
+    maximum, the seeds it would take, and what a new study would need."""
     concl = g.concl
+    undecided = concl[concl["state"].isin(["open", "futile", "maximum"])] if not concl.empty else concl
     rows = []
-    # A comparison still open goes on in this study (its next look); only one left undecided at
-    # the maximum needs a new study, and only then are its seeds spent.
-    for _, r in concl[concl["state"] == "maximum"].iterrows():
-        if pd.isna(r.get("sd_upper")):
-            continue
-        effect = (
-            "a " + f"{100 * -r['design_effect']:g}-point gain" if r["kind"] == "better" else "no difference"
+    for _, r in undecided.iterrows():
+        design = f"a {g.cfg.study.min_effect:g}-point gain" if r["kind"] == "better" else "no difference"
+        row = {
+            "comparison": f"{md_escape(r['first'])} vs {md_escape(r['second'])}",
+            "state": {"open": "open", "futile": "**stopped: futile**", "maximum": "at the maximum"}[
+                r["state"]
+            ],
+            "paired seeds": int(r["n"]),
+            "Δ (pts)": f"{100 * r['diff']:+.2f}",
+            "sd of one difference (pts)": f"{100 * r['sd']:.2f}",
+        }
+        if g.design.sequential:
+            row[f"chance of a verdict by {g.design.stages[-1]} seeds: at the Δ seen"] = _chance(
+                r.get("chance_seen")
+            )
+            row["... if the truth is the design effect"] = _chance(r.get("chance_design")) + f" ({design})"
+            row["seeds per net for an 80% chance (this study continued)"] = _seeds_text(r.get("seeds_for_80"))
+        row["a new study's maximum for 80%: design effect / Δ seen"] = (
+            f"{_seeds_text(r.get('plan_design'))} / {_seeds_text(r.get('plan_observed'))}"
         )
-        rows.append(
-            {
-                "comparison": f"{md_escape(r['first'])} vs {md_escape(r['second'])}",
-                "sd of one difference (pts), measured": f"{100 * r['sd']:.2f} ({int(r['n'])} seeds)",
-                "planned with (80% upper limit)": f"{100 * r['sd_upper']:.2f}",
-                f"seeds per net if the truth is {effect}": _seeds_text(r["plan_design"]),
-                f"if it is the Δ seen here ({100 * r['diff']:+.2f})": _seeds_text(r["plan_observed"]),
-            }
-        )
+        rows.append(row)
     if not rows:
         return []
     kind = "run-until-decided" if g.design.sequential else "fixed-seed"
+    futile = (
+        f" A comparison stops as *futile* once that chance at the Δ seen is under {g.design.futility:.0%} (non-binding: the error rate holds; docs/statistics.md)."
+        if g.design.futility
+        else ""
+    )
     return [
-        "### Planning the next study",
+        "### Undecided comparisons: their chances and what it would take",
         "",
-        f"Not post-hoc power: for each comparison left undecided at this study's maximum, the maximum seeds per net a new {kind} study "
-        f"with this study's design (first look, seeds per look, {g.cfg.study.alpha:.0%} family-wise over "
-        f"{g.design.rule.comparisons} comparisons) needs for an 80% chance of a verdict, simulated under the "
-        "rule itself, with the spread of the per-seed differences at its 80% upper confidence limit (the "
-        "spread measured from a few seeds is itself uncertain): once at the effect the study was designed "
-        "for, once at the difference seen here. A new study needs new seeds: these ones have been looked at.",
+        "For each comparison without a verdict: its chance of one by this study's maximum, simulated under the rule "
+        "itself given the seeds seen (at the difference seen, with its spread, and if the truth were the effect the "
+        "claim was designed for), the seeds per net that would give an 80% chance if this study went on (its "
+        f"maximum raised), and a new {kind} study's maximum for an 80% chance (with the spread at its 80% upper "
+        "confidence limit; a new study needs new seeds: these ones have been looked at). Not post-hoc power: "
+        f"what it takes from here.{futile}",
         "",
         pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True),
         "",
     ]
 
 
+def _chance(x) -> str:
+    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.0%}"
+
+
 def _seeds_text(n) -> str:
-    return "more than 400" if n == math.inf else ("" if pd.isna(n) else f"{int(n)}")
+    if n is None or (isinstance(n, float) and math.isnan(n)):
+        return ""
+    return "more than 400" if n == math.inf else f"{int(n)}"
 
 
 def _undecided_note(concl: pd.DataFrame, stages: list[int]) -> str:
-    """Each undecided comparison: where its interval lies, and what comes next (this study's next
-    look while it is open; a new study, planned below, once it is undecided at the maximum)."""
-    undecided = concl[concl["state"].isin(["open", "maximum"])] if not concl.empty else concl
+    """Each undecided comparison: what its interval already says, and what comes next (this
+    study's next look while it is open; a new study once it is futile or at the maximum)."""
+    undecided = concl[concl["state"].isin(["open", "maximum", "futile"])] if not concl.empty else concl
     if undecided.empty:
         return ""
 
     def what_next(r) -> str:
         if r["state"] == "maximum":
-            return "undecided at the maximum (see *Planning the next study*)"
+            return "undecided at the maximum (see *Undecided comparisons* below)"
+        if r["state"] == "futile":
+            return (f"stopped as futile: its chance of a verdict by {stages[-1]} seeds was {_chance(r.get('chance_seen'))} "
+                    "(see *Undecided comparisons* below)")  # fmt: skip
         looks = int(r["looks"])
         after = f" at {stages[looks]} seeds per net" if looks < len(stages) else ""
-        return f"open: this study's next look{after} decides more"
+        chance = (
+            f" (its chance of a verdict by {stages[-1]}: {_chance(r.get('chance_seen'))})"
+            if r.get("chance_seen") is not None and not pd.isna(r.get("chance_seen"))
+            else ""
+        )
+        return f"open: this study's next look{after} decides more{chance}"
 
     parts = [
-        f"claim {r['claim']} ({md_escape(r['first'])} vs {md_escape(r['second'])}): Δ {100 * r['diff']:+.2f} points, "
-        f"interval {_interval(r)} straddles "
-        + ("0 and a margin edge" if r["kind"] == "better" else f"−{100 * r['margin']:g}")
-        + f", on {int(r['n'])} paired seeds; {what_next(r)}"
+        f"claim {r['claim']} ({md_escape(r['first'])} vs {md_escape(r['second'])}): {md_escape(r['detail'])} "
+        f"(Δ {100 * r['diff']:+.2f}, interval {_interval(r)}, {int(r['n'])} paired seeds); {what_next(r)}"
         for _, r in undecided.iterrows()
     ]
     return "Not decided: " + "; ".join(parts) + "."
+
+
+def lr_selection(g: Gathered) -> list[str]:
+    """The study's lr selection: each net's mean validation error at each lr, the one chosen."""
+    sel = g.selection
+    if sel is None or sel.table.empty:
+        return []
+    table = sel.table.groupby(["net", "lr"], sort=False)["val_err1"].agg(["mean", "count"])
+    rows = []
+    for net in [n for n in g.cfg.study.archs if n in table.index.get_level_values(0)]:
+        row = {"net": md_escape(net)}
+        for lr, r in table.loc[net].iterrows():
+            text = f"{pct(r['mean'], 2)}" if not math.isnan(r["mean"]) else "not yet"
+            row[f"lr {lr:g}"] = f"**{text}**" if sel.chosen and sel.chosen.get(net) == lr else text
+        rows.append(row)
+    failed = sel.table[sel.table["status"] == "FAILED"]
+    seeds = ", ".join(map(str, g.cfg.study.lr_seeds))
+    return [
+        "## Learning rate per net",
+        "",
+        f"Before its first look the study trained each net once per learning rate on seeds of its own ({seeds}; "
+        "validation only, never results, the test set untouched) and gave each net's cells the lr with its lowest "
+        "mean validation error (bold), so that no net is compared at a learning rate picked for another. Mean best "
+        "validation top-1 error, %:"
+        + (
+            f" (a cell that failed, e.g. diverged, counts as 100%: {len(failed)} here)" if len(failed) else ""
+        ),
+        "",
+        pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True),
+        "",
+    ]
+
+
+def convergence(g: Gathered) -> list[str]:
+    """Whether each net had converged at the study's budget, by the longer-budget cells."""
+    conv, cfg = g.convergence, g.cfg
+    epochs, tol = cfg.trainer.max_epochs, cfg.study.convergence_tolerance
+    if conv is None or conv.empty:
+        why = ("its runs were rebuilt from a runs CSV: their learning curves were lost with the study's store"
+               if g.res["rebuilt_from"].notna().any() else
+               "the study has no longer-budget cells (`study.convergence_epochs`); the curves below show how each "
+               "net's validation and training error were still moving")  # fmt: skip
+        return ["## Did the nets converge?", "", f"Not judged: {why}.", ""]
+    longer = cfg.study.convergence_epochs
+    rows = [
+        {
+            "net": md_escape(net),
+            "seeds": int(r["seeds"]),
+            f"val err % at {epochs} epochs": pct(r["val_err_short"], 2),
+            f"at {longer}": pct(r["val_err_long"], 2),
+            "lowered by (pts)": f"{100 * r['gain']:+.2f}",
+            f"train err % at {epochs} / {longer}": f"{pct(r['train_err_short'], 1)} / {pct(r['train_err_long'], 1)}",
+            f"converged at {epochs} epochs?": "yes" if r["converged"] else "**no: still learning**",
+        }
+        for net, r in conv.iterrows()
+    ]
+    return [
+        "## Did the nets converge?",
+        "",
+        f"Each net also trained the study's first {cfg.study.convergence_seeds} seeds for {longer} epochs instead of "
+        f"{epochs} (validation only). Criterion: a net had converged at {epochs} epochs when the longer budget lowered "
+        f"its best validation error, on the same seeds, by less than {tol:g} points; a slope alone would not tell "
+        "(under a cosine schedule the last epochs always fall). Training error is measured on augmented batches "
+        "with dropout on (the dashed curves below).",
+        "",
+        pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True),
+        "",
+    ]
+
+
+def not_converged(g: Gathered) -> dict[str, str]:
+    """Per net that had not converged: the words a verdict comparing it carries."""
+    conv = g.convergence
+    if conv is None or conv.empty:
+        return {}
+    longer = g.cfg.study.convergence_epochs
+    return {
+        net: f"{net} had not converged at {g.cfg.trainer.max_epochs} epochs ({longer} lowered its validation "
+        f"error by {100 * r['gain']:.2f} points)"
+        for net, r in conv.iterrows()
+        if not r["converged"]
+    }
 
 
 def compute(g: Gathered) -> list[str]:
@@ -547,3 +689,44 @@ def _display_uri(uri: str) -> str:
 
 def _orphaned(client, run_id: str) -> bool:
     return tracking.is_orphaned(client.get_run(run_id))
+
+
+# -- several studies of the same nets, side by side ----------------------------------------------------------
+def side_by_side(studies: list[Gathered]) -> list[str]:
+    """One table of claims by study (each verdict with its interval, budget and seeds) and one of
+    each net's error by study: where a conclusion starts or stops holding, budget by budget."""
+    names = [g.cfg.study.name for g in studies]
+    claims: dict[tuple, dict] = {}
+    for g in studies:
+        for _, r in g.concl[g.concl["state"] != "not tested"].iterrows():
+            row = claims.setdefault((r["claim"], r["first"], r["second"]), {
+                "#": r["claim"], "comparison": f"{md_escape(r['first'])} vs {md_escape(r['second'])}"})  # fmt: skip
+            seeds = f"{int(r['n'])} seeds" if r.get("n") else "no look yet"
+            detail = f" ({md_escape(r['detail'])})" if _text(r, "detail") else ""
+            row[g.cfg.study.name] = f"**{md_escape(r['outcome'])}**{detail}, {_interval(r)}, {seeds}"
+    nets = pd.DataFrame({
+        g.cfg.study.name: {n: f"{pct(r['top1_err_mean'], 2)} ({int(r['seeds'])})" for n, r in g.summary.iterrows()}
+        for g in studies
+    })  # fmt: skip
+    return [
+        f"# Budgets side by side: {', '.join(f'`{md_escape(n)}`' for n in names)}",
+        "",
+        "The same claims, study by study. Each verdict holds at its own study's budget only, and carries its own "
+        "error rate (each study's report states its rule); read across a row to see where a conclusion starts or "
+        "stops holding.",
+        "",
+        "| study | budget | seeds per net | rule |",
+        "|---|---|---|---|",
+        *[f"| [{md_escape(g.cfg.study.name)}]({g.cfg.study.name}.md) | {budget_words(g.cfg)} | "
+          + ", ".join(f"{md_escape(n)} {int(r['seeds'])}" for n, r in g.summary.iterrows())
+          + f" | {g.cfg.study.alpha:.0%} family-wise over {g.design.rule.comparisons} comparison(s) |" for g in studies],
+        "",
+        "## The claims",
+        "",
+        pd.DataFrame(list(claims.values())).fillna("not tested").to_markdown(index=False, disable_numparse=True),
+        "",
+        "## Test top-1 error per net, % (mean over its seeds; seeds in brackets)",
+        "",
+        nets.fillna("").to_markdown(disable_numparse=True),
+        "",
+    ]  # fmt: skip

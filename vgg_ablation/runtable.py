@@ -33,6 +33,7 @@ RUN_COLUMNS = {
     "metrics.test/acc1": "test_acc1",
     "metrics.images_seen": "images_seen",
     "metrics.val/acc1_best": "val_acc1_best",
+    "metrics.train/err1": "train_err1",  # its last epoch's (measured on augmented batches, dropout on)
     "metrics.flops_per_image": "flops_per_image",
     "metrics.lrn/denominator_mean": "lrn_mean",
     "metrics.lrn/denominator_p99": "lrn_p99",
@@ -44,6 +45,9 @@ RUN_COLUMNS = {
     "tags.cell": "cell",  # the cell's key (cells.cell_key)
     "tags.fingerprint": "fingerprint",  # its config's (cells.fingerprint)
     "tags.rebuilt_from": "rebuilt_from",  # a run rebuilt from a report's runs CSV (archive.py)
+    "tags.origin_run": "origin_run",  # the id it was first recorded under (an imported run)
+    "tags.attempts": "attempts",  # a cell taken over after a kill or failure: its attempts so far
+    "tags.resumed_after_epochs": "resumed_after_epochs",  # ... and the epochs its checkpoint held
     "tags.mlflow.parentRunId": "parent_run",  # the study run it is nested under
     "tags.device": "device",
     "tags.cpu_threads": "cpu_threads",

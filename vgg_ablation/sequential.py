@@ -188,10 +188,10 @@ def verdict(kind: str, low, high, margin: float):
 
     'better' (the first net beats the second): supported below 0, contradicted above 0, no
     relevant difference inside +/-margin. Below 0 and inside the margin at once reads supported:
-    a real gain, smaller than the margin (`detail` says so). These three always end: once the
+    a real gain, smaller than the margin (`reading` says so). These three always end: once the
     interval is narrower than the margin it either excludes 0 or lies inside +/-margin.
     'no better' (the first net is not better, a non-superiority claim): supported above -margin
-    (worse, equivalent or not better by the margin: `detail` says which), contradicted below it.
+    (worse, equivalent or not better by the margin: `reading` says which), contradicted below it.
     It ends for every true difference but -margin itself."""
     low, high = np.asarray(low, float), np.asarray(high, float)
     if kind == "better":
@@ -200,31 +200,46 @@ def verdict(kind: str, low, high, margin: float):
         out = np.where((out == OPEN) & inside, NO_RELEVANT_DIFFERENCE, out)
     elif kind == "no better":
         out = np.where(low > -margin, SUPPORTED, np.where(high < -margin, CONTRADICTED, OPEN))
+    elif kind == "no help":  # three-way, and it always ends: once narrower than the margin, an
+        inside = (low > -margin) & (high < margin)  # interval excludes 0 or lies inside +/-margin
+        out = np.where(
+            inside,
+            NO_RELEVANT_DIFFERENCE,
+            np.where(low > 0, SUPPORTED, np.where(high < 0, CONTRADICTED, OPEN)),
+        )
     else:
         raise ValueError(f"unknown kind of claim {kind!r}")
     return out if out.ndim else int(out)
 
 
-def detail(kind: str, code: int, low: float, high: float, margin: float, first: str) -> str:
-    """What a verdict says, in words (interval and margin as fractions of error, said in points)."""
-    points = f"{100 * margin:g}"
-    if kind == "better":
-        if code == SUPPORTED:
-            return f"{first} better" + (f", by less than {points} points" if low > -margin else "")
-        if code == CONTRADICTED:
-            return f"{first} worse"
-        if code == NO_RELEVANT_DIFFERENCE:
-            return f"within ±{points} points"
-        return ""
-    if code == SUPPORTED:
-        if low > 0:
-            return f"{first} worse"
-        if high < margin:
-            return f"equivalent within ±{points} points"
-        return f"{first} not better by {points} points or more"
-    if code == CONTRADICTED:
-        return f"{first} better by more than {points} points"
-    return ""
+def reading(kind: str, low: float, high: float, margin: float, first: str) -> str:
+    """An interval [low, high] of the first net's error minus the second's, in plain words: which
+    net is better, by how much (points), and what the margin leaves open. For every state, not
+    only a verdict: an open interval says what it already shows."""
+
+    def pts(x: float) -> str:
+        return f"{100 * abs(x):.2f}"
+
+    m = f"{100 * margin:g}"
+    points = f"{m} point{'' if m == '1' else 's'}"
+    if high < 0:  # the first net better
+        by = f"{first} better by {pts(high)} to {pts(low)} points"
+        if kind in ("better", "no help"):
+            return by + (f", less than the {m}-point margin" if low > -margin else "")
+        if low > -margin:
+            return by + f", less than the {m}-point margin"
+        if high < -margin:
+            return by + f", more than the {m}-point margin"
+        return by + f"; whether by more than the {m}-point margin is open"
+    if low > 0:
+        by = f"{first} worse by {pts(low)} to {pts(high)} points"
+        if kind in ("better", "no help") and low < margin and high > margin:
+            return by + f"; whether by more than the {m}-point margin is open"
+        return by
+    span = f"from {first} better by {pts(low)} to {first} worse by {pts(high)} points"
+    if low > -margin and high < margin:
+        return f"no difference of {points} or more: {span}"
+    return f"not yet known which is better: {span}"
 
 
 @dataclass(frozen=True)
@@ -305,6 +320,51 @@ def plan(kind: str, diff: float, sd: float, margin: float, rule: Rule, power: fl
         middle = (low + high) // 2
         low, high = (low, middle) if decides(middle)[0] >= power else (middle, high)
     return high, decides(high)[1]
+
+
+def chance_of_verdict(kind: str, diffs: np.ndarray, looked: tuple[int, ...], rule: Rule, margin: float, upto: int,
+                      effect: float, sd: float, studies: int = 4000, seed: int = 0,
+                      calibration: int = SIMULATED_STUDIES) -> float:  # fmt: skip
+    """The chance that a comparison still open reaches a verdict (any) by `upto` seeds, given the
+    differences `diffs` seen so far (at looks of `looked` seeds), when every new seed's difference
+    is N(effect, sd^2): the later looks simulated under the same rule (conditional power, Lan,
+    Simon & Halperin 1982). 0 when no look is left."""
+    n = len(diffs)
+    future = [size for size in rule.looks(upto) if size > n]
+    if not future or not sd > 0:
+        return 0.0
+    levels = rule.levels((*looked, *future), calibration)[len(looked) :]
+    rng = np.random.default_rng(seed)
+    mean = np.full(studies, float(np.mean(diffs)))
+    squares = np.full(studies, float(np.sum((diffs - np.mean(diffs)) ** 2)))  # sum of squared deviations
+    decided = np.zeros(studies, dtype=bool)
+    for size, level in zip(future, levels, strict=True):
+        m = size - n
+        new = effect + sd * rng.standard_normal((studies, m))
+        new_mean = new.mean(1)
+        delta = new_mean - mean
+        squares = squares + ((new - new_mean[:, None]) ** 2).sum(1) + delta**2 * n * m / size  # Chan et al.
+        mean, n = mean + delta * m / size, size
+        half = t_quantile(level, n) * np.sqrt(squares / (n - 1)) / math.sqrt(n)
+        decided |= verdict(kind, mean - half, mean + half, margin) != OPEN
+    return float(decided.mean())
+
+
+def seeds_for_chance(kind: str, diffs: np.ndarray, looked: tuple[int, ...], rule: Rule, margin: float,
+                     effect: float, sd: float, power: float = 0.8, cap: int = 400) -> int | float:  # fmt: skip
+    """Seeds per net a comparison still open would need (its maximum raised, under the same rule)
+    for a `power` chance of a verdict, given what it has seen; inf above `cap`."""
+    n = max(len(diffs), rule.first_look)
+    upto = n + max(rule.seeds_per_look, 1)
+    while upto <= cap:
+        extended = Rule(
+            rule.alpha, rule.comparisons, rule.first_look, rule.seeds_per_look, rule.horizon, rule.reserve
+        )
+        if chance_of_verdict(kind, diffs, looked, extended, margin, upto, effect, sd, studies=1000, seed=upto,
+                             calibration=PLANNING_STUDIES) >= power:  # fmt: skip
+            return upto
+        upto = n + 2 * (upto - n)
+    return math.inf
 
 
 def sd_upper(sd: float, n: int, confidence: float = 0.8) -> float:

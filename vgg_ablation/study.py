@@ -22,11 +22,8 @@ happens (open, looks, launches, stops, finish); its stop handling is part of lau
 
 from __future__ import annotations
 
-import contextlib
 import os
-import secrets
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -35,11 +32,9 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from vgg_ablation import analysis, tracking
+from vgg_ablation import analysis, phases, tracking
 from vgg_ablation.build import arch_of, data_for, model_for, validate
 from vgg_ablation.cells import (
-    DEADLINE_ENV,
-    PROGRESS_ENV,
     SCRATCH_CONTROL,
     SCRATCH_LABEL,
     Finished,
@@ -58,7 +53,9 @@ from vgg_ablation.cells import (
 )
 from vgg_ablation.config import compose, study_overrides, with_study_dir
 from vgg_ablation.errors import UserError
+from vgg_ablation.reference_cells import lr_override
 from vgg_ablation.sequential import VERDICTS
+from vgg_ablation.sweeps import Interrupted, launch, stopped_by_signals, sweep_dir
 
 
 # -- before any job -------------------------------------------------------------------------------------
@@ -92,6 +89,8 @@ def check_rule(study) -> None:
         raise UserError(f"study.seeds has repeats: {list(study.seeds)}")
     if not 0 < study.alpha < 1:
         raise UserError(f"study.alpha must be between 0 and 1, got {study.alpha}")
+    if not 0 <= study.futility < 1:
+        raise UserError(f"study.futility must be in [0, 1) (0: no futility stops), got {study.futility}")
     for key, margin in OmegaConf.to_container(study.margins).items():
         if not margin > 0:
             raise UserError(f"study.margins.{key} must be positive, got {margin}")
@@ -141,8 +140,14 @@ class Sweep:
 
 
 def run_study(args: list[str]) -> int:
-    sweep = open_study(with_study_dir(study_overrides(args)))
     with stopped_by_signals():
+        try:
+            sweep = open_study(with_study_dir(study_overrides(args)))
+        except (Interrupted, phases.SelectionStopped) as exc:
+            code = exc.code if isinstance(exc, phases.SelectionStopped) else 128 + exc.signum
+            print("the study stopped during its lr selection (its cells marked KILLED, their checkpoints kept); "
+                  "run the same command again to resume", file=sys.stderr, flush=True)  # fmt: skip
+            return code
         try:
             return finish_study(sweep, run_looks(sweep))
         except Interrupted as exc:
@@ -150,7 +155,8 @@ def run_study(args: list[str]) -> int:
 
 
 def open_study(args: list[str]) -> Sweep:
-    """Check everything, then create the store, the experiment and the study's run, once."""
+    """Check everything, then create the store, the experiment and the study's run, once (with
+    study.lr_grid, after choosing each net's lr: its cells then train at it)."""
     cfg = compose(args)
     datamodule = check_study(cfg)
     uri = tracking.tracking_uri(cfg.logger.tracking_uri)
@@ -159,17 +165,29 @@ def open_study(args: list[str]) -> Sweep:
     client = tracking.client(uri)
     experiment_id = tracking.ensure_experiment(client, tracking.experiment_name(cfg))
     tracking.describe_experiment(client, experiment_id, cfg.study.description)
+    folder = sweep_dir(cfg)
+    if cfg.study.lr_grid and not cfg.optim.lr_per_arch:
+        base = [a for a in args if not a.startswith(("logger.tracking_uri=", "logger.parent_run_id="))]
+        chosen = phases.select_lrs(cfg, client, experiment_id, [*base, f"logger.tracking_uri={uri}"], folder)
+        args = [*args, lr_override(chosen)]
+        cfg = compose(args)
+    filled = fill_the_machine(cfg, args)
+    if filled:
+        args = [*args, *filled]
+        cfg = compose(args)
     existing = tracking.find_study_run(client, experiment_id, study_run_key(cfg))
     registered = dict(existing.data.params) if existing else {}
     check_registered(cfg, registered)
+    check_cells_setting(cfg, registered)
+    setting = {**cells_setting(cfg), "cells.side_by_side": side_by_side(args)}
     parent = tracking.open_study_run(
-        client, experiment_id, cfg, study_run_key(cfg), {**study_params(cfg), **rule_params(cfg)}
+        client, experiment_id, cfg, study_run_key(cfg), {**study_params(cfg), **rule_params(cfg), **setting}
     )
     # Pin the store for the jobs, so a relative default cannot drift between processes; every
     # cell becomes a child of the study's run.
     pinned = [a for a in args if not a.startswith(("logger.tracking_uri=", "logger.parent_run_id="))]
     pinned += [f"logger.tracking_uri={uri}", f"logger.parent_run_id={parent}"]
-    sweep = Sweep(cfg, client, parent, pinned, design_of(cfg, registered or None), sweep_dir(cfg))
+    sweep = Sweep(cfg, client, parent, pinned, design_of(cfg, registered or None), folder)
     looks = sweep.design.stages
     plan = (f"looks at {', '.join(map(str, looks))} seeds per net, until every claim is decided"
             if sweep.design.sequential else f"{len(sweep.design.order)} seeds")  # fmt: skip
@@ -186,9 +204,10 @@ def run_looks(sweep: Sweep) -> str:
     """Each look's cells, then its verdicts; returns why the study stopped."""
     cfg, design = sweep.cfg, sweep.design
     for k, size in enumerate(design.stages):
-        grow = set(sweep.nets) if k == 0 else analysis.nets_to_grow(study_looks(cfg, design, k))
+        grow = set(sweep.nets) if k == 0 else analysis.nets_to_grow(looked := study_looks(cfg, design, k))
         if not grow:
-            return "every claim decided"
+            futile = any(o.state == "futile" for o in looked)
+            return "every comparison decided or stopped as futile" if futile else "every claim decided"
         if sweep.deadline and time.time() >= sweep.deadline:
             return f"time limit ({cfg.study.time_limit:g} min) reached before look {k + 1}"
         new = design.order[design.stages[k - 1] if k else 0 : size]
@@ -202,6 +221,12 @@ def run_looks(sweep: Sweep) -> str:
         sweep.exit_codes.append(code)
         if code not in (0, 1):  # a cell was killed: stop, start nothing more
             return "stopped"
+        if k == 0 and cfg.study.convergence_epochs:  # the longer-budget cells, once, with the first look
+            code = phases.run_convergence(cfg, sweep.client, experiment_of(sweep), sweep.pinned,
+                                          design.order[: cfg.study.convergence_seeds], sweep.folder)  # fmt: skip
+            sweep.exit_codes.append(code)
+            if code not in (0, 1):
+                return "stopped"
         if design.sequential:
             record_looks(sweep, k + 1)
             if k + 1 < len(design.stages):
@@ -209,6 +234,57 @@ def run_looks(sweep: Sweep) -> str:
     if sweep.deadline and time.time() >= sweep.deadline:
         return f"time limit ({cfg.study.time_limit:g} min) reached"
     return "maximum reached" if design.sequential else ""
+
+
+def side_by_side(pinned: list[str]) -> int:
+    """Cells the study's launcher trains at once (its n_jobs), for the time left."""
+    jobs = [a.split("=", 1)[1] for a in pinned if a.startswith("hydra.launcher.n_jobs=")]
+    return int(jobs[-1]) if jobs and jobs[-1].isdigit() else 1
+
+
+def fill_the_machine(cfg: DictConfig, args: list[str]) -> list[str]:
+    """How a study's cells fill a CPU: a cell per core, one thread each, side by side (Hydra's joblib
+    launcher), unless the user chose a launcher, a thread count or study.parallel=off. Measured in
+    reports/bench-cpu-cells.md: more cells per hour than one cell on every core, and a 1-thread cell
+    does not collapse beside other work as a 2-thread one does. A GPU study is left as it is."""
+    import torch
+
+    gpu = torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda")
+    if gpu or cfg.study.parallel == "off" or str(cfg.trainer.devices) not in ("1", "auto"):
+        return []
+    out = [] if cfg.trainer.threads else ["trainer.threads=1"]
+    chose = any(a.startswith(("hydra/launcher=", "hydra.launcher.")) for a in args)
+    jobs = max(1, (os.cpu_count() or 1) // (cfg.trainer.threads or 1))
+    if not chose and jobs > 1:
+        out += ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={jobs}"]
+    return out
+
+
+def cells_setting(cfg: DictConfig) -> dict[str, str]:
+    """What a study registers of how its cells compute: the speed settings that move the numbers
+    (another thread count, layout or compiled graph sums in another order)."""
+    cpu_one_thread = cfg.trainer.threads == 1 and cfg.trainer.accelerator in ("auto", "cpu")
+    layout = cfg.trainer.channels_last == "on" or (cfg.trainer.channels_last == "auto" and cpu_one_thread)
+    return {"cells.threads": str(cfg.trainer.threads), "cells.compile": str(cfg.trainer.compile).lower(),
+            "cells.channels_last": "on" if layout else "off"}  # fmt: skip
+
+
+def check_cells_setting(cfg: DictConfig, registered: dict) -> None:
+    """A study's cells keep one setting (`cells_setting`: the same seed gives other numbers under
+    another), so a study continued elsewhere takes the one it was registered with."""
+    mine = cells_setting(cfg)
+    changed = [f"{k.removeprefix('cells.')} {registered[k]} -> {v}" for k, v in mine.items()
+               if k in registered and registered[k] != v]  # fmt: skip
+    if changed:
+        keep = " ".join(
+            f"trainer.{k.removeprefix('cells.')}={registered[k]}" for k in mine if k in registered
+        )
+        raise UserError(f"study {cfg.study.name!r} trained its cells with another setting ({'; '.join(changed)}): "
+                        f"its numbers stay comparable only with one; continue it with {keep}")  # fmt: skip
+
+
+def experiment_of(sweep: Sweep) -> str:
+    return sweep.client.get_run(sweep.parent).info.experiment_id
 
 
 def stage_cells(cfg: DictConfig, nets: list[str], grow: set[str], seeds: list[int]) -> list[tuple[str, int]]:
@@ -228,16 +304,16 @@ def run_cells(sweep: Sweep, cells: list[tuple[str, int]]) -> int:
     nets = list(dict.fromkeys(net for net, _ in cells))
     seeds = list(dict.fromkeys(seed for _, seed in cells))
     archs = [n for n in nets if n != SCRATCH_LABEL]
-    phases = [(archs, [])] if archs else []
+    groups = [(archs, [])] if archs else []
     parallel = any(a.startswith("hydra/launcher=") for a in sweep.pinned)
     if cfg.model.init == "from_A" and "A" in archs and archs != ["A"] and parallel:
         # The basic launcher runs the cells in order, A's seeds first (archs are swept
         # slowest): one sweep will do. A parallel launcher gets A's cells as a sweep of their own.
-        phases = [(["A"], []), ([a for a in archs if a != "A"], [])]
+        groups = [(["A"], []), ([a for a in archs if a != "A"], [])]
     if SCRATCH_LABEL in nets:
-        phases.append((["B"], SCRATCH_CONTROL))
+        groups.append((["B"], SCRATCH_CONTROL))
     total, codes = sweep.done + len(cells), []
-    for archs_, overrides in phases:
+    for archs_, overrides in groups:
         finished = cell_times(cfg)  # for the time left: what will skip, what a cell takes
         labels = [SCRATCH_LABEL] if overrides else archs_
         ahead = sum((net, seed) in finished for net in labels for seed in seeds)
@@ -247,7 +323,15 @@ def run_cells(sweep: Sweep, cells: list[tuple[str, int]]) -> int:
             codes.append(0)
             continue
         times = [f.seconds for f in finished.values()]
-        progress = (sweep.done, total, sweep.started, sum(times), len(times), ahead)
+        progress = (
+            sweep.done,
+            total,
+            sweep.started,
+            sum(times),
+            len(times),
+            ahead,
+            side_by_side(sweep.pinned),
+        )
         code = launch(sweep.pinned + overrides, archs_, seeds, sweep.folder, seed_major=cfg.model.init != "from_A",
                       progress=progress, deadline=sweep.deadline)  # fmt: skip
         sweep.done += len(archs_) * len(seeds)
@@ -288,78 +372,6 @@ def cell_times(cfg: DictConfig) -> dict[tuple[str, int], Finished]:
         return {}
 
 
-def sweep_dir(cfg: DictConfig) -> Path:
-    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
-    return Path("multirun") / cfg.study.name / f"{stamp}-{secrets.token_hex(3)}"
-
-
-def launch(args: list[str], archs: list[str], seeds: list[int], folder: Path, seed_major: bool = False,
-           progress: tuple[int, int, float, float, int, int] | None = None, deadline: float | None = None) -> int:  # fmt: skip
-    """One Hydra multirun over archs x seeds in a subprocess: arch-major (the paper's order, and
-    the trained A first for init=from_A), or seed-major, so that a study stopped early still holds
-    complete paired blocks (every arch of seeds 0..k). The sweep shares the study's process group,
-    so a kill of the group (SIGKILL, a lost machine) takes both; a Ctrl-C or SIGTERM that reached
-    the study alone is passed on (`stop_sweep`)."""
-    sweep = ["arch=" + ",".join(archs), "seed=" + ",".join(str(s) for s in seeds)]
-    command = [sys.executable, "-m", "vgg_ablation.train", "--multirun", *args, *(sweep[::-1] if seed_major else sweep),
-               f"hydra.sweep.dir={folder}",
-               "hydra/hydra_logging=disabled"]  # fmt: skip  # its per-job line repeats every override: ours says k of N
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    if progress:
-        env[PROGRESS_ENV] = ":".join(map(str, progress))
-    if deadline:
-        env[DEADLINE_ENV] = str(deadline)
-    proc = subprocess.Popen(command, env=env)
-    try:
-        return proc.wait()
-    except Interrupted as exc:
-        stop_sweep(proc, exc.signum)
-        raise
-
-
-# -- stopping: Ctrl-C and SIGTERM -----------------------------------------------------------------------
-class Interrupted(BaseException):
-    """Ctrl-C (SIGINT) or SIGTERM reached the study."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-@contextlib.contextmanager
-def stopped_by_signals():
-    """SIGINT and SIGTERM become `Interrupted` while the study runs (restored after); a second
-    one while the first is being handled becomes Interrupted(SIGKILL): stop at once."""
-    first: list[int] = []
-
-    def handler(signum, frame):
-        first.append(signum)
-        raise Interrupted(signal.SIGKILL if len(first) > 1 else signum)
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
-def stop_sweep(proc: subprocess.Popen, signum: int) -> None:
-    """Pass the stop on to the sweep (a terminal's Ctrl-C reached it too: the cell takes the
-    same signal once more without harm, see train.run_cell), which marks the training cell's run
-    KILLED and keeps its last checkpoint; a second Ctrl-C, or a sweep still there after a minute,
-    gets SIGKILL."""
-    with contextlib.suppress(ProcessLookupError):
-        proc.send_signal(signum)
-    while True:
-        try:
-            proc.wait(60)
-            return
-        except (subprocess.TimeoutExpired, Interrupted):  # too long, or the second Ctrl-C
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-
-
 def end_interrupted(sweep: Sweep, signum: int) -> int:
     """One line: which cells were stopped, and how to resume; the study's run KILLED."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # nothing more to stop: finish these lines
@@ -381,8 +393,14 @@ def record_looks(sweep: Sweep, stages: int) -> None:
     record = []
     for o in study_looks(sweep.cfg, sweep.design, stages):
         c, last = o.comparison, o.last
+        chance = (
+            f" (chance of a verdict by {sweep.design.stages[-1]} seeds: {o.chance:.0%})"
+            if o.chance is not None
+            else ""
+        )
         verdict = (VERDICTS[o.code] if o.state == "decided"
-                   else {"maximum": "undecided at the maximum", "open": "open"}.get(o.state, o.state))  # fmt: skip
+                   else {"maximum": "undecided at the maximum", "open": f"open{chance}",
+                         "futile": f"undecided: futile at this budget{chance}"}.get(o.state, o.state))  # fmt: skip
         record.append({"claim": c.claim.number, "first": c.first, "second": c.second, "state": o.state,
                        "verdict": verdict, "looks": [vars(lk) for lk in o.looks]})  # fmt: skip
         if last is not None:
@@ -426,13 +444,13 @@ def finish_study(sweep: Sweep, stop_reason: str) -> int:
 def write_documents(cfg: DictConfig, stop_reason: str = "") -> None:
     """The report (also onto the study's run), and the study's archive beside it: what a user
     commits, or carries to another machine, to continue the study there."""
-    from vgg_ablation.report import REPORTS_DIR, write_report
+    from vgg_ablation.report import write_report
     from vgg_ablation.travel import archive_path, export_for
 
     path = write_report(cfg, stop_reason=stop_reason)
     print(f"report: {path}", flush=True)
     if cfg.archive.with_report:
-        done = export_for(cfg, archive_path(cfg, REPORTS_DIR))
+        done = export_for(cfg, archive_path(cfg))
         print(f"archive: {done.path} ({done.runs} runs; `vgg-ablation import {done.path}` carries the study "
               "to another store)", flush=True)  # fmt: skip
 

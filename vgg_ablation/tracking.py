@@ -242,6 +242,7 @@ def is_orphaned(run) -> bool:
 
 # -- the study's own run and the dashboard ------------------------------------------------------
 STUDY_RUN_TAG = "study_run"  # on a study's parent run: "<study>/<config fingerprint>"
+SELECTION_TAG = "selection_run"  # on the parent of a study's lr-selection cells: "<study>/<fingerprint>"
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own: the runs table nests a child under its parent
 # MLflow 3's UI opens an experiment in the GenAI view unless told it holds model training runs
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
@@ -265,41 +266,44 @@ def describe_experiment(mlflow_client, experiment_id: str, description: str) -> 
             mlflow_client.set_experiment_tag(experiment_id, key, value)
 
 
-def find_study_run(mlflow_client, experiment_id: str, key: str):
-    """A study's own run, by its key (`cells.study_run_key`: the study and its config)."""
+def find_study_run(mlflow_client, experiment_id: str, key: str, tag: str = STUDY_RUN_TAG):
+    """A study's own run, by its key (`cells.study_run_key`: the study and its config); with `tag`,
+    another parent run of the study's (its lr selection's)."""
     found = mlflow_client.search_runs(
-        [experiment_id], filter_string=f"tags.{STUDY_RUN_TAG} = '{key}'",
+        [experiment_id], filter_string=f"tags.{tag} = '{key}'",
         order_by=["attributes.start_time ASC"], max_results=1,
     )  # fmt: skip
     return found[0] if found else None
 
 
-def open_study_run(mlflow_client, experiment_id: str, cfg: DictConfig, key: str, params: dict) -> str:
+def open_study_run(mlflow_client, experiment_id: str, cfg: DictConfig, key: str, params: dict,
+                   tag: str = STUDY_RUN_TAG, name: str = "") -> str:  # fmt: skip
     """The study's parent run (one per study and config fingerprint), RUNNING again if it exists.
-    Created under the store's lock: two launches of one study get one parent."""
+    Created under the store's lock: two launches of one study get one parent. With `tag`, another
+    parent the study's cells nest under (its lr selection: `SELECTION_TAG`)."""
     from mlflow.entities import Param
 
     # Nets and seeds are tags, not params: a study grown by a seed keeps its run (they are not
     # part of the fingerprint), and MLflow refuses a changed param.
     grid = {"archs": ",".join(cfg.study.archs), "seeds": ",".join(map(str, cfg.study.seeds))}
     with store_lock(mlflow_client.tracking_uri):
-        run = find_study_run(mlflow_client, experiment_id, key)
+        run = find_study_run(mlflow_client, experiment_id, key, tag)
         if run is not None:
             mlflow_client.update_run(run.info.run_id, status="RUNNING")
             for key, value in grid.items():
                 mlflow_client.set_tag(run.info.run_id, key, value)
             return run.info.run_id
         tags = {
-            STUDY_RUN_TAG: key,
+            tag: key,
             "study": cfg.study.name,
             "mlflow.note.content": cfg.study.description or f"study {cfg.study.name}",
             **grid,
             **context_tags(),
         }
         run_id = mlflow_client.create_run(
-            experiment_id, tags=tags, run_name=f"study {cfg.study.name}"
+            experiment_id, tags=tags, run_name=name or f"study {cfg.study.name}"
         ).info.run_id
-        winner = settle(mlflow_client, experiment_id, f"tags.{STUDY_RUN_TAG} = '{key}'", run_id)
+        winner = settle(mlflow_client, experiment_id, f"tags.{tag} = '{key}'", run_id)
         if winner.info.run_id != run_id:  # another launch of this study made it a moment earlier
             return winner.info.run_id
     mlflow_client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])

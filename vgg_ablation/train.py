@@ -42,13 +42,14 @@ from vgg_ablation.cell_run import (
     trained_a_checkpoint,
     weights_only,
 )
-from vgg_ablation.cells import DEADLINE_ENV, PROGRESS_ENV, cell_key, clock
+from vgg_ablation.cells import DEADLINE_ENV, cell_key
 from vgg_ablation.config import CONF_DIR, register
 from vgg_ablation.errors import StoreAway, UserError
 from vgg_ablation.fitting import LightningData, make_module, make_trainer
 from vgg_ablation.models import forward_flops, lrn_activity, transfer_from_a
 from vgg_ablation.outbox import Outbox, root_cause
 from vgg_ablation.profiling import Timeline, timeline
+from vgg_ablation.progress import EpochLine, Progress, say_how_it_ended
 from vgg_ablation.runtable import above_chance
 
 
@@ -80,6 +81,7 @@ class Cell:
     resume_from: str | None = None
     start: float = 0.0
     line: Timeline = field(default_factory=timeline)  # where its time goes (bench.mode=cells)
+    progress: Progress | None = None  # where it stands in its study (its lines' prefix)
 
 
 def run_cell(cfg: DictConfig, progress: Progress | None = None) -> CellResult:
@@ -194,6 +196,7 @@ def open_cell(cfg: DictConfig, progress: Progress | None) -> Cell:
     else:
         cell.ckpt_dir = Path(cfg.logger.checkpoint_root).resolve() / f"nolog-{key.replace('/', '_')}"
     line.mark("opened")
+    cell.progress = progress
     return cell
 
 
@@ -203,6 +206,8 @@ def train_and_record(cell: Cell) -> None:
     cfg, datamodule, result, outbox = cell.cfg, cell.datamodule, cell.result, cell.outbox
     module = make_module(cfg, cell.model, cell.accelerator, cell.channels_last)
     logger, callbacks = (CellLogger(outbox), [Heartbeat(outbox)]) if outbox else (False, [])
+    if cell.progress is not None and not cfg.trainer.progress_bar:  # a study: a line per epoch
+        callbacks.append(EpochLine(cell.progress, f"{cfg.arch} seed={cfg.seed}"))
     trainer = make_trainer(cfg, cell.accelerator, cell.precision, cell.ckpt_dir, logger,
                            [*cell.line.callbacks(), *callbacks])  # fmt: skip
     if cell.accelerator == "gpu" and fits_on_device(cfg, datamodule):
@@ -220,36 +225,47 @@ def train_and_record(cell: Cell) -> None:
     fit_seconds = time.time() - fit_start
     cell.line.mark("fit_end")
     best = trainer.checkpoint_callback.best_model_path or None
-    trainer.test(module, datamodule=fitted, ckpt_path=best, weights_only=True, verbose=False)
-    cell.line.mark("test_end")
-    result.test_acc1 = float(trainer.callback_metrics["test/acc1"])
     result.val_acc1 = float(
         trainer.checkpoint_callback.best_model_score or trainer.callback_metrics.get("val/acc1", float("nan"))
     )
-    test_images = int(trainer.callback_metrics["test/images"])
-    result.learned, chance_p = above_chance(result.test_acc1, test_images, datamodule.num_classes)
+    chance_p = test_best(cell, trainer, module, fitted, best) if cfg.trainer.test else None
+    cell.line.mark("test_end")
     activity = lrn_activity(module.model, datamodule.val_dataloader())
     distributed.tear_down(ok=True)
-    if not result.learned:
-        print(f"warning: {cfg.arch} seed={cfg.seed} learned nothing: test top-1 {result.test_acc1:.1%} is not "
-              f"above chance ({1 / datamodule.num_classes:.1%}; binomial p={chance_p:.2f} on {test_images} images)",
-              file=sys.stderr, flush=True)  # fmt: skip
     if outbox is None:
         result.status = "FINISHED"
         return
-    outbox.set_tags({"learned": str(result.learned).lower(), **({"best_checkpoint": best} if best else {})})
+    learned = {"learned": str(result.learned).lower()} if result.learned is not None else {}
+    outbox.set_tags({**learned, **({"best_checkpoint": best} if best else {})})
     if cfg.arch == "A" and cfg.model.init == "from_A" and best:  # deeper nets start from it
         outbox.log_artifact(weights_only(best, cell.ckpt_dir / A_WEIGHTS[1]), A_WEIGHTS[0])
     lrn = (
         {"lrn/denominator_mean": activity["mean"], "lrn/denominator_p99": activity["p99"]} if activity else {}
     )
-    outbox.log_metrics({"test/chance_p": chance_p, "images_seen": trainer.global_step * cfg.data.batch_size,
+    chance = {"test/chance_p": chance_p} if chance_p is not None else {}
+    outbox.log_metrics({**chance, "images_seen": trainer.global_step * cfg.data.batch_size,
                         "flops_per_image": forward_flops(module.model, datamodule.input_size), **lrn,
                         "time/fit_seconds": fit_seconds}, step=0)  # fmt: skip
     cell.line.mark("finish_start")
     finish(outbox, "FINISHED", cfg.logger.outage_wait, cell.start, result)
     cell.line.mark("recorded")
     cell.line.write_cell(cfg, trainer, outbox.write_seconds)
+
+
+def test_best(cell: Cell, trainer, module, fitted, best: str | None) -> float:
+    """The test pass on the best checkpoint, and whether the net learned anything (a binomial test
+    against chance); returns that test's p-value."""
+    cfg, result = cell.cfg, cell.result
+    trainer.test(module, datamodule=fitted, ckpt_path=best, weights_only=True, verbose=False)
+    result.test_acc1 = float(trainer.callback_metrics["test/acc1"])
+    test_images = int(trainer.callback_metrics["test/images"])
+    classes = cell.datamodule.num_classes
+    result.learned, chance_p = above_chance(result.test_acc1, test_images, classes)
+    if not result.learned:
+        print(f"warning: {cfg.arch} seed={cfg.seed} learned nothing: test top-1 {result.test_acc1:.1%} is not "
+              f"above chance ({1 / classes:.1%}; binomial p={chance_p:.2f} on {test_images} images)",
+              file=sys.stderr, flush=True)  # fmt: skip
+    return chance_p
 
 
 def run_rank(cfg: DictConfig, shared: dict) -> CellResult:
@@ -268,7 +284,8 @@ def run_rank(cfg: DictConfig, shared: dict) -> CellResult:
         fitted = LightningData(datamodule)
         trainer.fit(module, datamodule=fitted, ckpt_path=shared["resume_from"], weights_only=True)
         best = trainer.checkpoint_callback.best_model_path or None
-        trainer.test(module, datamodule=fitted, ckpt_path=best, weights_only=True, verbose=False)
+        if cfg.trainer.test:
+            trainer.test(module, datamodule=fitted, ckpt_path=best, weights_only=True, verbose=False)
         ok = True
     finally:
         distributed.tear_down(ok)
@@ -330,65 +347,10 @@ def task(cfg: DictConfig, multirun: bool) -> float | None:
                 print(f"SIGTERM: {cfg.arch} seed={cfg.seed} marked KILLED; re-run to resume", file=sys.stderr)
             sys.exit(143)
         raise
-    _print_summary(result, progress)
+    say_how_it_ended(result, progress)
     if result.status not in ("FINISHED", "SKIPPED", "BUSY") and not multirun:
         sys.exit(1)
     return result.val_acc1
-
-
-@dataclass
-class Progress:
-    """Where a cell stands in its study: k of N, the study's elapsed time, and the time left: the
-    cells still to train times the mean time of a trained cell. Both come from the study (the
-    cells its store already holds FINISHED, and their recorded times) and from this process (the
-    cells it has trained or skipped since), so a resumed study neither counts its skipped cells
-    as quick ones nor as cells still to train."""
-
-    k: int  # this cell, 1-based
-    total: int
-    started: float
-    seconds: float = 0.0  # recorded time of the study's FINISHED cells when this launch began
-    timed: int = 0  # how many cells that is
-    finished_ahead: int = 0  # cells of this launch already FINISHED when it began (they will skip)
-
-    @classmethod
-    def from_env(cls, job_num: int) -> Progress | None:
-        value = os.environ.get(PROGRESS_ENV)
-        if not value:
-            return None
-        before, total, started, seconds, timed, finished = value.split(":")
-        return cls(
-            int(before) + job_num + 1, int(total), float(started), float(seconds), int(timed), int(finished)
-        )
-
-    def prefix(self) -> str:
-        return f"[{self.k}/{self.total} · {clock(time.time() - self.started)}]"
-
-    def left(self) -> str:
-        remaining = self.total - self.k
-        if not remaining:
-            return "last cell"
-        to_train = max(remaining - max(self.finished_ahead - _THIS_PROCESS["skipped"], 0), 0)
-        if not to_train:
-            return "nothing more to train"
-        cells = f"{to_train} cell{'s' if to_train > 1 else ''} to train"
-        timed = self.timed + len(_THIS_PROCESS["trained"])
-        if not timed:
-            return f"{cells} (time left known after the first)"
-        mean = (self.seconds + sum(_THIS_PROCESS["trained"])) / timed
-        return f"about {clock(mean * to_train)} left ({cells})"
-
-    @staticmethod
-    def count(r: CellResult) -> None:
-        """This process's cells, for the time left: one trained (its time) or one skipped."""
-        if r.status in ("SKIPPED", "BUSY"):
-            _THIS_PROCESS["skipped"] += 1
-        elif r.status == "FINISHED":
-            _THIS_PROCESS["trained"].append(r.seconds)
-
-
-# The cells this sweep process ran so far (the basic launcher runs a study's cells in one process).
-_THIS_PROCESS: dict = {"trained": [], "skipped": 0}
 
 
 def _job_num() -> int:
@@ -397,27 +359,6 @@ def _job_num() -> int:
         return HydraConfig.get().job.num
     except ValueError:
         return 0
-
-
-def _print_summary(r: CellResult, progress: Progress | None = None) -> None:
-    if r.status == "SKIPPED":
-        line = f"{r.arch} seed={r.seed}: already FINISHED (run {r.run_id}), skipped"
-    elif r.status == "BUSY":
-        line = f"{r.arch} seed={r.seed}: being trained by another live process (run {r.run_id}), skipped"
-    elif r.status == "FINISHED":
-        line = (
-            f"{r.arch} seed={r.seed}: FINISHED in {r.seconds:.0f} s, test top-1 accuracy "
-            f"{r.test_acc1:.1%} (error {1 - r.test_acc1:.1%})"
-            + (f", MLflow run {r.run_id}" if r.run_id else "")
-        )
-    elif r.status == "UNSENT":
-        line = f"{r.arch} seed={r.seed}: trained (test top-1 accuracy {r.test_acc1:.1%}) but not recorded: {r.reason}"
-    else:
-        line = f"{r.arch} seed={r.seed}: {r.status}: {r.reason}"
-    if progress:
-        Progress.count(r)
-        line = f"{progress.prefix()} {line.replace(', MLflow run', '; run')} · {progress.left()}"
-    print(line, flush=True)
 
 
 register()

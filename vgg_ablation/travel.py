@@ -18,13 +18,11 @@ from vgg_ablation import archive, tracking
 from vgg_ablation.errors import UserError
 
 
-def archive_path(cfg: DictConfig, reports: Path = Path("reports")) -> Path:
-    """Where a study's archive goes: `archive.out`, else beside its report."""
-    return (
-        Path(cfg.archive.out).expanduser()
-        if cfg.archive.out
-        else reports / f"{cfg.study.name}-archive.tar.gz"
-    )
+def archive_path(cfg: DictConfig) -> Path:
+    """Where a study's archive goes: `archive.out`, else beside its report (study.reports_dir)."""
+    if cfg.archive.out:
+        return Path(cfg.archive.out).expanduser()
+    return Path(cfg.study.reports_dir).expanduser() / f"{cfg.study.name}-archive.tar.gz"
 
 
 def export_for(cfg: DictConfig, out: Path | None = None) -> archive.Exported:
