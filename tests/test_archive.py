@@ -258,3 +258,21 @@ def test_an_import_stopped_midway_leaves_nothing_and_the_next_one_is_whole(machi
     assert out.returncode == 0 and "remove 1 run(s) an interrupted import left unfinished" in out.stdout
     assert client.get_run(left).info.lifecycle_stage == "deleted"
     assert len(all_runs(tmp_path)) == 2 and len(study_runs(tmp_path)) == 1
+
+
+@pytest.mark.parametrize("study", ["cifar10-cpu", "lrn-cpu"])
+def test_a_committed_study_s_archive_reproduces_its_committed_report(study, tmp_path, monkeypatch):
+    """Anyone can re-analyse a committed study: its archive into an empty store, then `report`
+    (without its data: the digest its runs recorded names it) gives the committed tables."""
+    reports = Path(__file__).resolve().parent.parent / "reports"
+    assert (
+        cli_in_process(["import", str(reports / f"{study}-archive.tar.gz")], tmp_path, monkeypatch).returncode
+        == 0
+    )
+    out = cli_in_process(["report", f"experiment={study}"], tmp_path, monkeypatch)
+    assert out.returncode == 0, out.stderr
+
+    def tables(path: Path) -> list[str]:  # the claims, the looks, the seeds (numbers and verdicts)
+        return [x for x in path.read_text().splitlines() if re.match(r"\| (\d |[A-Z][\w-]* vs |\d{3} )", x)]
+
+    assert tables(tmp_path / "reports" / f"{study}.md") == tables(reports / f"{study}.md") != []

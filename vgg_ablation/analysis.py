@@ -315,9 +315,7 @@ def conclusions(
             "second": c.second,
             "margin": margin,
             "outcome": outcome,
-            "detail": sequential.reading(c.claim.kind, last.low, last.high, margin, c.first)
-            if last is not None and not math.isnan(last.low)
-            else "",
+            "detail": _reading(o, margin),
             "state": o.state,
             "looks": len(o.looks),
             "n": last.n if last else 0,
@@ -344,6 +342,24 @@ def conclusions(
     table.attrs["comparisons"] = len(tested)
     table.attrs["rule"] = rule
     return table.sort_values("claim", kind="stable").reset_index(drop=True) if not table.empty else table
+
+
+def _reading(o: Outcome, margin: float) -> str:
+    """The comparison's interval in plain words. Repeated confidence intervals cover the truth
+    together (that is their error rate), so where a comparison had several looks their common part
+    is read, a narrower interval of the same confidence (Jennison & Turnbull 2000, ch. 9); the
+    verdict itself is the rule's, made look by look."""
+    looks = [lk for lk in o.looks if not math.isnan(lk.low)]
+    if not looks:
+        return ""
+    c = o.comparison
+    low, high = max(lk.low for lk in looks), min(lk.high for lk in looks)
+    if len(looks) == 1 or low > high:
+        return sequential.reading(c.claim.kind, looks[-1].low, looks[-1].high, margin, c.first)
+    words = sequential.reading(c.claim.kind, low, high, margin, c.first)
+    return (
+        f"{words} (where its {len(looks)} looks' intervals meet, from {100 * low:+.2f} to {100 * high:+.2f})"
+    )
 
 
 def _no_verdict_yet(

@@ -434,12 +434,14 @@ def _undecided_note(concl: pd.DataFrame, stages: list[int]) -> str:
                     "(see *Undecided comparisons* below)")  # fmt: skip
         looks = int(r["looks"])
         after = f" at {stages[looks]} seeds per net" if looks < len(stages) else ""
-        chance = (
-            f" (its chance of a verdict by {stages[-1]}: {_chance(r.get('chance_seen'))})"
-            if r.get("chance_seen") is not None and not pd.isna(r.get("chance_seen"))
-            else ""
-        )
-        return f"open: this study's next look{after} decides more{chance}"
+        chance = r.get("chance_seen")
+        if chance is None or pd.isna(chance):
+            return f"open: this study's next look{after} decides more"
+        if chance < 0.1:
+            return (f"open, but its chance of a verdict by {stages[-1]} seeds is {_chance(chance)}: futile at this "
+                    "budget (see *Undecided comparisons* below; a study registered with a futility threshold stops "
+                    "such a comparison)")  # fmt: skip
+        return f"open: this study's next look{after} decides more (its chance of a verdict by {stages[-1]}: {_chance(chance)})"
 
     parts = [
         f"claim {r['claim']} ({md_escape(r['first'])} vs {md_escape(r['second'])}): {md_escape(r['detail'])} "
@@ -485,7 +487,10 @@ def convergence(g: Gathered) -> list[str]:
     conv, cfg = g.convergence, g.cfg
     epochs, tol = cfg.trainer.max_epochs, cfg.study.convergence_tolerance
     if conv is None or conv.empty:
-        why = ("its runs were rebuilt from a runs CSV: their learning curves were lost with the study's store"
+        original = Path(cfg.study.reports_dir) / f"{cfg.study.name}-learning-curves-original.png"
+        kept = (f"; the validation curves the original report drew from them are kept beside this report: "
+                f"[{original.name}]({original.name})" if original.is_file() else "")  # fmt: skip
+        why = ("its runs were rebuilt from a runs CSV: their learning curves were lost with the study's store" + kept
                if g.res["rebuilt_from"].notna().any() else
                "the study has no longer-budget cells (`study.convergence_epochs`); the curves below show how each "
                "net's validation and training error were still moving")  # fmt: skip
