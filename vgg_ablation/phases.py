@@ -4,6 +4,7 @@ and reads them): the lr selection's sweep before the first look, and the converg
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -32,8 +33,12 @@ def select_lrs(
         todo = (selection.table["status"] == "MISSING").sum()
         print(f"lr selection: {', '.join(cfg.study.archs)} x lr {grid} x seeds "
               f"{', '.join(map(str, cfg.study.lr_seeds))} ({todo} cells to train, validation only)", flush=True)  # fmt: skip
+        cells = len(cfg.study.archs) * len(cfg.study.lr_grid) * len(cfg.study.lr_seeds)
+        jobs = [a.split("=", 1)[1] for a in pinned if a.startswith("hydra.launcher.n_jobs=")]
+        progress = (0, cells, time.time(), 0.0, 0, cells - int(todo), int(jobs[-1]) if jobs else 1)
         code = launch([*pinned, f"logger.parent_run_id={parent}", "trainer.test=false", f"optim.lr={grid}"],
-                      list(cfg.study.archs), list(cfg.study.lr_seeds), folder / "lr-selection")  # fmt: skip
+                      list(cfg.study.archs), list(cfg.study.lr_seeds), folder / "lr-selection",
+                      seed_major=True, progress=progress)  # fmt: skip
         if code not in (0, 1):
             raise SelectionStopped(code)
         selection = read_selection(cfg, client, experiment_id)
@@ -69,4 +74,7 @@ def run_convergence(cfg: DictConfig, client, experiment_id: str, pinned: list[st
     if len(ended) == len(keys):
         return 0
     overrides = [f"trainer.max_epochs={longer.trainer.max_epochs}", "trainer.test=false"]
-    return launch([*pinned, *overrides], list(cfg.study.archs), seeds, folder / "convergence")
+    jobs = [a.split("=", 1)[1] for a in pinned if a.startswith("hydra.launcher.n_jobs=")]
+    progress = (0, len(keys), time.time(), 0.0, 0, len(ended), int(jobs[-1]) if jobs else 1)
+    return launch([*pinned, *overrides], list(cfg.study.archs), seeds, folder / "convergence", seed_major=True,
+                  progress=progress)  # fmt: skip

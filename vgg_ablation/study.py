@@ -166,14 +166,14 @@ def open_study(args: list[str]) -> Sweep:
     experiment_id = tracking.ensure_experiment(client, tracking.experiment_name(cfg))
     tracking.describe_experiment(client, experiment_id, cfg.study.description)
     folder = sweep_dir(cfg)
+    filled = fill_the_machine(cfg, args)  # its lr selection's cells too: the same setting throughout
+    if filled:
+        args = [*args, *filled]
+        cfg = compose(args)
     if cfg.study.lr_grid and not cfg.optim.lr_per_arch:
         base = [a for a in args if not a.startswith(("logger.tracking_uri=", "logger.parent_run_id="))]
         chosen = phases.select_lrs(cfg, client, experiment_id, [*base, f"logger.tracking_uri={uri}"], folder)
         args = [*args, lr_override(chosen)]
-        cfg = compose(args)
-    filled = fill_the_machine(cfg, args)
-    if filled:
-        args = [*args, *filled]
         cfg = compose(args)
     existing = tracking.find_study_run(client, experiment_id, study_run_key(cfg))
     registered = dict(existing.data.params) if existing else {}
@@ -421,9 +421,11 @@ def finish_study(sweep: Sweep, stop_reason: str) -> int:
     print(states.drop(columns=["reason", "fit_seconds", "started"]).to_markdown(index=False, floatfmt=".3f"))
     trained_now = states[states["started"].fillna(0) >= sweep.started]
     if len(trained_now):
-        fit = trained_now["fit_seconds"].fillna(0).sum()
-        print(f"training (fit) {fit:.0f} s of {elapsed:.0f} s wall for the {len(trained_now)} runs of this launch: "
-              f"fixed costs (start-up, data, tracking, testing, checkpoints) {(elapsed - fit) / elapsed:.0%}")  # fmt: skip
+        fit, at_once = trained_now["fit_seconds"].fillna(0).sum(), side_by_side(sweep.pinned)
+        capacity = elapsed * at_once  # cell-seconds the launch had: its wall time x the cells trained at once
+        print(f"training (fit) {fit:.0f} cell-s of {capacity:.0f} ({elapsed:.0f} s wall x {at_once} cell(s) at once) "
+              f"for the {len(trained_now)} runs of this launch: the rest (start-up, data, tracking, testing, "
+              f"checkpoints, idle cores) {max(capacity - fit, 0) / capacity:.0%}")  # fmt: skip
     timed_out = "time limit" in stop_reason
     unfinished = states[(states["status"] != "FINISHED") & ~(timed_out & (states["status"] == "MISSING"))]
     for _, row in unfinished.iterrows():

@@ -24,7 +24,7 @@ def sweep_dir(cfg: DictConfig) -> Path:
 
 
 def launch(args: list[str], archs: list[str], seeds: list[int], folder: Path, seed_major: bool = False,
-           progress: tuple[int, int, float, float, int, int] | None = None, deadline: float | None = None) -> int:  # fmt: skip
+           progress: tuple | None = None, deadline: float | None = None) -> int:  # fmt: skip
     """One Hydra multirun over archs x seeds in a subprocess: arch-major (the paper's order, and
     the trained A first for init=from_A), or seed-major, so that a study stopped early still holds
     complete paired blocks (every arch of seeds 0..k). The sweep shares the study's process group,
