@@ -46,6 +46,7 @@ NON_SEMANTIC = {
     "study.claims",
     "study.parallel",
     "study.reports_dir",
+    "study.next_step",
     "study.lr_grid",
     "study.lr_seeds",
     "study.convergence_epochs",

@@ -178,6 +178,9 @@ class StudyConfig:
     time_limit: float | None = None
     description: str = ""
     reports_dir: str = "reports"  # where its report, plots, runs CSV and archive go
+    # What its report tells a reader to do when the study ends undecided (a study file's own advice,
+    # e.g. the sample's: which study decides, what it costs, the command); "": worked out from the plans.
+    next_step: str = ""
 
 
 @dataclass

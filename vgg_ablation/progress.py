@@ -24,8 +24,10 @@ class EpochLine(pl.Callback):
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self.started = self.started or (time.time(), trainer.current_epoch)
 
-    def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        if trainer.sanity_checking or self.started is None:
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        # after the epoch's validation (Lightning runs it inside the training epoch), whose metrics
+        # the module has logged by now: a callback's on_validation_epoch_end runs before the module's
+        if self.started is None:
             return
         done = trainer.current_epoch + 1
         per_epoch = (time.time() - self.started[0]) / max(done - self.started[1], 1)

@@ -182,6 +182,7 @@ def write_gathered(g: Gathered, out_dir: Path | None = None) -> Path:
         sections.looks(g),
         sections.seeds(g),
         sections.planning(g),
+        sections.next_step(g),
         sections.lrn(g.summary, g.res),
         sections.compute(g),
         sections.designs(),

@@ -536,6 +536,35 @@ def not_converged(g: Gathered) -> dict[str, str]:
     }
 
 
+def next_step(g: Gathered) -> list[str]:
+    """One plain line for a study that ended with comparisons undecided: what to run for a verdict,
+    what it costs, the command."""
+    concl, cfg = g.concl, g.cfg
+    undecided = concl[concl["state"].isin(["open", "futile", "maximum"])] if not concl.empty else concl
+    if undecided.empty:
+        return []
+    if (undecided["state"] == "open").all():
+        line = (f"the open comparisons continue at the next look: `vgg-ablation study experiment={cfg.study.name}` "
+                "(the same command) trains what it needs")  # fmt: skip
+    elif cfg.study.next_step:
+        line = cfg.study.next_step
+    else:
+        worst = max(undecided.get("plan_design", pd.Series(dtype=float)).dropna(), default=math.nan)
+        per_cell = g.res["seconds"].mean()
+        nets = len(g.summary)
+        if math.isnan(worst) or worst == math.inf:
+            line = ("at this budget even 400 seeds per net would likely not decide the undecided comparisons: more "
+                    "data, a longer budget or a wider margin is the way (docs/statistics.md)")  # fmt: skip
+        else:
+            hours = worst * nets * per_cell / 3600
+            line = (f"a new study with up to {int(worst)} seeds per net would have an 80% chance of a verdict on each "
+                    f"undecided comparison at its design effect; about {hours:.1f} hours of cells at this study's cell times "
+                    f"({per_cell:.0f} s): `vgg-ablation study experiment={cfg.study.name} study.name={cfg.study.name}-2 "
+                    f"study.seeds=[{max(g.design.order) + 1},{max(g.design.order) + 2},{max(g.design.order) + 3}] "
+                    f"study.max_seeds={int(worst)}`")  # fmt: skip
+    return ["## What next", "", line[0].upper() + line[1:] + ".", ""]
+
+
 def compute(g: Gathered) -> list[str]:
     compute = analysis.compute_table(g.summary)
     if compute.empty:
