@@ -15,7 +15,7 @@ from vgg_ablation.models import (
     transfer_from_a,
 )
 
-# facts.md, "Parameter counts" (224x224x3, 1000 classes) and the lecture's tables.
+# The paper's Table 2 and torchvision's vgg11/13/16/19 num_params (224x224x3, 1000 classes), and the lecture's tables.
 EXACT_PARAMS = {
     "A": 132_863_336,
     "A-LRN": 132_863_336,

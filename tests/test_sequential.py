@@ -152,7 +152,7 @@ def test_worst_cases_at_the_margins_hold_the_error():
 
 
 def test_at_the_pilot_spreads_the_depth_study_decides_as_the_docs_say():
-    # facts.md's pilot (full CIFAR-10, width 1/8, BN, 12 epochs): B-A -1.47, D-B +1.13 points,
+    # the pilot (reports/cifar10-cpu-pilot.md: full CIFAR-10, width 1/8, BN, 12 epochs): B-A -1.47, D-B +1.13 points,
     # sd of differences 1.37 and 0.87 (nets' own sd ~0.88, D and B correlated +0.5).
     tested, design = depth_design()
     means = {"A": 0.2780, "B": 0.2633, "D": 0.2746}

@@ -60,7 +60,7 @@ class Claim:
     paper: bool = True  # one of the paper's conclusions (a control is named only where tested)
 
 
-# facts.md, "The conclusions to test" (paper section 4.1).
+# The paper's conclusions (Simonyan & Zisserman, arXiv 1409.1556, section 4.1), as the lecture states them.
 CLAIMS = (
     Claim(1, "lrn", "LRN does not help: A-LRN is no better than A", "A-LRN", "A", "no better"),
     Claim(2, "depth", "Depth helps: B (13 layers) beats A (11)", "B", "A", "better"),

@@ -22,7 +22,7 @@ from vgg_ablation import __version__, analysis, design, runtable, tracking
 from vgg_ablation.cells import SCRATCH_LABEL, needs_scratch_b
 from vgg_ablation.models import PAPER_STEPS
 
-# facts.md, Table 3, single test scale, S=256: ImageNet val top-1 / top-5 error, %.
+# Simonyan & Zisserman, arXiv 1409.1556, Table 3, single test scale, S=256: ImageNet val top-1 / top-5 error, %.
 PAPER_TABLE3 = {
     "A": (29.6, 10.4),
     "A-LRN": (29.7, 10.5),
