@@ -152,17 +152,19 @@ def test_worst_cases_at_the_margins_hold_the_error():
 
 
 def test_at_the_pilot_spreads_the_depth_study_decides_as_the_docs_say():
-    # the pilot (reports/cifar10-cpu-pilot.md: full CIFAR-10, width 1/8, BN, 12 epochs): B-A -1.47, D-B +1.13 points,
-    # sd of differences 1.37 and 0.87 (nets' own sd ~0.88, D and B correlated +0.5).
+    # the pilot (reports/cifar10-cpu-pilot.md: full CIFAR-10, width 1/8, BN, 12 epochs): B-A -1.47, D-B
+    # +1.13 points, sd of differences 1.37 and 0.87: nets' own sd 0.877, B and A correlated -0.22, D
+    # and B +0.51 (docs/statistics.md's cost table: B vs A decided in 91%, D vs B in 98%).
     tested, design = depth_design()
     means = {"A": 0.2780, "B": 0.2633, "D": 0.2746}
     sds = dict.fromkeys(means, 0.00877)
-    corr = np.array([[1, 0, 0], [0, 1, 0.5], [0, 0.5, 1.0]])
+    r_ab, r_bd = 1 - 0.0137**2 / (2 * 0.00877**2), 1 - 0.0087**2 / (2 * 0.00877**2)
+    corr = np.array([[1, r_ab, 0], [r_ab, 1, r_bd], [0, r_bd, 1.0]])
     studies = simulate_studies(means, sds, design, tested, 2000, seed=4, corr=corr)
     decided = np.array([[o.state == "decided" for o in s] for s in studies])
     right = np.array([[s[0].code == SUPPORTED, s[1].code == CONTRADICTED] for s in studies])
-    assert decided.mean(0)[0] >= 0.90 and decided.mean(0)[1] >= 0.93  # docs: about 95% and 98%
-    assert right.mean(0)[0] >= 0.88 and right.mean(0)[1] >= 0.92
+    assert decided.mean(0)[0] >= 0.88 and decided.mean(0)[1] >= 0.95  # docs: 91% and 98%
+    assert right.mean(0)[0] >= 0.86 and right.mean(0)[1] >= 0.94
     seeds_used = np.mean([max(o.last.n for o in s) for s in studies])
     assert seeds_used < 13  # stops early on average: the fixed plan would use 18
 
