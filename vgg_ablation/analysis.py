@@ -23,6 +23,9 @@ How a claim is decided (on test top-1 error, in points):
   its differences, at the design's effect and at the observed one.
 - Identical results on every paired seed (an LRN that did nothing, say) give no interval and no
   verdict: they are named as such.
+
+About 460 lines, one concern: from the runs to the verdict table, in the order a report reads it
+(the claims, which a study tests, its looks replayed, the table); the plans are plans.py's.
 """
 
 from __future__ import annotations

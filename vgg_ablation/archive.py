@@ -23,7 +23,7 @@ written (the archive's checksums and paths, the destination's registered rule), 
 import writes carry none of the tags a study finds them by until each is whole: an import cut
 short leaves nothing a study or a report would read, and the next import removes it.
 
-About 480 lines, one concern: the archive's format, both directions, in the order a run travels
+About 550 lines, one concern: the archive's format, both directions, in the order a run travels
 (read from a store, written to disk; read from disk, checked, written to a store).
 """
 

@@ -8,7 +8,7 @@ function, `build_model`. References:
 - LeNet (28x28x1) and AlexNet (227x227x3): as the lecture tabulates them (`model.summary()`
   tables in the seed slides), 107,786 and 62,378,344 parameters.
 
-About 470 lines, one concern read top to bottom: the layer tokens, the architecture table, the
+About 500 lines, one concern read top to bottom: the layer tokens, the architecture table, the
 LRN layer, `build_model`, init, A's weights into deeper nets, and the counts tests check against
 the paper (parameters, FLOPs, LRN activity).
 """

@@ -2,7 +2,7 @@
 in, markdown lines out. Nothing here reads a store or computes a statistic: the verdicts come from
 analysis.py, the figures from report_plots.py.
 
-About 500 lines, one concern: the document, its sections in the order the report prints them,
+About 770 lines, one concern: the document, its sections in the order the report prints them,
 each a short function of the gathered data (splitting them further would scatter one page).
 """
 

@@ -16,7 +16,7 @@ module adds around them:
 - afterwards, every cell's state read back from MLflow, the report, and an exit code that is 0
   only when every cell FINISHED.
 
-About 480 lines, one concern: one study's life from its checks to its exit code, in the order it
+About 490 lines, one concern: one study's life from its checks to its exit code, in the order it
 happens (open, looks, launches, stops, finish); its stop handling is part of launching a sweep.
 """
 
