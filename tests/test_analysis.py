@@ -331,9 +331,10 @@ def test_an_open_comparison_continues_in_its_study_and_only_one_at_the_maximum_i
     a new study; once the same data sit at the study's maximum, the plan for a new study comes."""
     from vgg_ablation import report
 
-    errors = {"A": [0.32, 0.28, 0.33, 0.29, 0.30, 0.31], "B": [0.30, 0.30, 0.30, 0.30, 0.30, 0.30]}
+    # B about a point better, too noisy to decide at 6 seeds, with a fair chance by 12
+    errors = {"A": [0.32, 0.28, 0.33, 0.29, 0.30, 0.31], "B": [0.30, 0.29, 0.31, 0.28, 0.30, 0.29]}
 
-    def table(max_seeds):
+    def table(max_seeds, errors=errors):
         design = analysis.make_design(list(range(6)), max_seeds, 3, 0.05, 1)
         concl = analysis.conclusions(
             runs(errors), ["A", "B"], False, design.rule, MARGINS, design.order, design.stages
@@ -343,7 +344,10 @@ def test_an_open_comparison_continues_in_its_study_and_only_one_at_the_maximum_i
     concl, stages = table(12)  # looks at 6, 9, 12: the first one taken
     assert set(concl.loc[concl["state"] != "not tested", "state"]) == {"open"}
     note = report_sections._undecided_note(concl, stages)
-    assert "open: this study's next look at 9 seeds per net decides more" in note and "Planning" not in note
+    assert (
+        "open: this study's next look at 9 seeds per net decides more (its chance of a verdict by 12:" in note
+    )
+    assert "Planning" not in note
     assert report._stop_reason(concl, stages).startswith("Interim report after look 1 of at most 3;")
     concl, stages = table(6)  # the same data at the study's maximum
     assert set(concl.loc[concl["state"] != "not tested", "state"]) == {"maximum"}
@@ -351,3 +355,8 @@ def test_an_open_comparison_continues_in_its_study_and_only_one_at_the_maximum_i
         concl, stages
     )
     assert report._stop_reason(concl, stages) == "maximum reached"
+    # no difference at all: open, but the reader is told it is futile at this budget
+    concl, stages = table(12, {"A": errors["A"], "B": [0.30] * 6})
+    assert "open, but its chance of a verdict by 12 seeds is 0%: futile at this budget" in (
+        report_sections._undecided_note(concl, stages)
+    )

@@ -71,7 +71,7 @@ def test_report_for_a_study_with_no_runs_is_refused(workdir, monkeypatch):
     [
         (
             ["experiment=nope"],
-            "unknown study 'nope'; choose one of: cifar10, cifar10-cpu, cifar10-cpu-probe, cifar10-gpu, imagenet, lrn-cpu, sample, smoke",
+            "unknown study 'nope'; choose one of: cifar10, cifar10-cpu, cifar10-cpu-probe, cifar10-gpu, imagenet, lrn-cpu, lrn-cpu-paper, sample, smoke",
         ),
         (["experiment=smoke", "study.seeds=[]"], "study.seeds is empty"),
         (["experiment=smoke", "study.archs=[A,Z]"], "unknown arch 'Z'"),
@@ -284,4 +284,22 @@ def test_a_cpu_study_fills_the_machine_a_cell_per_core_on_one_thread_each(workdi
     other = cli_in_process([*study, "trainer.threads=2"], workdir, monkeypatch)
     assert (
         other.returncode == 2 and "trained its cells with another setting (threads 1 -> 2; " in other.stderr
+    )
+
+
+def test_the_lrn_study_opts_into_its_three_way_claim_and_its_rescaling_control(workdir, monkeypatch):
+    study = ["study", "experiment=smoke", "study.name=lrn3", *TINY, "study.archs=[A,A-LRN,A-LRN0]",
+             "study.claims=[lrn-three-way]", "model.lrn_scale=paper"]  # fmt: skip
+    out = cli_in_process(study, workdir, monkeypatch)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    report = (workdir / "reports" / "lrn3.md").read_text()
+    assert "split evenly over the 2 comparisons" in report  # A-LRN vs A (three-way) and vs A-LRN0
+    assert "LRN does not help: A-LRN neither beats A nor matters (three-way)" in report
+    assert "A-LRN vs A-LRN0 (alpha 0, its rescaling only)" in report
+    assert "A-LRN is no better than A" not in report  # the claim it replaces is not tested twice
+    assert "| A-LRN0 |" in report and "rescaling only (alpha = 0: the control, by design)" in report
+    bad = cli_in_process([*study[:-2], "study.claims=[lrn-sideways]"], workdir, monkeypatch)
+    assert (
+        bad.returncode == 2
+        and "unknown study.claims 'lrn-sideways'; choose from: lrn-three-way" in bad.stderr
     )

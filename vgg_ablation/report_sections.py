@@ -679,15 +679,21 @@ def lrn(summary: pd.DataFrame, runs_res: pd.DataFrame) -> list[str]:
         scale = runs_res.loc[runs_res["net"] == net, "lrn_scale"].dropna().unique()
         lines.append(
             f"| {md_escape(net)} | {md_escape(', '.join(map(str, scale)))} | {r['denominator_mean']:.3f} | "
-            f"{r['denominator_p99']:.3f} | {'active' if r['active'] else '**LRN inactive at this input scale**'} |"
+            f"{r['denominator_p99']:.3f} | {_lrn_state(net, r['active'])} |"
         )
-    if not activity["active"].all():
+    if not activity.loc[[n for n in activity.index if n != "A-LRN0"], "active"].all():
         lines += [
             "",
             "An inactive LRN makes claim 1 true by construction: rerun with `model.lrn_scale=paper` "
             "(the default) or `data.normalize=paper` to test it as the paper had it.",
         ]
     return [*lines, ""]
+
+
+def _lrn_state(net: str, active: bool) -> str:
+    if net == "A-LRN0":  # the control: LRN's layer with alpha = 0, its constant rescaling alone
+        return "rescaling only (alpha = 0: the control, by design)"
+    return "active" if active else "**LRN inactive at this input scale**"
 
 
 def _mlflow_line(cfg: DictConfig, exp, parent) -> str:
