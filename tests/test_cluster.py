@@ -1,64 +1,139 @@
-"""Beyond one process: a study through Hydra's submitit launcher and its real SLURM executor,
-driven against stand-in sbatch/sacct/scancel/scontrol/srun (tests/fake_slurm.py), and cells on two
-DDP processes. (submitit's local executor: test_reliability's two-studies test.)"""
+"""Beyond one process: a study on a real single-node SLURM cluster (tests/slurm_cluster.py:
+Debian's slurm-wlm and munge, no accounting) through the project's launcher presets, and cells on
+two DDP processes. (submitit's local executor: test_reliability's two-studies test.)"""
 
 from __future__ import annotations
 
 import os
-import signal
+import time
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from . import fake_slurm
+from . import slurm_cluster
 from .conftest import TINY, all_runs, assert_children_of_one_study, cli_in_process, run_cli, store_uri
 from .test_reliability import LONGER, by_cell, popen_cli, val_epochs, wait_for_checkpointed_running_run
 
 pytestmark = pytest.mark.slow
+CPU = ["hydra/launcher=slurm-cpu", "hydra.launcher.mem_gb=1"]  # the CPU preset, sized for the test node
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A real SLURM cluster for this module's tests; skipped (with why) where none can start, and
+    a failure where CI installed SLURM (VGG_ABLATION_REQUIRE_SLURM)."""
+    why = slurm_cluster.why_not()
+    if why:
+        if os.environ.get("VGG_ABLATION_REQUIRE_SLURM"):
+            pytest.fail(f"SLURM is required here: {why}")
+        pytest.skip(why)
+    started = slurm_cluster.Cluster(tmp_path_factory.mktemp("slurm"))
+    print(f"SLURM cluster up in {started.seconds_to_start:.1f} s")
+    yield started
+    started.stop()
 
 
 @pytest.fixture
-def slurm(tmp_path):
-    """Stand-in SLURM commands first on PATH; returns their state folder."""
-    state = tmp_path / "slurm-state"
-    fake_slurm.install(tmp_path / "slurm-bin")
-    return state, {"PATH": f"{tmp_path / 'slurm-bin'}:{os.environ['PATH']}", "FAKE_SLURM_DIR": str(state)}
+def on_cluster(cluster):
+    """The cluster, its queue empty before and after the test."""
+    cluster.run("scancel", "--full", "-u", "root")
+    yield cluster
+    assert cluster.queue() == [], f"left in the queue: {cluster.queue()}"
+
+
+def finish_output(proc, timeout: float = 600) -> str:
+    output, _ = proc.communicate(timeout=timeout)
+    return output
 
 
 @pytest.mark.long
-def test_a_study_on_slurm_where_a_preempted_cell_resumes_into_its_run(workdir, slurm):
-    """The `slurm` launcher preset submits one array job through the real submitit SLURM executor;
-    one cell is preempted mid-run (SIGTERM, then requeued, as SLURM does): every cell FINISHED,
-    one run each, and the preempted one resumed into its own run with every epoch once."""
-    state, env = slurm
-    study = ["study", "experiment=smoke", "hydra/launcher=slurm", "hydra.launcher.partition=test", *LONGER]
-    proc = popen_cli(study, workdir, env)
+def test_a_scancelled_cell_ends_the_study_with_a_report_and_the_rerun_submits_only_that_cell(workdir, on_cluster):
+    """A cell cancelled mid-run with `scancel`, on a cluster without accounting: the study notices,
+    says so in one line, lets the other cells finish, writes its report with what finished, exits 1,
+    leaves nothing in the queue; the rerun submits only the cancelled cell, which resumes into its
+    own run from its checkpoint, every epoch once."""
+    study = ["study", "experiment=smoke", *CPU, *LONGER]
+    proc = popen_cli(study, workdir, on_cluster.env)
     victim = wait_for_checkpointed_running_run(workdir, proc, arch="B")
-    task = next(p for p in state.glob("*.pid") if victim_is_in(p, victim))
-    (state / f"{task.stem}.requeue").touch()  # SLURM's preemption with requeue: SIGTERM, then again
-    os.killpg(int(task.read_text()), signal.SIGTERM)
-    output, _ = proc.communicate(timeout=600)
+    job = victim.data.tags["slurm_job"]  # which task trains it: where a user finds it too
+    assert on_cluster.run("scancel", job).returncode == 0
+    cancelled = time.time()
+    output = finish_output(proc)
+    assert proc.returncode == 1, output[-3000:]
+    assert time.time() - cancelled < 300, output[-3000:]
+    assert "Traceback" not in output and "Bypassing sacct error" not in output, output[-3000:]
+    label = f"B seed={victim.data.params['seed']}"
+    assert f"{label}: left the queue without a result" in output, output[-3000:]
+    assert "[3/4" in output and "epoch 6/6" in output  # the cells' own progress, in the terminal
+    assert "summary: 3 FINISHED, 1 KILLED" in output and "report: reports/smoke.md" in output, output[-2000:]
+    assert (workdir / "reports" / "smoke.md").exists()
+    client = MlflowClient(store_uri(workdir))
+    assert client.get_run(victim.info.run_id).info.status == "KILLED"  # it heard the SIGTERM
+    assert on_cluster.queue() == []
+
+    again = run_cli(study, workdir, on_cluster.env, timeout=600)
+    output = again.stdout + again.stderr
+    assert again.returncode == 0, output[-3000:]
+    assert output.count("), not submitted\n") == 3, output[-3000:]
+    assert ": 1 cell(s) (3 already FINISHED, not submitted)" in output, output[-3000:]
+    runs = all_runs(workdir)
+    assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)
+    assert all(len(cell) == 1 for cell in by_cell(runs).values())
+    resumed = client.get_run(victim.info.run_id)
+    assert resumed.info.status == "FINISHED" and int(resumed.data.tags["resumed_after_epochs"]) >= 1
+    assert val_epochs(workdir, victim.info.run_id) == set(range(6))
+    assert all(r.data.tags["cpu_threads"] == "1" for r in runs)  # the one CPU SLURM gave each task
+    assert_children_of_one_study(workdir)
+
+
+@pytest.mark.long
+def test_a_requeued_cell_resumes_into_its_run(workdir, on_cluster):
+    """SLURM's preemption with requeue (`scontrol requeue`: SIGTERM, back to the queue, started
+    again): the study waits it out, every cell FINISHED once, the requeued one in its own run with
+    every epoch once."""
+    study = ["study", "experiment=smoke", *CPU, *LONGER]
+    proc = popen_cli(study, workdir, on_cluster.env)
+    victim = wait_for_checkpointed_running_run(workdir, proc, arch="B")
+    assert on_cluster.run("scontrol", "requeue", victim.data.tags["slurm_job"]).returncode == 0
+    output = finish_output(proc)
     assert proc.returncode == 0, output[-3000:]
     runs = all_runs(workdir)
     assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)
     assert all(len(cell) == 1 for cell in by_cell(runs).values())
-    resumed = next(r for r in runs if r.info.run_id == victim.info.run_id)
-    assert val_epochs(workdir, resumed.info.run_id) == set(range(6))
-    attempts = {p.stem: len(p.read_text().split()) for p in state.glob("*.attempts")}
-    assert attempts[task.stem] == 2 and sorted(attempts.values()) == [1, 1, 1, 2]  # requeued once
-    assert_children_of_one_study(workdir)
-    assert "#SBATCH --partition=test" in "".join(
-        p.read_text() for p in Path(workdir).rglob("*submission*.sh")
-    )
+    resumed = MlflowClient(store_uri(workdir)).get_run(victim.info.run_id)
+    assert int(resumed.data.tags["attempts"]) == 2
+    assert val_epochs(workdir, victim.info.run_id) == set(range(6))
+    assert "#SBATCH --cpus-per-task=1" in "".join(p.read_text() for p in Path(workdir).rglob("*submission*.sh"))
 
 
-def victim_is_in(pid_file: Path, victim) -> bool:
-    """Is the victim's training process in this task's process group?"""
-    try:
-        return os.getpgid(int(victim.data.tags["pid"])) == int(pid_file.read_text())
-    except (ProcessLookupError, ValueError):
-        return False
+def test_a_request_the_cluster_can_never_meet_is_refused_before_anything_is_submitted(workdir, on_cluster):
+    """The GPU preset on a CPU-only cluster, more CPUs or memory than the node has, a partition
+    that does not exist: one line each, exit 2, nothing submitted, no traceback."""
+    cases = {
+        ("hydra/launcher=slurm",): "partition 'cpu' has no GPU(s) per node and the preset asks for 1: use hydra/launcher=slurm-cpu",
+        (*CPU, "hydra.launcher.cpus_per_task=64"): "a cell asks for 64 CPUs and the largest node of partition 'cpu' has",
+        (*CPU, "hydra.launcher.mem_gb=4096"): "a cell asks for 4096 GB",
+        (*CPU, "hydra.launcher.partition=gpu"): "no partition 'gpu' on this cluster (sinfo lists: cpu, short)",
+    }  # fmt: skip
+    for overrides, expected in cases.items():
+        result = run_cli(["study", "experiment=smoke", *overrides, *TINY], workdir, on_cluster.env)
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+        assert len(errors) == 1 and expected in errors[0], result.stderr[-2000:]
+        assert "Traceback" not in result.stdout + result.stderr
+        assert on_cluster.queue() == []
+
+
+def test_a_cell_the_partition_can_never_start_is_cancelled_and_said(workdir, on_cluster):
+    """A time limit above the partition's: SLURM would keep the cells pending for good
+    (PartitionConfig, as SLURM 22.05 words it); the study cancels them, says why per cell, and ends."""
+    result = run_cli(["study", "experiment=smoke", *CPU, "hydra.launcher.partition=short",
+                      "hydra.launcher.timeout_min=5", *TINY], workdir, on_cluster.env, timeout=300)  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "Traceback" not in output, output[-3000:]
+    assert "A seed=0: cannot start in this partition (PartitionConfig" in output, output[-3000:]
+    assert on_cluster.queue() == []
 
 
 @pytest.mark.long

@@ -6,6 +6,8 @@ data and nets here without importing Lightning."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 from omegaconf import DictConfig
 
@@ -97,10 +99,18 @@ def prepare(cfg: DictConfig):
 
     validate(cfg)
     seed_everything(cfg.seed, workers=True, verbose=False)  # before the model's init draws
-    if cfg.trainer.threads:
-        torch.set_num_threads(cfg.trainer.threads)
+    threads = cfg.trainer.threads or slurm_cpus()
+    if threads:
+        torch.set_num_threads(threads)
     datamodule = data_for(cfg)
     return datamodule, model_for(cfg, cfg.arch, datamodule)
+
+
+def slurm_cpus() -> int | None:
+    """The CPUs SLURM gave this task, when it runs in one (SLURM_CPUS_PER_TASK): torch's default,
+    every core of the node, would oversubscribe the cores other tasks were given."""
+    value = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    return int(value) if value.isdigit() and int(value) > 0 else None
 
 
 def data_for(cfg: DictConfig) -> InMemoryData | FileData:

@@ -200,7 +200,16 @@ def environment_tags(device_name: str) -> dict[str, str]:
         "host": socket.gethostname(),
         "pid": str(os.getpid()),
         "heartbeat": f"{time.time():.0f}",
+        **slurm_job(),
     }
+
+
+def slurm_job() -> dict[str, str]:
+    """The SLURM job (array task) a cell runs in, if any: where a cluster user finds its log and
+    the id to `scancel`."""
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    job = f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID")
+    return {"slurm_job": job} if job else {}
 
 
 def pid_alive(pid: int) -> bool:

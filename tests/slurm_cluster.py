@@ -1,0 +1,135 @@
+"""A real single-node SLURM cluster for the tests: Debian's slurm-wlm daemons (slurmctld and
+slurmd) and munge, started with a private configuration in a temporary folder (its own ports,
+state and logs; `SLURM_CONF` points the client commands at it), torn down after.
+
+No accounting daemon (slurmdbd needs a MySQL server): `sacct` answers "accounting storage is
+disabled", as it does on many small clusters, which is the harder case for a study (submitit's own
+wait polls `sacct`). Two partitions: `cpu` (the default: the node's cores, no GPUs) and `short`
+(a one-minute time limit, for requests that can never start there)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+DAEMONS = ("slurmctld", "slurmd", "munged")
+
+
+def why_not() -> str | None:
+    """Why no cluster can start here (None: it can)."""
+    missing = [d for d in DAEMONS if not shutil.which(d) and not Path(f"/usr/sbin/{d}").exists()]
+    if missing:
+        return f"SLURM is not installed ({', '.join(missing)} missing: apt-get install slurm-wlm munge)"
+    if os.geteuid() != 0:
+        return "the SLURM daemons need root to start a node"
+    if not Path("/etc/munge/munge.key").exists():
+        return "munge has no key (/etc/munge/munge.key)"
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_munge() -> None:
+    """munged, as its Debian service runs it (user munge), unless one answers already."""
+    if subprocess.run(["munge", "-n"], capture_output=True).returncode == 0:
+        return
+    Path("/run/munge").mkdir(parents=True, exist_ok=True)
+    shutil.chown("/run/munge", "munge", "munge")
+    subprocess.run(["runuser", "-u", "munge", "--", "/usr/sbin/munged"], check=True)
+    for _ in range(50):
+        if subprocess.run(["munge", "-n"], capture_output=True).returncode == 0:
+            return
+        time.sleep(0.1)
+    raise RuntimeError("munged did not start")
+
+
+def config(folder: Path, memory_mb: int) -> str:
+    host = socket.gethostname()
+    cpus = os.cpu_count() or 1
+    return f"""\
+ClusterName=vggtest
+SlurmctldHost={host}
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
+AuthType=auth/munge
+CredType=cred/munge
+SlurmUser=root
+StateSaveLocation={folder}/state
+SlurmdSpoolDir={folder}/spool
+SlurmctldPidFile={folder}/slurmctld.pid
+SlurmdPidFile={folder}/slurmd.pid
+SlurmctldLogFile={folder}/slurmctld.log
+SlurmdLogFile={folder}/slurmd.log
+ProctrackType=proctrack/pgid
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core_Memory
+ReturnToService=2
+MpiDefault=none
+JobRequeue=1
+AccountingStorageType=accounting_storage/none
+JobAcctGatherType=jobacct_gather/none
+JobCompType=jobcomp/none
+KillWait=10
+MinJobAge=300
+NodeName={host} CPUs={cpus} RealMemory={memory_mb} State=UNKNOWN
+PartitionName=cpu Nodes={host} Default=YES MaxTime=INFINITE State=UP
+PartitionName=short Nodes={host} MaxTime=1 State=UP
+"""
+
+
+class Cluster:
+    """A started cluster: `env` points SLURM's commands at it."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        (folder / "state").mkdir(parents=True, exist_ok=True)
+        (folder / "spool").mkdir(exist_ok=True)
+        conf = folder / "slurm.conf"
+        conf.write_text(config(folder, memory_mb=16000))
+        self.env = {"SLURM_CONF": str(conf)}
+        self.started = time.time()
+        start_munge()
+        env = {**os.environ, **self.env}
+        subprocess.run(["/usr/sbin/slurmctld", "-i"], env=env, check=True)
+        subprocess.run(["/usr/sbin/slurmd"], env=env, check=True)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            state = self.run("sinfo", "-h", "-p", "cpu", "-o", "%T").stdout.strip()
+            if state == "idle":
+                self.seconds_to_start = time.time() - self.started
+                return
+            time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(f"the test cluster's node never became idle: {self.logs()}")
+
+    def run(self, *command: str) -> subprocess.CompletedProcess:
+        return subprocess.run(command, env={**os.environ, **self.env}, capture_output=True, text=True)
+
+    def queue(self) -> list[str]:
+        """Every job and array task in the queue, as `id state reason`."""
+        return self.run("squeue", "-h", "-r", "-o", "%i %T %r").stdout.split("\n")[:-1]
+
+    def logs(self) -> str:
+        return "\n".join(
+            p.read_text()[-2000:] for p in (self.folder / "slurmctld.log", self.folder / "slurmd.log") if p.exists()
+        )
+
+    def stop(self) -> None:
+        self.run("scancel", "--full", "-u", "root")
+        for daemon in ("slurmd", "slurmctld"):
+            pid_file = self.folder / f"{daemon}.pid"
+            if pid_file.exists():
+                try:
+                    os.kill(int(pid_file.read_text()), 15)
+                except (ProcessLookupError, ValueError):
+                    pass
+        time.sleep(1)
