@@ -9,6 +9,7 @@ wait polls `sacct`). Two partitions: `cpu` (the default: the node's cores, no GP
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -120,7 +121,9 @@ class Cluster:
 
     def logs(self) -> str:
         return "\n".join(
-            p.read_text()[-2000:] for p in (self.folder / "slurmctld.log", self.folder / "slurmd.log") if p.exists()
+            p.read_text()[-2000:]
+            for p in (self.folder / "slurmctld.log", self.folder / "slurmd.log")
+            if p.exists()
         )
 
     def stop(self) -> None:
@@ -128,8 +131,6 @@ class Cluster:
         for daemon in ("slurmd", "slurmctld"):
             pid_file = self.folder / f"{daemon}.pid"
             if pid_file.exists():
-                try:
+                with contextlib.suppress(ProcessLookupError, ValueError):
                     os.kill(int(pid_file.read_text()), 15)
-                except (ProcessLookupError, ValueError):
-                    pass
         time.sleep(1)

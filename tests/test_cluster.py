@@ -48,7 +48,9 @@ def finish_output(proc, timeout: float = 600) -> str:
 
 
 @pytest.mark.long
-def test_a_scancelled_cell_ends_the_study_with_a_report_and_the_rerun_submits_only_that_cell(workdir, on_cluster):
+def test_a_scancelled_cell_ends_the_study_with_a_report_and_the_rerun_submits_only_that_cell(
+    workdir, on_cluster
+):
     """A cell cancelled mid-run with `scancel`, on a cluster without accounting: the study notices,
     says so in one line, lets the other cells finish, writes its report with what finished, exits 1,
     leaves nothing in the queue; the rerun submits only the cancelled cell, which resumes into its
@@ -104,7 +106,9 @@ def test_a_requeued_cell_resumes_into_its_run(workdir, on_cluster):
     resumed = MlflowClient(store_uri(workdir)).get_run(victim.info.run_id)
     assert int(resumed.data.tags["attempts"]) == 2
     assert val_epochs(workdir, victim.info.run_id) == set(range(6))
-    assert "#SBATCH --cpus-per-task=1" in "".join(p.read_text() for p in Path(workdir).rglob("*submission*.sh"))
+    assert "#SBATCH --cpus-per-task=1" in "".join(
+        p.read_text() for p in Path(workdir).rglob("*submission*.sh")
+    )
 
 
 def test_a_request_the_cluster_can_never_meet_is_refused_before_anything_is_submitted(workdir, on_cluster):

@@ -24,16 +24,16 @@ The study reads each cell's outcome from MLflow, as it does after any launcher."
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus
@@ -76,7 +76,9 @@ def _launch(launcher, job_overrides: Sequence[Sequence[str]], initial_job_idx: i
     params = launcher.params
     check_request(params)
     labels = [cell_label(o) for o in job_overrides]
-    todo = [i for i, o in enumerate(job_overrides) if not finished(launcher, o, labels[i], initial_job_idx + i)]
+    todo = [
+        i for i, o in enumerate(job_overrides) if not finished(launcher, o, labels[i], initial_job_idx + i)
+    ]
     returns = [JobReturn(overrides=list(o), status=JobStatus.COMPLETED) for o in job_overrides]
     if not todo:
         return returns
@@ -86,7 +88,9 @@ def _launch(launcher, job_overrides: Sequence[Sequence[str]], initial_job_idx: i
         cluster="slurm", folder=params["submitit_folder"], slurm_max_num_timeout=params["max_num_timeout"]
     )
     base = set(OmegaConf.structured(BaseQueueConf).keys())
-    executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items() if k not in init_keys})
+    executor.update_parameters(
+        **{k if k in base else f"slurm_{k}": v for k, v in params.items() if k not in init_keys}
+    )
     Path(str(launcher.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
     job_params = [
         (list(job_overrides[i]), "hydra.sweep.dir", initial_job_idx + i, f"job_id_for_{initial_job_idx + i}",
@@ -94,7 +98,7 @@ def _launch(launcher, job_overrides: Sequence[Sequence[str]], initial_job_idx: i
         for i in todo
     ]  # fmt: skip
     try:
-        jobs = executor.map_array(launcher, *zip(*job_params))
+        jobs = executor.map_array(launcher, *zip(*job_params, strict=True))
     except submitit.core.utils.FailedJobError as exc:
         raise UserError(f"sbatch refused the study's cells: {last_line(str(exc))}") from None
     array = jobs[0].job_id.split("_")[0]
@@ -192,8 +196,12 @@ class Partition:
 def partitions() -> dict[str, Partition]:
     """The cluster's partitions and their largest nodes, from `sinfo`."""
     if not shutil.which("sinfo"):
-        raise UserError("hydra/launcher=slurm needs SLURM's commands (sinfo, sbatch) on PATH: none found here")
-    done = subprocess.run(["sinfo", "-h", "-N", "-o", "%P|%c|%m|%G"], capture_output=True, text=True, timeout=60)
+        raise UserError(
+            "hydra/launcher=slurm needs SLURM's commands (sinfo, sbatch) on PATH: none found here"
+        )
+    done = subprocess.run(
+        ["sinfo", "-h", "-N", "-o", "%P|%c|%m|%G"], capture_output=True, text=True, timeout=60
+    )
     if done.returncode != 0:
         raise UserError(f"sinfo failed, is the cluster up? {last_line(done.stderr or done.stdout)}")
     found: dict[str, Partition] = {}
@@ -214,7 +222,9 @@ def check_request(params: dict[str, Any]) -> None:
     name = params.get("partition")
     if name:
         if name not in found:
-            raise UserError(f"no partition {name!r} on this cluster (sinfo lists: {', '.join(found) or 'none'})")
+            raise UserError(
+                f"no partition {name!r} on this cluster (sinfo lists: {', '.join(found) or 'none'})"
+            )
         part = found[name]
     else:
         defaults = [p for p in found.values() if p.default]
@@ -302,7 +312,9 @@ class Watch:
     def show_queue(self, task: Task, state: str, reason: str) -> None:
         if state == "PENDING" and reason in NEVER_STARTS:
             cancel([task.job.job_id])
-            task.outcome = f"{task.label}: cannot start in this partition ({reason}: {NEVER_STARTS[reason]}); cancelled"
+            task.outcome = (
+                f"{task.label}: cannot start in this partition ({reason}: {NEVER_STARTS[reason]}); cancelled"
+            )
             print(task.outcome, flush=True)
             return
         said = f"{state} {reason}".strip()
@@ -384,4 +396,3 @@ def accounted_state(job_id: str) -> str | None:
 def cancel(job_ids: list[str]) -> None:
     with contextlib.suppress(OSError, subprocess.TimeoutExpired):
         subprocess.run(["scancel", *job_ids], capture_output=True, timeout=60)
-

@@ -6,7 +6,7 @@ every start, and a missing extra must cost a user who never asked for SLURM noth
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 try:
     from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
