@@ -5,6 +5,7 @@ two DDP processes. (submitit's local executor: test_reliability's two-studies te
 from __future__ import annotations
 
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -109,6 +110,23 @@ def test_a_requeued_cell_resumes_into_its_run(workdir, on_cluster):
     assert "#SBATCH --cpus-per-task=1" in "".join(
         p.read_text() for p in Path(workdir).rglob("*submission*.sh")
     )
+
+
+@pytest.mark.long
+def test_ctrl_c_cancels_the_study_s_jobs_and_leaves_nothing_running(workdir, on_cluster):
+    """Ctrl-C in the terminal (SIGINT to the study's process group) while a cell trains and others
+    wait: every job of the study is cancelled, the running cell marks its run KILLED with its
+    checkpoint kept, the study says so and exits 130, without a traceback."""
+    study = ["study", "experiment=smoke", *CPU, *LONGER]
+    proc = popen_cli(study, workdir, on_cluster.env)
+    victim = wait_for_checkpointed_running_run(workdir, proc, arch="B")
+    os.killpg(proc.pid, signal.SIGINT)
+    output = finish_output(proc, timeout=300)
+    assert proc.returncode == 130, output[-3000:]
+    assert "Traceback" not in output and "stopping: cancelled the study's" in output, output[-3000:]
+    assert on_cluster.queue() == []
+    run = MlflowClient(store_uri(workdir)).get_run(victim.info.run_id)
+    assert run.info.status == "KILLED" and any((workdir / "checkpoints" / run.info.run_id).glob("*.ckpt"))
 
 
 def test_a_request_the_cluster_can_never_meet_is_refused_before_anything_is_submitted(workdir, on_cluster):

@@ -21,7 +21,7 @@ LAYERS = [
     ("one cell's run", {"cell_run", "progress"}),
     ("tasks and documents", {"train", "report_plots", "report_sections", "report", "bench_report",
                              "bench_cells", "bench", "travel"}),
-    ("the orchestrator", {"sweeps", "phases", "study"}),
+    ("the orchestrator", {"sweeps", "cluster", "phases", "study"}),
     ("around a study", {"gpucheck", "dashboard", "ui"}),
     ("the command line", {"cli", "__main__"}),
 ]

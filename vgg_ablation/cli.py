@@ -187,6 +187,18 @@ def _expand_home(arg: str) -> str:
     return os.path.expanduser(arg) if arg.startswith("~") else arg
 
 
+def check_launcher_installed(args: list[str]) -> None:
+    """A SLURM preset without the [cluster] extra: one line that says what to install (Hydra
+    would say it cannot load 'hydra/launcher/submitit_slurm', in a dozen lines)."""
+    import importlib.util
+
+    chosen = [a.split("=", 1)[1] for a in args if a.startswith("hydra/launcher=")]
+    if chosen and chosen[-1].startswith("slurm") and importlib.util.find_spec("submitit") is None:
+        raise UserError(
+            f"hydra/launcher={chosen[-1]} needs the cluster extra: pip install 'vgg-ablation[cluster]'"
+        )
+
+
 def version() -> str:
     from vgg_ablation import __version__
     from vgg_ablation.tracking import git_commit
@@ -246,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
             flags.remove("--dry-run")
         if flags:
             raise UserError(f"unknown option {flags[0]!r} for {command}: it takes key=value (see --help)")
+        check_launcher_installed(args)
         return dispatch(command, args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
