@@ -52,7 +52,12 @@ def pytest_configure(config):
 # dashboard's study, ~25 s; the archive tests' two machines' studies, ~60 s): each goes to one
 # xdist worker whole, its tests one after another, so the fixture is made once. With each test handed out alone (as `--dist load` does), they spread
 # over both workers and between other modules' tests, and the fixture was made 3 and 2 times.
-ONE_WORKER_MODULES = {"tests/test_lab.py", "tests/test_dashboard.py", "tests/test_archive.py"}
+ONE_WORKER_MODULES = {
+    "tests/test_lab.py",
+    "tests/test_dashboard.py",
+    "tests/test_archive.py",
+    "tests/test_slurm.py",
+}
 
 
 @pytest.hookimpl(tryfirst=True)
