@@ -106,7 +106,13 @@ def test_a_requeued_cell_resumes_into_its_run(workdir, on_cluster):
     study = ["study", "experiment=smoke", *CPU, *LONGER]
     proc = popen_cli(study, workdir, on_cluster.env)
     victim = wait_for_checkpointed_running_run(workdir, proc, arch="B")
-    assert on_cluster.run("scontrol", "requeue", victim.data.tags["slurm_job"]).returncode == 0
+    job = victim.data.tags["slurm_job"]
+    assert on_cluster.run("scontrol", "requeue", job).returncode == 0
+    # SLURM holds a requeued job back for about two minutes (BeginTime); a test need not wait
+    deadline = time.time() + 60
+    while time.time() < deadline and not any(t.startswith(f"{job} PENDING") for t in on_cluster.queue()):
+        time.sleep(0.5)
+    on_cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
     output = finish_output(proc)
     assert proc.returncode == 0, output[-3000:]
     runs = all_runs(workdir)
