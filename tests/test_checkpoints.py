@@ -7,7 +7,7 @@ import errno
 import pytest
 import torch
 
-from vgg_ablation.checkpoints import AtomicCheckpointIO, choose_resume, loads
+from vgg_ablation.checkpoints import AtomicCheckpointIO, Resume, choose_resume, loads
 
 
 class FullDisk:
@@ -38,7 +38,7 @@ def cut(path, size=1000):
 
 def test_resume_falls_back_from_a_cut_last_to_best_then_to_a_fresh_start(tmp_path):
     io = AtomicCheckpointIO()
-    assert choose_resume(tmp_path) == choose_resume(tmp_path / "none")  # nothing written: fresh, silent
+    assert choose_resume(tmp_path) == choose_resume(tmp_path / "none") == Resume(None, None)  # fresh, silent
     io.save_checkpoint(checkpoint(3.0), tmp_path / "last.ckpt")
     io.save_checkpoint(checkpoint(2.0), tmp_path / "best.ckpt")
     ok = choose_resume(tmp_path)

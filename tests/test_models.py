@@ -168,6 +168,28 @@ def test_design_claims_computed_from_the_definitions():
     for name in ("A", "B", "C", "D", "E"):
         assert design.halves_map_doubles_filters(name)
     assert not design.halves_map_doubles_filters("alexnet")
+    assert list(design.block_pattern("A")["map"]) == [112, 56, 28, 14, 7]
+
+
+def test_the_block_pattern_reads_the_pools_and_convs_it_is_given(monkeypatch):
+    """A's layers with its third pool made 3x3 stride 1, or its first conv unpadded: the maps
+    are followed through the layers, so the 'each block halves the map' check fails for both."""
+    import dataclasses
+
+    from vgg_ablation.models import ARCHS, Pool
+
+    features = list(ARCHS["A"].features)
+    pools = [i for i, t in enumerate(features) if isinstance(t, Pool)]
+    slow = features.copy()
+    slow[pools[2]] = Pool(k=3, stride=1)
+    unpadded = features.copy()
+    unpadded[0] = Conv(unpadded[0].out, pad=0)
+    monkeypatch.setitem(ARCHS, "A-slow-pool", dataclasses.replace(ARCHS["A"], features=tuple(slow)))
+    monkeypatch.setitem(ARCHS, "A-unpadded", dataclasses.replace(ARCHS["A"], features=tuple(unpadded)))
+    assert list(design.block_pattern("A-slow-pool")["map"]) == [112, 56, 54, 27, 13]
+    assert list(design.block_pattern("A-unpadded")["map"]) == [111, 55, 27, 13, 6]
+    assert not design.halves_map_doubles_filters("A-slow-pool")
+    assert not design.halves_map_doubles_filters("A-unpadded")
 
 
 def test_layer_table_totals_like_the_lecture():

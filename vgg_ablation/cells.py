@@ -266,16 +266,6 @@ def check_registered(cfg: DictConfig, registered: dict) -> None:
                         "a maximum can grow, not shrink")  # fmt: skip
 
 
-def registered_rule(cfg: DictConfig, client=None) -> dict:
-    """The params of the study's run (its registered rule among them), {} when it has none."""
-    client = client or tracking.client(tracking.tracking_uri(cfg.logger.tracking_uri))
-    experiment = client.get_experiment_by_name(tracking.experiment_name(cfg))
-    run = (
-        tracking.find_study_run(client, experiment.experiment_id, study_run_key(cfg)) if experiment else None
-    )
-    return dict(run.data.params) if run else {}
-
-
 def study_looks(cfg: DictConfig, design: analysis.Design, stages: int) -> list[analysis.Outcome]:
     """The study's first `stages` looks, replayed on the runs it recorded."""
     seen = runtable.observe(study_runs(cfg))

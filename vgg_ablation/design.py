@@ -70,12 +70,22 @@ def stack_comparison() -> pd.DataFrame:
 
 
 def block_pattern(arch_name: str, input_size: int = 224) -> pd.DataFrame:
-    """Per block: output map size and filter count, with the ratio to the previous block."""
+    """Per block: output map size and filter count, with the ratio to the previous block. The map
+    is followed through every conv and pool the architecture lists (their kernels, strides and
+    paddings), so a block whose pool does not halve shows it."""
     arch = ARCHS[arch_name]
-    size, rows = input_size, []
-    for i, convs in enumerate(blocks(arch)):
-        size //= 2
-        rows.append({"block": i + 1, "convs": len(convs), "map": size, "filters": convs[-1].out})
+    size, rows, convs = input_size, [], []
+    for token in arch.features:
+        if isinstance(token, Conv):
+            size = (size + 2 * token.padding - token.k) // token.stride + 1
+            convs.append(token)
+        elif isinstance(token, Pool):
+            size = (size - token.k) // token.stride + 1
+            if convs:
+                rows.append(
+                    {"block": len(rows) + 1, "convs": len(convs), "map": size, "filters": convs[-1].out}
+                )
+            convs = []
     df = pd.DataFrame(rows)
     df["map ratio"] = df["map"] / df["map"].shift()
     df["filter ratio"] = df["filters"] / df["filters"].shift()
