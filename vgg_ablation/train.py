@@ -62,6 +62,9 @@ logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_DropAdvert
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 # Each run has its own checkpoint folder, which also holds its outbox: not someone else's files.
 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+# On a SLURM login node (srun on PATH), Lightning suggests srun for every cell trained outside a
+# job: a study there runs its cells locally on purpose, or as jobs through hydra/launcher=slurm.
+warnings.filterwarnings("ignore", message=r"The `srun` command is available on your system but is not used")
 
 
 @dataclass
@@ -368,4 +371,10 @@ if __name__ == "__main__":
     # task function, by reference only when it does not live in __main__.
     from vgg_ablation.train import main as task
 
-    task()
+    try:
+        task()
+    except KeyboardInterrupt:
+        # A sweep's own process, stopped while a parallel launcher (joblib) waits on its cells:
+        # each cell has said how it ended and the study says the rest in one line; a traceback of
+        # the launcher's wait would only bury that line.
+        sys.exit(130)
