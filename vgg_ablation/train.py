@@ -11,6 +11,7 @@ best checkpoint are recorded; FAILED with the reason otherwise; KILLED on SIGTER
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -364,6 +365,23 @@ def _job_num() -> int:
         return 0
 
 
+def _stop_side_by_side_cells(signum, frame) -> None:
+    """Ctrl-C in a sweep whose cells train side by side in joblib's worker processes. joblib
+    answers a KeyboardInterrupt in its own process by killing the workers at once, before a cell
+    can mark its run KILLED and keep its checkpoint; so this process passes the stop on to the
+    cells instead (a terminal's Ctrl-C reached them already: a second one costs nothing, see
+    run_cell), and the first cell's exit (130) ends the sweep through joblib. A cell killed by
+    joblib before it could mark its run stays RUNNING with its process gone: the next run of the
+    study takes it over from its last checkpoint, as after any kill."""
+    import psutil
+
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            command = " ".join(child.cmdline())
+            if "loky" in command and "resource_tracker" not in command:
+                child.send_signal(signal.SIGINT)
+
+
 register()
 
 if __name__ == "__main__":
@@ -371,6 +389,8 @@ if __name__ == "__main__":
     # task function, by reference only when it does not live in __main__.
     from vgg_ablation.train import main as task
 
+    if any(a == "hydra/launcher=joblib" for a in sys.argv):
+        signal.signal(signal.SIGINT, _stop_side_by_side_cells)
     try:
         task()
     except KeyboardInterrupt:
