@@ -37,6 +37,8 @@ def test_tiny_run_is_fully_recorded(workdir, monkeypatch):
     tags = run.data.tags
     assert tags["device"] == "cpu" and tags["torch_version"] and tags["lightning_version"]
     assert int(tags["cpu_threads"]) >= 1  # CPU numbers depend on it
+    # ... and on the memory layout: on by default for a CPU cell on one thread
+    assert tags["channels_last"] == ("true" if tags["cpu_threads"] == "1" else "false")
     assert tags["git_commit"]
     history = client.get_metric_history(run.info.run_id, "val/acc1")
     assert sorted(m.step for m in history) == [0, 1]  # one point per epoch

@@ -193,6 +193,8 @@ def open_cell(cfg: DictConfig, progress: Progress | None) -> Cell:
             return cell
         _, run_id, cell.resume_from = opened
         result.run_id = run_id
+        # CPU numbers move with it, as with the thread count: a tag, since a resumed attempt may differ
+        mlflow_client.set_tag(run_id, "channels_last", str(channels_last).lower())
         cell.ckpt_dir = Path(cfg.logger.checkpoint_root).resolve() / run_id
         # From here on the run's writes go through its outbox: kept on disk, sent in order, and a
         # tracking outage costs no training (see outbox.py).
