@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 import inspect
 import logging
 import os
@@ -27,47 +28,50 @@ class Command:
     example: str
     keys: str  # which keys --help lists: "train", "study", "report", "bench" or an options schema's name
     notes: str = ""
+    # "module:function" that runs it, imported only when the command is chosen: a new command is
+    # one entry here plus its module
+    runs: str = dataclasses.field(kw_only=True)
 
 
 COMMANDS = {
     "summary": Command("the per-layer table of one network (the paper's geometry by default)",
                        "summary [key=value ...]", "vgg-ablation summary arch=C input_size=32 num_classes=10 width=0.25",
-                       "SummaryOptions"),
+                       "SummaryOptions", runs="vgg_ablation.design:run_summary"),
     "train": Command("one training run (one cell of a study), recorded in MLflow",
                      "train [key=value ...]", "vgg-ablation train arch=C seed=1 trainer.max_epochs=30 optim=cosine",
-                     "train"),
+                     "train", runs="vgg_ablation.train:run_train"),
     "study": Command("a study: every net x seed as a Hydra multirun into one MLflow experiment, then its report",
                      "study [experiment=NAME] [key=value ...]",
                      "vgg-ablation study experiment=cifar10-cpu data.root=~/data/cifar10", "study",
                      "A study with study.max_seeds runs until decided: seeds are added, a look at a time, only "
-                     "to the nets of a comparison still open. Running the same command again continues it."),
+                     "to the nets of a comparison still open. Running the same command again continues it.", runs="vgg_ablation.study:run_study"),
     "report": Command("write reports/<study>.md (with plots and a runs CSV) from the study's MLflow runs",
-                      "report [experiment=NAME] [key=value ...]", "vgg-ablation report experiment=sample", "report"),
+                      "report [experiment=NAME] [key=value ...]", "vgg-ablation report experiment=sample", "report", runs="vgg_ablation.report:run_report"),
     "export": Command("write a study's runs (histories, artifacts) into one archive that any store can import",
                       "export [experiment=NAME] [key=value ...]",
                       "vgg-ablation export experiment=cifar10-cpu archive.out=cifar10-cpu.tar.gz", "export",
                       "Reads the store, never changes it. With archive.from_csv=<a report's runs CSV>, rebuilds the "
-                      "archive of a study whose store was lost (it needs the study's data, for its digest)."),
+                      "archive of a study whose store was lost (it needs the study's data, for its digest).", runs="vgg_ablation.travel:run_export"),
     "import": Command("import study archives into a store: nothing twice, two machines' cells merged",
                       "import ARCHIVE [ARCHIVE ...] [key=value ...]",
                       "vgg-ablation import reports/cifar10-cpu-archive.tar.gz", "ImportOptions",
                       "Then the study's own command continues it (finished cells are skipped), and "
-                      "`vgg-ablation report` re-analyses it."),
+                      "`vgg-ablation report` re-analyses it.", runs="vgg_ablation.travel:run_import"),
     "bench": Command("training images/s: plain PyTorch against this project's Lightning path, and per net",
-                     "bench [key=value ...]", "vgg-ablation bench arch=A bench.rounds=5 bench.folders=true", "bench"),
+                     "bench [key=value ...]", "vgg-ablation bench arch=A bench.rounds=5 bench.folders=true", "bench", runs="vgg_ablation.bench_cells:run_bench"),
     "ui": Command("MLflow's dashboard on this folder's store; with a study's overrides, where that study is",
-                  "ui [host=... port=...] [experiment=NAME ...]", "vgg-ablation ui experiment=sample", "UiOptions"),
+                  "ui [host=... port=...] [experiment=NAME ...]", "vgg-ablation ui experiment=sample", "UiOptions", runs="vgg_ablation.ui:run_ui"),
     "sync": Command("send the records runs kept on disk while their tracking store was away",
                     "sync [JOURNAL ...] [tracking_uri=URI]",
                     "vgg-ablation sync checkpoints/<run>/outbox.jsonl", "",
-                    "With no journal named, every outbox.jsonl under ./checkpoints is sent."),
+                    "With no journal named, every outbox.jsonl under ./checkpoints is sent.", runs="vgg_ablation.outbox:run_sync"),
     "server": Command("a lab's shared tracking server: PostgreSQL + MLflow with logins, under one folder",
                       "server [key=value ...]", "vgg-ablation server root=/srv/vgg-ablation host=0.0.0.0",
-                      "ServerOptions"),
+                      "ServerOptions", runs="vgg_ablation.labserver:run_server"),
     "server-user": Command("add a lab member's login to a running lab server, and grant them a study",
                            "server-user name=USER [study=NAME permission=EDIT] [root=... port=...]",
                            "vgg-ablation server-user root=/srv/vgg-ablation name=alice study=cifar10-cpu",
-                           "ServerUserOptions"),
+                           "ServerUserOptions", runs="vgg_ablation.labserver:run_server_user"),
 }  # fmt: skip
 # The sections of the training config each command's --help lists.
 SECTIONS = {
@@ -208,29 +212,9 @@ def version() -> str:
 
 
 def dispatch(name: str, args: list[str]) -> int:
-    if name == "summary":
-        from vgg_ablation.design import run_summary as run
-    elif name == "train":
-        from vgg_ablation.train import run_train as run
-    elif name == "study":
-        from vgg_ablation.study import run_study as run
-    elif name == "report":
-        from vgg_ablation.report import run_report as run
-    elif name == "bench":
-        from vgg_ablation.bench_cells import run_bench as run
-    elif name == "export":
-        from vgg_ablation.travel import run_export as run
-    elif name == "import":
-        from vgg_ablation.travel import run_import as run
-    elif name == "ui":
-        from vgg_ablation.ui import run_ui as run
-    elif name == "sync":
-        from vgg_ablation.outbox import run_sync as run
-    elif name == "server-user":
-        from vgg_ablation.labserver import run_server_user as run
-    else:
-        from vgg_ablation.labserver import run_server as run
-    return run(args) or 0
+    """Run a command: its module is imported only now (a command's --help imports none of them)."""
+    module, function = COMMANDS[name].runs.split(":")
+    return getattr(importlib.import_module(module), function)(args) or 0
 
 
 def main(argv: list[str] | None = None) -> int:
