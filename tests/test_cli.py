@@ -86,3 +86,16 @@ def test_cells_side_by_side_share_the_time_left(monkeypatch):
     monkeypatch.setattr(progress, "_THIS_PROCESS", {"trained": [], "skipped": 0})
     monkeypatch.setenv(progress.PROGRESS_ENV, f"0:10:{time.time()}:{4 * 600.0}:4:0:2")
     assert progress.Progress.from_env(3).left() == "about 30m00s left (6 cells to train)"  # 6 x 600 s / 2
+
+
+def test_every_command_names_a_function_that_runs_it():
+    """The table of commands is the one place a command lives: each entry's `runs` resolves to a
+    function of one argument (the command's arguments), in a module of the package."""
+    import importlib
+    import inspect
+
+    for name, command in cli.COMMANDS.items():
+        module, function = command.runs.split(":")
+        assert module.startswith("vgg_ablation."), name
+        run = getattr(importlib.import_module(module), function)
+        assert callable(run) and len(inspect.signature(run).parameters) == 1, name
