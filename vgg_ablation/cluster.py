@@ -31,7 +31,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -257,7 +257,6 @@ class Task:
     gone: int = 0  # polls it has been out of the queue without a result
     pending: str = ""  # the queue's reason, last said
     outcome: Any = None  # its JobReturn, or the line that said how it ended
-    lines: list[str] = field(default_factory=list)
 
 
 class Watch:
