@@ -160,7 +160,9 @@ def damaged_copies(source: Path, tmp: Path) -> dict[str, tuple[Path, str]]:
         tar.extractall(folder, filter="data")
     made = {}
     changed = shutil.copytree(folder, tmp / "changed")
-    run_json = next(changed.glob("runs/*/run.json"))
+    # one byte changed in a run that finished (the listing's order is the filesystem's, and a
+    # run with no "FINISHED" in it would stay unchanged)
+    run_json = next(p for p in sorted(changed.glob("runs/*/run.json")) if '"FINISHED"' in p.read_text())
     run_json.write_text(run_json.read_text().replace('"FINISHED"', '"FAILED"', 1))
     made["checksum"] = (changed, "does not match its checksum (damaged); nothing imported")
     short = shutil.copytree(folder, tmp / "short")

@@ -376,11 +376,13 @@ def test_a_tracking_server_away_for_30_s_costs_no_training_and_no_metric(workdir
         # training went on while the server was away: epochs were made then, and sent later
         made_while_away = [m.step for m in val if away * 1000 < m.timestamp < back * 1000]
         assert len(made_while_away) >= 5 and made_while_away[-1] < HELD_AT, made_while_away
-        # ... at the pace it trained before: no call waited on the missing server
+        # ... at the pace it trained before: no call waited on the missing server. A call that
+        # waited would cost MLflow's retries, seconds per epoch; the 0.5 s slack is for a machine
+        # whose other work speeds and slows these sub-second epochs (CI measured 0.56 s -> 0.86 s)
         epoch_seconds = np.diff([m.timestamp / 1000 for m in val])
         before = np.median(epoch_seconds[: made_while_away[0] - 1])
         while_away = np.median(epoch_seconds[made_while_away[0] : made_while_away[-1]])
-        assert while_away < 1.5 * before, (before, while_away)
+        assert while_away < 1.5 * before + 0.5, (before, while_away)
         system = history(client, run.info.run_id, "system/cpu_utilization_percentage")
         assert [m.step for m in system] == list(range(len(system)))
         assert any(away * 1000 < m.timestamp < back * 1000 for m in system)
