@@ -55,7 +55,7 @@ ui: $(INSTALLED)  ## the MLflow dashboard on this folder's runs, on 127.0.0.1:50
 	$(VENV)/bin/vgg-ablation ui $(ARGS)
 
 dashboard-shots: $(INSTALLED)  ## screenshots of a study in the dashboard (Debian's chromium), into reports/
-	$(PY) -m vgg_ablation.dashboard $(or $(ARGS),experiment=sample)
+	$(PY) -m vgg_ablation.commands.dashboard $(or $(ARGS),experiment=sample)
 
 clean:
 	rm -rf outputs multirun checkpoints mlruns mlflow.db .pytest_cache

@@ -24,4 +24,4 @@ if [ -f .gpu-data/cifar10-gpu.zip ]; then  # the GPU study's CIFAR-10 (make gpu-
   python3 -m zipfile -e .gpu-data/cifar10-gpu.zip /tmp/gpu-data
   DATA=(--data /tmp/gpu-data/cifar10)
 fi
-python3 -m vgg_ablation.gpucheck --out "$OUT" "${DATA[@]}" "$@" 2>&1 | tee -a "$OUT/gpu-check.log"
+python3 -m vgg_ablation.commands.gpucheck --out "$OUT" "${DATA[@]}" "$@" 2>&1 | tee -a "$OUT/gpu-check.log"

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from vgg_ablation.cli import main
-from vgg_ablation.datasets import SAMPLE_ROOT
+from vgg_ablation.commands.cli import main
+from vgg_ablation.data.datasets import SAMPLE_ROOT
 
 # Tiny but real: a few batches of the embedded sample through the real trainer and store.
 TINY = [

@@ -1,5 +1,5 @@
 """The crowd test's writers: `writers` processes at once, each a run with `batches` x 10 metrics
-through the project's own store opening (tracking.client, ensure_experiment), then FINISHED.
+through the project's own store opening (stores.client, ensure_experiment), then FINISHED.
 
 One process imports MLflow (seconds each: 32 imports were most of the test's CPU time), then forks
 the writers before anything has touched the store: each child opens its own store, connection and
@@ -15,12 +15,12 @@ import traceback
 import mlflow.store.tracking.sqlalchemy_store  # noqa: F401  (imported once, here, not by each writer)
 from mlflow.entities import Metric
 
-from vgg_ablation import tracking
+from vgg_ablation.tracking import stores
 
 
 def write(uri: str, name: str, k: int, batches: int) -> None:
-    client = tracking.client(uri)
-    experiment = tracking.ensure_experiment(client, name)
+    client = stores.client(uri)
+    experiment = stores.ensure_experiment(client, name)
     run = client.create_run(experiment, run_name=f"writer{k}", tags={"writer": str(k)}).info.run_id
     for step in range(batches):
         now = int(time.time() * 1000)

@@ -7,8 +7,10 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from vgg_ablation import analysis, report_sections, runtable, sequential
-from vgg_ablation.analysis import Claim
+from vgg_ablation.report import sections
+from vgg_ablation.study import analysis, sequential
+from vgg_ablation.study.analysis import Claim
+from vgg_ablation.tracking import runtable
 
 DEPTH = {"A": 11, "A-LRN": 11, "B": 13, "C": 16, "D": 16, "E": 19, "B-5x5": 8}
 
@@ -294,7 +296,7 @@ def test_claim_directions_follow_the_paper():
 
 
 def test_markdown_escaping_of_run_supplied_text():
-    from vgg_ablation.report_sections import md_escape
+    from vgg_ablation.report.sections import md_escape
 
     hostile = "boom | <script>alert(1)</script> *bold* [link](http://x) `code`\nnext"
     escaped = md_escape(hostile)
@@ -314,7 +316,7 @@ def test_an_interim_report_before_the_first_look_says_when_it_comes():
     row = table.loc[BETTER_B_A.text]
     assert row["outcome"] == "no verdict yet: the first look is at 6 paired seeds (4 so far)"
     assert row["looks"] == 0 and row["n"] == 0 and row["pairs_in"] == 4
-    assert report_sections._paired_seeds(row, 0) == "4 so far"  # the report's column, not '0'
+    assert sections._paired_seeds(row, 0) == "4 so far"  # the report's column, not '0'
 
 
 def test_a_look_taken_with_too_few_pairs_says_so_not_that_a_look_is_coming():
@@ -329,7 +331,7 @@ def test_a_look_taken_with_too_few_pairs_says_so_not_that_a_look_is_coming():
 def test_an_open_comparison_continues_in_its_study_and_only_one_at_the_maximum_is_planned_anew():
     """After a look that left B vs A open, the report sends the reader to the next look, not to
     a new study; once the same data sit at the study's maximum, the plan for a new study comes."""
-    from vgg_ablation import report
+    from vgg_ablation.report import document
 
     # B about a point better, too noisy to decide at 6 seeds, with a fair chance by 12
     errors = {"A": [0.32, 0.28, 0.33, 0.29, 0.30, 0.31], "B": [0.30, 0.29, 0.31, 0.28, 0.30, 0.29]}
@@ -343,20 +345,20 @@ def test_an_open_comparison_continues_in_its_study_and_only_one_at_the_maximum_i
 
     concl, stages = table(12)  # looks at 6, 9, 12: the first one taken
     assert set(concl.loc[concl["state"] != "not tested", "state"]) == {"open"}
-    note = report_sections._undecided_note(concl, stages)
+    note = sections._undecided_note(concl, stages)
     assert (
         "open: this study's next look at 9 seeds per net decides more (its chance of a verdict by 12:" in note
     )
     assert "Planning" not in note
-    assert report._stop_reason(concl, stages).startswith("Interim report after look 1 of at most 3;")
+    assert document._stop_reason(concl, stages).startswith("Interim report after look 1 of at most 3;")
     concl, stages = table(6)  # the same data at the study's maximum
     assert set(concl.loc[concl["state"] != "not tested", "state"]) == {"maximum"}
-    assert "undecided at the maximum (see *Undecided comparisons* below)" in report_sections._undecided_note(
+    assert "undecided at the maximum (see *Undecided comparisons* below)" in sections._undecided_note(
         concl, stages
     )
-    assert report._stop_reason(concl, stages) == "maximum reached"
+    assert document._stop_reason(concl, stages) == "maximum reached"
     # no difference at all: open, but the reader is told it is futile at this budget
     concl, stages = table(12, {"A": errors["A"], "B": [0.30] * 6})
     assert "open, but its chance of a verdict by 12 seeds is 0%: futile at this budget" in (
-        report_sections._undecided_note(concl, stages)
+        sections._undecided_note(concl, stages)
     )

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from vgg_ablation import archive
+from vgg_ablation.tracking import archive
 
 from .conftest import TINY, all_runs, cli_in_process, store_uri, study_runs
 

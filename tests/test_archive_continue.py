@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from vgg_ablation import archive
+from vgg_ablation.tracking import archive
 
 from .conftest import TINY, all_runs, cli_in_process
 from .test_reliability import LONGER, popen_cli, sigkill_mid_cell

@@ -7,7 +7,7 @@ import errno
 import pytest
 import torch
 
-from vgg_ablation.checkpoints import AtomicCheckpointIO, Resume, choose_resume, loads
+from vgg_ablation.training.checkpoints import AtomicCheckpointIO, Resume, choose_resume, loads
 
 
 class FullDisk:

@@ -5,7 +5,8 @@ import time
 
 import pytest
 
-from vgg_ablation import __version__, cli
+from vgg_ablation import __version__
+from vgg_ablation.commands import cli
 
 
 @pytest.mark.parametrize("command", sorted(cli.COMMANDS))
@@ -58,8 +59,8 @@ def test_version(capsys):
 def test_a_studys_time_left_counts_the_cells_still_to_train_at_the_time_a_trained_cell_takes(monkeypatch):
     """A resumed look: 6 cells, one of them FINISHED before (it skips). Skipped cells neither
     shorten the estimate (they are not quick trained cells) nor lengthen it (not cells to train)."""
-    from vgg_ablation import progress as train
-    from vgg_ablation.cell_run import CellResult
+    from vgg_ablation.training import progress as train
+    from vgg_ablation.training.cell_run import CellResult
 
     monkeypatch.setattr(train, "_THIS_PROCESS", {"trained": [], "skipped": 0})
     monkeypatch.setenv(train.PROGRESS_ENV, f"18:24:{time.time()}:{19 * 1000.0}:19:1")
@@ -81,7 +82,7 @@ def test_a_studys_time_left_counts_the_cells_still_to_train_at_the_time_a_traine
 
 def test_cells_side_by_side_share_the_time_left(monkeypatch):
     """Two cells trained at once (a CPU study's default): the cells still to train take half the time."""
-    from vgg_ablation import progress
+    from vgg_ablation.training import progress
 
     monkeypatch.setattr(progress, "_THIS_PROCESS", {"trained": [], "skipped": 0})
     monkeypatch.setenv(progress.PROGRESS_ENV, f"0:10:{time.time()}:{4 * 600.0}:4:0:2")

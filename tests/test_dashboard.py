@@ -111,7 +111,7 @@ def test_a_study_prints_a_few_lines_per_cell_with_k_of_n_and_time_left(study):
 
 
 def test_the_dashboard_in_a_browser_shows_the_study_nested_its_report_and_charts(study, tmp_path):
-    from vgg_ablation.dashboard import CHROMIUM, Dashboard, walk
+    from vgg_ablation.commands.dashboard import CHROMIUM, Dashboard, walk
 
     if not Path(CHROMIUM).exists():
         if os.environ.get("VGG_ABLATION_REQUIRE_BROWSER"):

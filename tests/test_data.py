@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from vgg_ablation.batches import IGNORE, TensorBatches
 from vgg_ablation.config import DataConfig
-from vgg_ablation.data import InMemoryData, carve_validation, make_datamodule
+from vgg_ablation.data.batches import IGNORE, TensorBatches
+from vgg_ablation.data.modules import InMemoryData, carve_validation, make_datamodule
 from vgg_ablation.errors import UserError
 
 from .conftest import make_imagefolder
@@ -158,7 +158,7 @@ def _folder(root, splits, classes=("airplane", "frog"), per_class=10, mode="RGB"
     """A folder of real sample images, converted to `mode` and resized to `size`."""
     from PIL import Image
 
-    from vgg_ablation.datasets import SAMPLE_ROOT
+    from vgg_ablation.data.datasets import SAMPLE_ROOT
 
     for split in splits:
         for cls in classes:
@@ -190,7 +190,7 @@ def test_non_square_large_images_get_the_paper_sizes_and_file_decoding(tmp_path)
 
 
 def test_palette_and_rgba_images_become_rgb(tmp_path):
-    from vgg_ablation.datasets import load_rgb
+    from vgg_ablation.data.datasets import load_rgb
 
     root = _folder(tmp_path / "p", ("train",), per_class=1, mode="P")
     rgba = _folder(tmp_path / "a", ("train",), per_class=1, mode="RGBA")
@@ -223,7 +223,7 @@ def test_train_only_folder_carves_validation_and_test(tmp_path):
 
 
 def test_digest_follows_the_files_not_the_path(tmp_path):
-    from vgg_ablation.datasets import identify_folder
+    from vgg_ablation.data.datasets import identify_folder
 
     root = _folder(tmp_path / "a", ("train", "val"))
     digest = identify_folder(root, "x").digest
@@ -250,7 +250,7 @@ def test_cifar_batches_from_a_local_folder(tmp_path):
     documented pickle format from the sample's images)."""
     import pickle
 
-    from vgg_ablation.datasets import SAMPLE_ROOT
+    from vgg_ablation.data.datasets import SAMPLE_ROOT
 
     sample = make_datamodule(DataConfig(name="sample", augment=False), seed=0)
     sample.setup()
@@ -292,7 +292,7 @@ def test_cifar_missing_offline_says_what_to_put_where(tmp_path, monkeypatch):
 def test_a_cifar_batch_that_asks_to_run_code_is_refused_in_one_line(tmp_path):
     import pickle
 
-    from vgg_ablation.datasets import load_batch
+    from vgg_ablation.data.datasets import load_batch
     from vgg_ablation.errors import UserError
 
     marker = tmp_path / "ran"
@@ -347,7 +347,7 @@ def _png48(path, rgb16: np.ndarray) -> None:
 def test_deep_images_are_scaled_to_8_bits_never_clipped(tmp_path):
     from PIL import Image
 
-    from vgg_ablation.datasets import load_rgb
+    from vgg_ablation.data.datasets import load_rgb
 
     ramp = (np.arange(48 * 48).reshape(48, 48) * 28).astype(np.uint16)  # 0 .. 64,484
     Image.fromarray(ramp).save(tmp_path / "g16.png")  # mode I;16: by bit depth, 65535 -> 255
@@ -388,7 +388,7 @@ def test_small_images_decode_in_one_thread_large_ones_in_several_to_the_same_pix
     datasets.THREADS_FROM_SIDE); large ones gain from them. Either way, the same pixels."""
     from PIL import Image
 
-    from vgg_ablation.datasets import (
+    from vgg_ablation.data.datasets import (
         SAMPLE_ROOT,
         THREADS_FROM_SIDE,
         _square,
@@ -428,7 +428,7 @@ def test_decoded_images_are_kept_once_per_machine_and_a_changed_file_or_a_bad_en
     VGG_ABLATION_DECODE_CACHE=0 keeps nothing."""
     import pickle
 
-    from vgg_ablation import datasets
+    from vgg_ablation.data import datasets
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     root = make_imagefolder(tmp_path / "folder", per_class=5)

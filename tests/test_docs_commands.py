@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from vgg_ablation import cli, config
+from vgg_ablation import config
+from vgg_ablation.commands import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]

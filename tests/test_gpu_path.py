@@ -12,10 +12,10 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from vgg_ablation.batches import IGNORE, TensorBatches
 from vgg_ablation.config import OptimConfig
-from vgg_ablation.models import AlexNetLRN, build_model
-from vgg_ablation.module import Classifier, FiniteCheck, NonFiniteLoss
+from vgg_ablation.data.batches import IGNORE, TensorBatches
+from vgg_ablation.nets.models import AlexNetLRN, build_model
+from vgg_ablation.training.module import Classifier, FiniteCheck, NonFiniteLoss
 
 
 class HostToDevice(TorchDispatchMode):
@@ -150,12 +150,12 @@ def test_lrn_under_bf16_autocast_is_computed_in_fp32():
 
 
 def test_both_benchmark_paths_time_between_the_same_two_syncs(tmp_path):
-    from vgg_ablation import bench
+    from vgg_ablation.commands import bench
     from vgg_ablation.config import compose
 
     cfg = compose(["model.width=0.0625", "data.batch_size=8", "optim.schedule=none", "trainer.progress_bar=false",
                    "data.input_size=32"])  # fmt: skip
-    from vgg_ablation.build import model_for, prepare
+    from vgg_ablation.training.build import model_for, prepare
 
     batches = bench.synthetic_batches(cfg, torch.device("cpu"), n=2)
     datamodule, _ = prepare(cfg)

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from vgg_ablation.dashboard import free_port
-from vgg_ablation.labserver import Postgres, _postgres_bin
+from vgg_ablation.commands.dashboard import free_port
+from vgg_ablation.tracking.labserver import Postgres, _postgres_bin
 
 from .conftest import TINY, cli_in_process, run_cli
 from .test_reliability import popen_cli

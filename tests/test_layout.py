@@ -8,49 +8,81 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "vgg_ablation"
+LAYOUT_DOC = PACKAGE.parent / "docs" / "layout.md"
 
-# Lowest first. A module may import from its own layer or below, never above.
-# fmt: off
-LAYERS = [
-    ("foundation", {"__init__", "errors", "files", "config", "sequential"}),
-    ("stores", {"tracking", "outbox", "checkpoints", "labserver", "archive"}),
-    ("data and nets", {"datasets", "batches", "data", "models", "design", "module", "distributed"}),
-    ("statistics", {"runtable", "plans", "analysis"}),
-    ("a study's cells", {"cells", "reference_cells"}),
-    ("one cell's objects", {"build", "fitting", "profiling"}),
-    ("one cell's run", {"cell_run", "progress"}),
-    ("tasks and documents", {"train", "report_plots", "report_sections", "report", "bench_report",
-                             "bench_cells", "bench", "travel"}),
-    ("the orchestrator", {"sweeps", "cluster", "phases", "study"}),
-    ("around a study", {"gpucheck", "dashboard", "ui"}),
-    ("the command line", {"cli", "__main__"}),
-]
-# fmt: on
-LAYER = {module: i for i, (_, modules) in enumerate(LAYERS) for module in modules}
+
+def read_layers() -> list[tuple[str, str, set[str]]]:
+    """docs/layout.md's table, the one copy of the layers: (layer, folder, modules), lowest first."""
+    rows = []
+    for line in LAYOUT_DOC.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and re.fullmatch(r"`[\w/]+/`", cells[1]):
+            folder = cells[1].strip("`").removeprefix("vgg_ablation/").rstrip("/")
+            rows.append((cells[0], folder, set(re.findall(r"`(\w+)`", cells[2]))))
+    return rows
+
+
+LAYERS = read_layers()
+
+
+def dotted(folder: str, module: str) -> str:
+    """A module's name below the package: "errors", "tracking.stores"."""
+    if module == "__main__" or not folder:  # __main__ sits at the top, where `python -m` finds it
+        return module
+    return f"{folder}.{module}"
+
+
+LAYER = {dotted(folder, m): i for i, (_, folder, modules) in enumerate(LAYERS) for m in modules}
 # The modules a training run goes through: no function there longer than about 60 lines.
-TRAINING_PATH = {"config", "tracking", "outbox", "checkpoints", "datasets", "batches", "data", "models",
-                 "module", "distributed", "cells", "build", "fitting", "profiling", "cell_run", "train"}  # fmt: skip
+TRAINING_PATH = {"config", "tracking.stores", "tracking.outbox", "training.checkpoints", "data.datasets",
+                 "data.batches", "data.modules", "nets.models", "training.module", "training.distributed",
+                 "study.cells", "training.build", "training.fitting", "training.profiling",
+                 "training.cell_run", "training.train"}  # fmt: skip
 LONG_MODULE = 450  # lines; a longer one says why at its top
+
+
+def module_files() -> dict[str, Path]:
+    """Every module of the package by its dotted name below it (the folders' __init__ files apart:
+    a folder's docstring, nothing to import)."""
+    found = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE).with_suffix("").parts
+        if parts[0] in ("conf", "sample_data") or (len(parts) > 1 and parts[-1] == "__init__"):
+            continue
+        found[".".join(parts)] = path
+    return found
 
 
 def imports() -> dict[str, set[str]]:
     """Every package module's imports of other package modules, function-local ones included."""
+    modules = module_files()
     graph = {}
-    for path in PACKAGE.glob("*.py"):
+    for name, path in modules.items():
         found = set()
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("vgg_ablation"):
-                parts = node.module.split(".")
-                names = [parts[1]] if len(parts) > 1 else [a.name for a in node.names]
-                found.update(n for n in names if (PACKAGE / f"{n}.py").exists())
+                base = node.module.removeprefix("vgg_ablation").lstrip(".")
+                candidates = [f"{base}.{a.name}".lstrip(".") for a in node.names] + [base]
+                found.update(c for c in candidates if c in modules)
             elif isinstance(node, ast.Import):
-                found.update(a.name.split(".")[1] for a in node.names if a.name.startswith("vgg_ablation."))
-        graph[path.stem] = found - {path.stem}
+                named = [a.name.removeprefix("vgg_ablation.") for a in node.names if a.name.startswith("vgg_ablation.")]
+                found.update(n for n in named if n in modules)
+        graph[name] = found - {name}
     return graph
 
 
-def test_every_module_has_a_layer():
-    assert set(imports()) == set(LAYER), set(imports()) ^ set(LAYER)
+def test_the_docs_table_is_the_tree():
+    """Each folder holds exactly the modules its row lists, and every module is in a row."""
+    assert [folder for _, folder, _ in LAYERS][:1] == [""] and len(LAYERS) >= 8, LAYERS
+    for _, folder, modules in LAYERS:
+        here = {p.stem for p in (PACKAGE / folder).glob("*.py") if p.stem != "__init__" or not folder}
+        if folder == "commands":
+            here.add("__main__")
+        elif not folder:
+            here.discard("__main__")
+        assert here == modules, (folder, here ^ modules)
+        assert not folder or ast.get_docstring(ast.parse((PACKAGE / folder / "__init__.py").read_text()))
+    assert set(module_files()) == set(LAYER), set(module_files()) ^ set(LAYER)
 
 
 def test_imports_only_go_down():
@@ -61,6 +93,15 @@ def test_imports_only_go_down():
         if LAYER[target] > LAYER[module]
     ]
     assert not upward, "\n".join(upward)
+
+
+def test_the_import_reader_sees_every_kind_of_import():
+    """The checks above are only as good as this reader: each way of importing is seen."""
+    graph = imports()
+    assert "tracking.stores" in graph["runner.study"]  # from vgg_ablation.tracking import stores
+    assert "study.cells" in graph["runner.study"]  # from vgg_ablation.study.cells import (...)
+    assert "report.document" in graph["runner.study"]  # a function-local import
+    assert "errors" in graph["config"]  # from vgg_ablation.errors import UserError
 
 
 def test_no_import_circle():
@@ -81,7 +122,7 @@ def test_no_import_circle():
             visit(module, [module])
 
 
-@pytest.mark.parametrize("path", sorted(PACKAGE.glob("*.py")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted(module_files().values()), ids=lambda p: str(p.relative_to(PACKAGE)))
 def test_long_modules_say_why(path):
     text = path.read_text()
     lines = len(text.splitlines())
@@ -97,7 +138,7 @@ def test_long_modules_say_why(path):
 def test_functions_on_the_training_path_are_short():
     long = []
     for module in TRAINING_PATH:
-        for node in ast.walk(ast.parse((PACKAGE / f"{module}.py").read_text())):
+        for node in ast.walk(ast.parse(module_files()[module].read_text())):
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
                 lines = node.end_lineno - node.lineno + 1
                 if lines > 60:
@@ -108,9 +149,9 @@ def test_functions_on_the_training_path_are_short():
 def test_arch_reaches_the_model_and_its_param_through_one_resolution():
     # build.model_for is the one path from a config to models.build_model
     callers = [
-        path.stem
-        for path in PACKAGE.glob("*.py")
-        if path.stem not in ("models", "build", "design") and "build_model(" in path.read_text()
+        name
+        for name, path in module_files().items()
+        if name not in ("nets.models", "training.build", "nets.design") and "build_model(" in path.read_text()
     ]
     assert callers == [], callers
 
@@ -125,19 +166,11 @@ def test_a_study_checks_its_data_and_nets_without_lightning():
 
     heavy = ["pytorch_lightning", "lightning_fabric", "torchmetrics", "torch._dynamo"]
     code = (
-        "import sys, vgg_ablation.cli, vgg_ablation.study, vgg_ablation.report, vgg_ablation.build; "
+        "import sys, vgg_ablation.commands.cli, vgg_ablation.runner.study, vgg_ablation.report.document, vgg_ablation.training.build; "
         "from vgg_ablation.config import compose; "
-        "vgg_ablation.study.check_study(compose(['experiment=smoke', 'study.archs=[A,A-LRN,B,C,D,E,B-5x5]'])); "
+        "vgg_ablation.runner.study.check_study(compose(['experiment=smoke', 'study.archs=[A,A-LRN,B,C,D,E,B-5x5]'])); "
         f"print([m for m in {heavy!r} if m in sys.modules])"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "[]"
-
-
-def test_the_docs_draw_the_same_layers():
-    """docs/layout.md's table and LAYERS above are two copies of one picture: they must agree."""
-    text = (PACKAGE.parent / "docs" / "layout.md").read_text()
-    rows = [line for line in text.splitlines() if line.startswith("| ") and "`" in line.split("|")[2]]
-    drawn = [(r.split("|")[1].strip(), set(re.findall(r"`(\w+)`", r.split("|")[2]))) for r in rows]
-    assert drawn == [(name, modules) for name, modules in LAYERS]

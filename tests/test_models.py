@@ -5,8 +5,8 @@ import torch
 import torchvision
 from torch import nn
 
-from vgg_ablation import design
-from vgg_ablation.models import (
+from vgg_ablation.nets import design
+from vgg_ablation.nets.models import (
     ARCHS,
     AlexNetLRN,
     Conv,
@@ -176,7 +176,7 @@ def test_the_block_pattern_reads_the_pools_and_convs_it_is_given(monkeypatch):
     are followed through the layers, so the 'each block halves the map' check fails for both."""
     import dataclasses
 
-    from vgg_ablation.models import ARCHS, Pool
+    from vgg_ablation.nets.models import ARCHS, Pool
 
     features = list(ARCHS["A"].features)
     pools = [i for i, t in enumerate(features) if isinstance(t, Pool)]
@@ -208,8 +208,8 @@ def test_lrn_scale_is_lrn_on_scaled_activations():
 
 def test_lrn_activity_near_1_standardised_and_clearly_above_at_the_paper_scale():
     from vgg_ablation.config import DataConfig
-    from vgg_ablation.data import make_datamodule
-    from vgg_ablation.models import lrn_activity
+    from vgg_ablation.data.modules import make_datamodule
+    from vgg_ablation.nets.models import lrn_activity
 
     torch.manual_seed(0)
     net = build_model("A-LRN", num_classes=10, input_size=32, width=0.125)

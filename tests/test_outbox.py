@@ -8,7 +8,7 @@ import json
 import pytest
 from mlflow.tracking import MlflowClient
 
-from vgg_ablation.outbox import MAX_METRICS_PER_BATCH, Journal, Outbox, batches, sync
+from vgg_ablation.tracking.outbox import MAX_METRICS_PER_BATCH, Journal, Outbox, batches, sync
 
 from .conftest import cli_in_process
 

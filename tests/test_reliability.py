@@ -15,10 +15,10 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from vgg_ablation.cell_run import RACE_HOLD_ENV
-from vgg_ablation.dashboard import free_port
-from vgg_ablation.labserver import server_env
-from vgg_ablation.tracking import answers, pid_alive
+from vgg_ablation.commands.dashboard import free_port
+from vgg_ablation.tracking.labserver import server_env
+from vgg_ablation.tracking.stores import answers, pid_alive
+from vgg_ablation.training.cell_run import RACE_HOLD_ENV
 
 from .conftest import (
     CLI,

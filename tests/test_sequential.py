@@ -8,8 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from vgg_ablation import analysis, runtable, sequential
-from vgg_ablation.sequential import CONTRADICTED, NO_RELEVANT_DIFFERENCE, OPEN, SUPPORTED, Rule
+from vgg_ablation.study import analysis, sequential
+from vgg_ablation.study.sequential import CONTRADICTED, NO_RELEVANT_DIFFERENCE, OPEN, SUPPORTED, Rule
+from vgg_ablation.tracking import runtable
 
 # Jennison & Turnbull (2000), Tables 2.1 and 2.3: two-sided alpha 0.05, K equally spaced looks.
 POCOCK = {2: 2.178, 3: 2.289, 4: 2.361, 5: 2.413, 10: 2.555}

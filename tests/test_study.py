@@ -187,17 +187,17 @@ def test_a_study_counts_as_finished_only_its_own_cells_runs(workdir):
     key. A kaiming study of the same name shares its fingerprint with a from-A study's scratch-B
     control: its runs of A, B and B-5x5 must not pass for the from-A study's cells, or that study
     would launch nothing and never train."""
-    from vgg_ablation import tracking
-    from vgg_ablation.build import arch_of
-    from vgg_ablation.cells import cell_cfg, cell_key, fingerprint, finished_cells, scratch_config
     from vgg_ablation.config import compose, study_overrides
+    from vgg_ablation.study.cells import cell_cfg, cell_key, fingerprint, finished_cells, scratch_config
+    from vgg_ablation.tracking import stores
+    from vgg_ablation.training.build import arch_of
 
     uri = store_uri(workdir)
     base = ["experiment=smoke", "study.archs=[A,B,B-5x5]", f"logger.tracking_uri={uri}"]
     from_a = compose(study_overrides([*base, "model.init=from_A"]))
     kaiming = compose(study_overrides([*base, "model.init=kaiming"]))
     client = MlflowClient(uri)
-    experiment = client.create_experiment(tracking.experiment_name(from_a))
+    experiment = client.create_experiment(stores.experiment_name(from_a))
 
     def finished_run(cfg, arch: str, seed: int) -> None:
         cell = cell_cfg(cfg, arch, seed)

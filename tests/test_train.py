@@ -166,7 +166,7 @@ def _sample_as_folder(
     """The embedded sample laid out as a user's folder: train/ = its train, val/ = its test."""
     from PIL import Image
 
-    from vgg_ablation.datasets import SAMPLE_ROOT
+    from vgg_ablation.data.datasets import SAMPLE_ROOT
 
     for split, target, limit in (("train", "train", per_class), ("test", "val", val_per_class)):
         for cls_dir in sorted((SAMPLE_ROOT / split).iterdir()):
@@ -265,7 +265,7 @@ def test_a_moved_folder_keeps_its_cells_and_other_data_gets_new_ones(workdir):
 def test_the_task_returns_validation_accuracy_never_test(workdir, monkeypatch):
     """What a sweeper (Optuna, Ax) optimises is the task's return value."""
     from vgg_ablation.config import compose
-    from vgg_ablation.train import task
+    from vgg_ablation.training.train import task
 
     monkeypatch.chdir(workdir)
     cfg = compose(

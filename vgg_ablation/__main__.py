@@ -1,3 +1,3 @@
-from vgg_ablation.cli import main
+from vgg_ablation.commands.cli import main
 
 raise SystemExit(main())

@@ -1,0 +1,90 @@
+"""One Hydra multirun of a study's cells, as a process of its own (`launch`), and how a study
+stops one: Ctrl-C or SIGTERM become `Interrupted` in the study (`stopped_by_signals`) and are passed
+on to the sweep (`stop_sweep`), which marks its training cell KILLED and keeps its checkpoint."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from vgg_ablation.study.cells import DEADLINE_ENV, PROGRESS_ENV
+
+
+def sweep_dir(cfg: DictConfig) -> Path:
+    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+    return Path("multirun") / cfg.study.name / f"{stamp}-{secrets.token_hex(3)}"
+
+
+def launch(args: list[str], archs: list[str], seeds: list[int], folder: Path, seed_major: bool = False,
+           progress: tuple | None = None, deadline: float | None = None) -> int:  # fmt: skip
+    """One Hydra multirun over archs x seeds in a subprocess: arch-major (the paper's order, and
+    the trained A first for init=from_A), or seed-major, so that a study stopped early still holds
+    complete paired blocks (every arch of seeds 0..k). The sweep shares the study's process group,
+    so a kill of the group (SIGKILL, a lost machine) takes both; a Ctrl-C or SIGTERM that reached
+    the study alone is passed on (`stop_sweep`)."""
+    sweep = ["arch=" + ",".join(archs), "seed=" + ",".join(str(s) for s in seeds)]
+    command = [sys.executable, "-m", "vgg_ablation.training.train", "--multirun", *args, *(sweep[::-1] if seed_major else sweep),
+               f"hydra.sweep.dir={folder}",
+               "hydra/hydra_logging=disabled"]  # fmt: skip  # its per-job line repeats every override: ours says k of N
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if progress:
+        env[PROGRESS_ENV] = ":".join(map(str, progress))
+    if deadline:
+        env[DEADLINE_ENV] = str(deadline)
+    proc = subprocess.Popen(command, env=env)
+    try:
+        return proc.wait()
+    except Interrupted as exc:
+        stop_sweep(proc, exc.signum)
+        raise
+
+
+# -- stopping: Ctrl-C and SIGTERM -----------------------------------------------------------------------
+class Interrupted(BaseException):
+    """Ctrl-C (SIGINT) or SIGTERM reached the study."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def stopped_by_signals():
+    """SIGINT and SIGTERM become `Interrupted` while the study runs (restored after); a second
+    one while the first is being handled becomes Interrupted(SIGKILL): stop at once."""
+    first: list[int] = []
+
+    def handler(signum, frame):
+        first.append(signum)
+        raise Interrupted(signal.SIGKILL if len(first) > 1 else signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def stop_sweep(proc: subprocess.Popen, signum: int) -> None:
+    """Pass the stop on to the sweep (a terminal's Ctrl-C reached it too: the cell takes the
+    same signal once more without harm, see train.run_cell), which marks the training cell's run
+    KILLED and keeps its last checkpoint; a second Ctrl-C, or a sweep still there after a minute,
+    gets SIGKILL."""
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(signum)
+    while True:
+        try:
+            proc.wait(60)
+            return
+        except (subprocess.TimeoutExpired, Interrupted):  # too long, or the second Ctrl-C
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
