@@ -12,6 +12,9 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from vgg_ablation.errors import UserError
+from vgg_ablation.runner import cluster
+
 from . import slurm_cluster
 from .conftest import TINY, all_runs, assert_children_of_one_study, run_cli, store_uri
 from .test_reliability import LONGER, by_cell, popen_cli, val_epochs, wait_for_checkpointed_running_run
@@ -48,22 +51,46 @@ def finish_output(proc, timeout: float = 600) -> str:
 
 
 @pytest.mark.long
-@pytest.mark.parametrize("accounting", [False, True], ids=["without accounting", "with accounting"])
 def test_a_scancelled_cell_ends_the_study_with_a_report_and_the_rerun_submits_only_that_cell(
-    workdir, tmp_path_factory, accounting
+    workdir, tmp_path_factory
 ):
-    """A cell cancelled mid-run with `scancel`: the study notices, says so in one line (with
-    sacct's state where the cluster keeps accounting), lets the other cells finish, writes its
+    """A cell cancelled mid-run with `scancel`, on a cluster that keeps accounting: the study
+    notices, says so in one line with sacct's state, lets the other cells finish, writes its
     report with what finished, exits 1, leaves nothing in the queue; the rerun submits only the
     cancelled cell, which resumes into its own run from its checkpoint, every epoch once."""
-    on_cluster = start_cluster(tmp_path_factory.mktemp("slurm"), accounting)
+    on_cluster = start_cluster(tmp_path_factory.mktemp("slurm"), accounting=True)
     try:
-        cancel_a_cell_then_rerun(workdir, on_cluster, accounting)
+        cancel_a_cell_then_rerun(workdir, on_cluster)
     finally:
         on_cluster.stop()
 
 
-def cancel_a_cell_then_rerun(workdir: Path, on_cluster, accounting: bool) -> None:
+def test_a_cell_cancelled_where_the_cluster_keeps_no_accounting_is_said_and_the_study_ends(
+    workdir, on_cluster
+):
+    """The same cancel where there is no `sacct` to ask: the study cannot tell why the task left
+    the queue, and says that in one line; the other cells finish, the report is written, exit 1.
+    (The task is cancelled while it waits its turn, one task running at a time: what happens after
+    a cancel mid-run, and the rerun, the test above shows.)"""
+    study = ["study", "experiment=smoke", *CPU, "hydra.launcher.array_parallelism=1", *TINY]
+    proc = popen_cli(study, workdir, on_cluster.env)
+    deadline, waiting = time.time() + 120, []
+    while time.time() < deadline and not waiting and proc.poll() is None:
+        waiting = [t.split()[0] for t in on_cluster.queue() if " PENDING " in f"{t} "]
+        time.sleep(0.2)
+    assert waiting, on_cluster.queue()
+    assert on_cluster.run("scancel", waiting[-1]).returncode == 0
+    output = finish_output(proc)
+    assert proc.returncode == 1, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    said = [line for line in output.splitlines() if ": left the queue without a result" in line]
+    assert len(said) == 1 and said[0].startswith(("A seed=", "B seed=")), output[-3000:]
+    assert "summary: 3 FINISHED" in output and "report: reports/smoke.md" in output, output[-2000:]
+    assert (workdir / "reports" / "smoke.md").exists()
+    assert on_cluster.queue() == []
+
+
+def cancel_a_cell_then_rerun(workdir: Path, on_cluster) -> None:
     study = ["study", "experiment=smoke", *CPU, *LONGER]
     proc = popen_cli(study, workdir, on_cluster.env)
     victim = wait_for_checkpointed_running_run(workdir, proc, arch="B")
@@ -75,8 +102,7 @@ def cancel_a_cell_then_rerun(workdir: Path, on_cluster, accounting: bool) -> Non
     assert time.time() - cancelled < 300, output[-3000:]
     assert "Traceback" not in output and "Bypassing sacct error" not in output, output[-3000:]
     label = f"B seed={victim.data.params['seed']}"
-    said = f"{label}: ended CANCELLED (sacct)" if accounting else f"{label}: left the queue without a result"
-    assert said in output, output[-3000:]
+    assert f"{label}: ended CANCELLED (sacct)" in output, output[-3000:]
     assert "[3/4" in output and "epoch 6/6" in output  # the cells' own progress, in the terminal
     assert "summary: 3 FINISHED, 1 KILLED" in output and "report: reports/smoke.md" in output, output[-2000:]
     assert (workdir / "reports" / "smoke.md").exists()
@@ -101,9 +127,9 @@ def cancel_a_cell_then_rerun(workdir: Path, on_cluster, accounting: bool) -> Non
 @pytest.mark.long
 def test_a_requeued_cell_resumes_into_its_run(workdir, on_cluster):
     """SLURM's preemption with requeue (`scontrol requeue`: SIGTERM, back to the queue, started
-    again): the study waits it out, every cell FINISHED once, the requeued one in its own run with
-    every epoch once."""
-    study = ["study", "experiment=smoke", *CPU, *LONGER]
+    again): the study waits it out, and the requeued cell FINISHES once, in its own run, with every
+    epoch once. One cell: others would only train beside it."""
+    study = ["study", "experiment=smoke", "study.archs=[B]", "study.seeds=[0]", *CPU, *LONGER]
     proc = popen_cli(study, workdir, on_cluster.env)
     victim = wait_for_checkpointed_running_run(workdir, proc, arch="B")
     job = victim.data.tags["slurm_job"]
@@ -116,8 +142,7 @@ def test_a_requeued_cell_resumes_into_its_run(workdir, on_cluster):
     output = finish_output(proc)
     assert proc.returncode == 0, output[-3000:]
     runs = all_runs(workdir)
-    assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)
-    assert all(len(cell) == 1 for cell in by_cell(runs).values())
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     resumed = MlflowClient(store_uri(workdir)).get_run(victim.info.run_id)
     assert int(resumed.data.tags["attempts"]) == 2
     assert val_epochs(workdir, victim.info.run_id) == set(range(6))
@@ -146,22 +171,36 @@ def test_ctrl_c_cancels_the_study_s_jobs_and_leaves_nothing_running(workdir, on_
     assert run.info.status == "KILLED" and any((workdir / "checkpoints" / run.info.run_id).glob("*.ckpt"))
 
 
-def test_a_request_the_cluster_can_never_meet_is_refused_before_anything_is_submitted(workdir, on_cluster):
-    """The GPU preset on a CPU-only cluster, more CPUs or memory than the node has, a partition
-    that does not exist: one line each, exit 2, nothing submitted, no traceback."""
+def test_a_request_the_cluster_can_never_meet_is_refused_before_anything_is_submitted(
+    workdir, on_cluster, monkeypatch
+):
+    """The GPU preset on a CPU-only cluster: one line, exit 2, nothing submitted, no traceback.
+    More CPUs or memory than the node has, a partition that does not exist: the same check
+    (`cluster.check_request`, asked here directly with what the preset would pass it) refuses
+    each in one line."""
+    result = run_cli(["study", "experiment=smoke", "hydra/launcher=slurm", *TINY], workdir, on_cluster.env)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    expected = (
+        "partition 'cpu' has no GPU(s) per node and the preset asks for 1: use hydra/launcher=slurm-cpu"
+    )
+    assert len(errors) == 1 and expected in errors[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stdout + result.stderr
+    assert on_cluster.queue() == []
+
+    for key, value in on_cluster.env.items():
+        monkeypatch.setenv(key, value)
     cases = {
-        ("hydra/launcher=slurm",): "partition 'cpu' has no GPU(s) per node and the preset asks for 1: use hydra/launcher=slurm-cpu",
-        (*CPU, "hydra.launcher.cpus_per_task=64"): "a cell asks for 64 CPUs and the largest node of partition 'cpu' has",
-        (*CPU, "hydra.launcher.mem_gb=4096"): "a cell asks for 4096 GB",
-        (*CPU, "hydra.launcher.partition=gpu"): "no partition 'gpu' on this cluster (sinfo lists: cpu, short)",
+        (("cpus_per_task", 64),): "a cell asks for 64 CPUs and the largest node of partition 'cpu' has",
+        (("mem_gb", 4096),): "a cell asks for 4096 GB",
+        (("partition", "gpu"),): "no partition 'gpu' on this cluster (sinfo lists: cpu, short)",
     }  # fmt: skip
-    for overrides, expected in cases.items():
-        result = run_cli(["study", "experiment=smoke", *overrides, *TINY], workdir, on_cluster.env)
-        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-        assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
-        assert len(errors) == 1 and expected in errors[0], result.stderr[-2000:]
-        assert "Traceback" not in result.stdout + result.stderr
-        assert on_cluster.queue() == []
+    for change, expected in cases.items():
+        with pytest.raises(UserError) as refused:
+            cluster.check_request({"cpus_per_task": 1, "mem_gb": 1, "partition": None, **dict(change)})
+        assert expected in str(refused.value) and "\n" not in str(refused.value)
+    cluster.check_request({"cpus_per_task": 1, "mem_gb": 1, "partition": None})  # what fits, passes
+    assert on_cluster.queue() == []
 
 
 def test_a_cell_the_partition_can_never_start_is_cancelled_and_said(workdir, on_cluster):
