@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from vgg_ablation.commands.dashboard import free_port
 from vgg_ablation.tracking.labserver import server_env
-from vgg_ablation.tracking.stores import answers, pid_alive
+from vgg_ablation.tracking.stores import answers, experiment_name, pid_alive
 from vgg_ablation.training.cell_run import RACE_HOLD_ENV
 
 from .conftest import (
@@ -121,6 +121,27 @@ def sigkill_mid_cell(study: list[str], workdir: Path, arch: str = "B"):
 def val_epochs(workdir: Path, run_id: str) -> set[int]:
     """The epochs recorded in a run's validation curve."""
     return {m.step for m in MlflowClient(store_uri(workdir)).get_metric_history(run_id, "val/acc1")}
+
+
+def test_a_run_a_killed_opening_left_without_params_is_completed_by_the_rerun(workdir, monkeypatch):
+    """A cell killed between creating its run and recording its params (the cell beside a Ctrl-C'd
+    one, stopped by its launcher mid-opening): the rerun takes the run over and records what the
+    opening had not, so the finished run names its seed and a study's report counts it."""
+    from vgg_ablation.config import compose
+    from vgg_ablation.study.cells import cell_key
+
+    args = ["arch=A", "seed=4", *TINY]
+    cfg = compose(args)
+    client = MlflowClient(store_uri(workdir))
+    experiment = client.create_experiment(experiment_name(cfg))
+    left = client.create_run(experiment, tags={"cell": cell_key(cfg), "arch": "A", "seed": "4"}).info.run_id
+    client.set_terminated(left, "KILLED")
+    out = cli_in_process(["train", *args], workdir, monkeypatch)
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = client.get_run(left)
+    assert run.info.status == "FINISHED" and run.data.params["seed"] == "4" and run.data.params["arch"] == "A"
+    assert run.data.tags["checkpoint_dir"].endswith(left) and run.inputs.dataset_inputs
+    assert [r.info.run_id for r in client.search_runs([experiment])] == [left]
 
 
 @pytest.mark.long

@@ -193,14 +193,16 @@ def _open_run_locked(mlflow_client, experiment_id, cfg, key, params, device_name
         if run.info.status == "RUNNING" and not stores.is_orphaned(run):
             return "busy", run
     if previous:
-        return ("run", *_take_over(mlflow_client, previous[0], cfg, key, device_name))
+        return ("run", *_take_over(mlflow_client, previous[0], cfg, key, params, device_name, datamodule))
     return _create_run(mlflow_client, experiment_id, cfg, key, params, device_name, datamodule)
 
 
-def _take_over(mlflow_client, run, cfg: DictConfig, key: str, device_name: str) -> tuple[str, str | None]:
+def _take_over(mlflow_client, run, cfg: DictConfig, key: str, params: dict, device_name: str,
+               datamodule) -> tuple[str, str | None]:  # fmt: skip
     """A dead attempt's run (FAILED, KILLED, or RUNNING with its process gone), RUNNING again
     here, and the checkpoint to resume from (None: a fresh start of the same run)."""
     run_id = run.info.run_id
+    _complete_the_opening(mlflow_client, run, cfg, params, datamodule)
     resume = choose_resume(Path(run.data.tags.get("checkpoint_dir", "/nonexistent")))
     if resume.note:  # a damaged checkpoint never blocks the cell: said, tagged, worked around
         print(f"warning: {key}: {resume.note}", file=sys.stderr, flush=True)
@@ -221,6 +223,26 @@ def _take_over(mlflow_client, run, cfg: DictConfig, key: str, device_name: str) 
     print(f"{cfg.arch} seed={cfg.seed}: resume {key}: run {run_id} from {resume.path or 'the start (no checkpoint)'}",
           flush=True)  # fmt: skip
     return run_id, resume.path
+
+
+def _complete_the_opening(mlflow_client, run, cfg: DictConfig, params: dict, datamodule) -> None:
+    """What `_create_run` records after creating a run, where the attempt that created it was
+    killed before it had (a cell beside a Ctrl-C'd one, stopped mid-opening): its checkpoint
+    folder, params, config and dataset. Without its params the finished run would name no seed,
+    and the study's report could not count it."""
+    from mlflow.entities import Param
+
+    run_id = run.info.run_id
+    if "checkpoint_dir" not in run.data.tags:
+        mlflow_client.set_tag(
+            run_id, "checkpoint_dir", str(Path(cfg.logger.checkpoint_root).resolve() / run_id)
+        )
+    missing = {name: value for name, value in params.items() if name not in run.data.params}
+    if missing:
+        mlflow_client.log_batch(run_id, params=[Param(name, str(value)) for name, value in missing.items()])
+    if not run.data.params:  # nothing after the params was recorded either
+        mlflow_client.log_text(run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+        log_dataset(mlflow_client, run_id, datamodule)
 
 
 # Fault injection for the tests: hold the moment between finding no run and creating one, where
