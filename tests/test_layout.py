@@ -65,7 +65,11 @@ def imports() -> dict[str, set[str]]:
                 candidates = [f"{base}.{a.name}".lstrip(".") for a in node.names] + [base]
                 found.update(c for c in candidates if c in modules)
             elif isinstance(node, ast.Import):
-                named = [a.name.removeprefix("vgg_ablation.") for a in node.names if a.name.startswith("vgg_ablation.")]
+                named = [
+                    a.name.removeprefix("vgg_ablation.")
+                    for a in node.names
+                    if a.name.startswith("vgg_ablation.")
+                ]
                 found.update(n for n in named if n in modules)
         graph[name] = found - {name}
     return graph
