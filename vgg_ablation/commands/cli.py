@@ -26,7 +26,9 @@ class Command:
     what: str  # one line: what it does
     usage: str  # the arguments it takes
     example: str
-    keys: str  # which keys --help lists: "train", "study", "report", "bench" or an options schema's name
+    # which keys --help lists: a section of the training config ("train", "study", "report", "export",
+    # "bench": SECTIONS below), an options schema's name in config.py, or "" for none
+    keys: str
     notes: str = ""
     # "module:function" that runs it, imported only when the command is chosen: a new command is
     # one entry here plus its module
@@ -64,7 +66,9 @@ COMMANDS = {
     "sync": Command("send the records runs kept on disk while their tracking store was away",
                     "sync [JOURNAL ...] [tracking_uri=URI]",
                     "vgg-ablation sync checkpoints/<run>/outbox.jsonl", "",
-                    "With no journal named, every outbox.jsonl under ./checkpoints is sent.", runs="vgg_ablation.tracking.outbox:run_sync"),
+                    "With no journal named, every outbox.jsonl under ./checkpoints is sent.\n\n"
+                    "keys:\n  tracking_uri=URI    the store to send to (default: the one each journal names)",
+                    runs="vgg_ablation.tracking.outbox:run_sync"),
     "server": Command("a lab's shared tracking server: PostgreSQL + MLflow with logins, under one folder",
                       "server [key=value ...]", "vgg-ablation server root=/srv/vgg-ablation host=0.0.0.0",
                       "ServerOptions", runs="vgg_ablation.tracking.labserver:run_server"),
@@ -113,12 +117,6 @@ def help_text(name: str) -> str:
     elif command.keys:
         schema = getattr(config, command.keys)
         lines += ["", "keys (default):"] + _schema_keys(schema, dataclasses.asdict(schema()))
-    else:
-        lines += [
-            "",
-            "keys:",
-            "  tracking_uri=URI    the store to send to (default: the one each journal names)",
-        ]
     lines += ["", f"example: {command.example}"]
     return "\n".join(lines)
 

@@ -39,28 +39,61 @@ from vgg_ablation.errors import UserError
 
 SAMPLE_ROOT = Path(__file__).resolve().parent.parent / "sample_data" / "cifar10"
 
-DATASETS = ("sample", "cifar10", "cifar100", "imagefolder", "synthetic")
-
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 
-CIFAR = {
-    "cifar10": {
-        "folder": "cifar-10-batches-py",
-        "train": [f"data_batch_{i}" for i in range(1, 6)],
-        "test": ["test_batch"],
-        "meta": ("batches.meta", b"label_names"),
-        "labels": b"labels",
-        "archive": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
-    },
-    "cifar100": {
-        "folder": "cifar-100-python",
-        "train": ["train"],
-        "test": ["test"],
-        "meta": ("meta", b"fine_label_names"),
-        "labels": b"fine_labels",
-        "archive": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
-    },
+CIFAR10_BATCHES = {
+    "folder": "cifar-10-batches-py",
+    "train": [f"data_batch_{i}" for i in range(1, 6)],
+    "test": ["test_batch"],
+    "meta": ("batches.meta", b"label_names"),
+    "labels": b"labels",
+    "archive": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
 }
+CIFAR100_BATCHES = {
+    "folder": "cifar-100-python",
+    "train": ["train"],
+    "test": ["test"],
+    "meta": ("meta", b"fine_label_names"),
+    "labels": b"fine_labels",
+    "archive": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+}
+
+
+@dataclass(frozen=True)
+class Named:
+    """A dataset `data=<name>` names: how it is read (its kind) and where it is. A new one in a
+    format the project reads is one entry in NAMED below, plus its conf/data/<name>.yaml."""
+
+    name: str
+    kind: str  # "folder": ImageFolder's layout | "cifar": CIFAR's python batches | "synthetic": random images
+    root: Path | None = None  # a folder that comes with the package (the sample); None: data.root
+    recorded_as: str = ""  # the name its runs record; "": its name (a folder kind: the folder's own)
+    batches: dict | None = None  # kind "cifar": its files and keys (CIFAR10_BATCHES)
+    torchvision: str = ""  # kind "cifar": the torchvision.datasets class that downloads it
+
+    @property
+    def reads_root(self) -> bool:
+        """Whether data.root says where it is (the embedded sample and random images have none)."""
+        return self.kind != "synthetic" and self.root is None
+
+
+NAMED = {
+    d.name: d
+    for d in (
+        Named("sample", "folder", root=SAMPLE_ROOT, recorded_as="cifar10-sample"),
+        Named("cifar10", "cifar", batches=CIFAR10_BATCHES, torchvision="CIFAR10"),
+        Named("cifar100", "cifar", batches=CIFAR100_BATCHES, torchvision="CIFAR100"),
+        Named("imagefolder", "folder"),
+        Named("synthetic", "synthetic"),
+    )
+}
+DATASETS = tuple(NAMED)
+
+
+def named(name: str) -> Named:
+    if name not in NAMED:
+        raise UserError(f"unknown data {name!r}; choose one of: {', '.join(sorted(NAMED))}")
+    return NAMED[name]
 
 
 @dataclass
@@ -176,7 +209,7 @@ def identify_folder(root: Path, name: str) -> Dataset:
 
 
 def identify_cifar(name: str, root: Path) -> Dataset:
-    spec = CIFAR[name]
+    spec = NAMED[name].batches
     folder = root / spec["folder"]
     parts = [*spec["train"], *spec["test"], spec["meta"][0]]
     if not all((folder / p).is_file() for p in parts):
@@ -196,11 +229,11 @@ def identify_cifar(name: str, root: Path) -> Dataset:
 def _download_cifar(name: str, root: Path) -> None:
     from torchvision import datasets
 
-    cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+    cls = getattr(datasets, NAMED[name].torchvision)
     try:
         cls(str(root), train=True, download=True)
     except (OSError, RuntimeError) as exc:  # URLError is an OSError
-        spec = CIFAR[name]
+        spec = NAMED[name].batches
         raise UserError(
             f"{name} not found in {root} and not downloadable ({type(exc).__name__}): put the folder "
             f"{spec['folder']}/ (from {spec['archive']}) in {root}, or set data.root to the folder holding it"
@@ -256,11 +289,11 @@ def data_root(cfg: DataConfig) -> Path:
 
 @cache
 def _identify_cached(name: str, root: str, synthetic: tuple) -> Dataset:
-    if name == "sample":
-        return identify_folder(SAMPLE_ROOT, "cifar10-sample")
-    if name == "imagefolder":
-        return identify_folder(Path(root), Path(root).resolve().name)
-    if name in CIFAR:
+    source = NAMED[name]
+    if source.kind == "folder":
+        folder = source.root or Path(root)
+        return identify_folder(folder, source.recorded_as or folder.resolve().name)
+    if source.kind == "cifar":
         return identify_cifar(name, Path(root))
     n, k, size = synthetic
     return Dataset(
@@ -270,11 +303,10 @@ def _identify_cached(name: str, root: str, synthetic: tuple) -> Dataset:
 
 def identify(cfg: DataConfig) -> Dataset:
     """The dataset `cfg` names, listed once per process."""
-    if cfg.name not in DATASETS:
-        raise UserError(f"unknown data {cfg.name!r}; choose one of: {', '.join(DATASETS)}")
-    if cfg.name == "imagefolder" and not cfg.root:
-        raise UserError("data=imagefolder needs data.root=<folder with train/ and val/ or test/>")
-    root = str(Path(cfg.root).expanduser()) if cfg.name == "imagefolder" else str(data_root(cfg))
+    source = named(cfg.name)
+    if source.kind == "folder" and source.reads_root and not cfg.root:
+        raise UserError(f"data={cfg.name} needs data.root=<folder with train/ and val/ or test/>")
+    root = str(Path(cfg.root).expanduser()) if source.kind == "folder" and cfg.root else str(data_root(cfg))
     return _identify_cached(cfg.name, root, (cfg.synthetic_size, cfg.num_classes, cfg.input_size or 32))
 
 
@@ -435,7 +467,7 @@ def decoded(digest: str, split: str, side: int, files: tuple) -> tuple[torch.Ten
 
 
 def load_cifar(name: str, folder: Path) -> tuple[torch.Tensor, ...]:
-    spec = CIFAR[name]
+    spec = NAMED[name].batches
     out = []
     for part in ("train", "test"):
         batches = [load_batch(folder / p) for p in spec[part]]

@@ -39,7 +39,7 @@ import torch
 from vgg_ablation.config import DataConfig
 from vgg_ablation.data.batches import NORMALIZATIONS, TensorBatches, normalisation
 from vgg_ablation.data.datasets import (
-    CIFAR,
+    NAMED,
     Dataset,
     decode,
     decoded,
@@ -205,7 +205,8 @@ class InMemoryData(_Common):
     def _load(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Raw splits: {'train': ..., 'test': ..., optionally 'val': ...}."""
         cfg, ds = self.cfg, self.dataset
-        if cfg.name == "synthetic":
+        kind = NAMED[cfg.name].kind
+        if kind == "synthetic":
             size = cfg.input_size or 32
             self.sizes = choose_sizes(cfg, size)
             gen = torch.Generator().manual_seed(self.seed)
@@ -213,7 +214,7 @@ class InMemoryData(_Common):
             x = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=gen)
             y = torch.randint(0, k, (n,), generator=gen)
             return {"train": (x, y), "test": (x[: max(1, n // 8)], y[: max(1, n // 8)])}
-        if cfg.name in CIFAR:
+        if kind == "cifar":
             self.sizes = choose_sizes(cfg, 32)
             if (self.sizes.train_scale, self.sizes.test_scale) != (32, 32):
                 raise UserError(
@@ -247,7 +248,7 @@ class InMemoryData(_Common):
         # Test in a fixed shuffled order, so a limited evaluation still sees every class.
         order = torch.randperm(len(test_y), generator=torch.Generator().manual_seed(SPLIT_SEED))
         self.splits = {"train": (fit_x, fit_y), "val": val, "test": (test_x[order], test_y[order])}
-        if self.cfg.name != "synthetic":  # random images for throughput: no result to measure
+        if NAMED[self.cfg.name].kind != "synthetic":  # random images for throughput: no result to measure
             check_split_sizes(self.split_counts(), self.num_classes)
         self.mean, self.std, self.pixel_std = normalisation(self.cfg.normalize, fit_x)
         self._loaded = True

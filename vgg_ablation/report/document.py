@@ -21,7 +21,6 @@ from vgg_ablation.report.sections import Gathered
 from vgg_ablation.study import analysis, reference_cells
 from vgg_ablation.study.cells import (
     SCRATCH_LABEL,
-    claims_of,
     design_of,
     margins_of,
     net_labels,
@@ -77,7 +76,7 @@ def gather(cfg: DictConfig, stop_reason: str = "") -> Gathered:
     summary = analysis.per_arch(res, order=[*cfg.study.archs, SCRATCH_LABEL])
     concl = analysis.conclusions(
         runs, net_labels(cfg), cfg.model.init == "from_A", design.rule, margins_of(cfg), design.order,
-        design.stages, min_effect=cfg.study.min_effect / 100, claims=claims_of(cfg), futility=design.futility,
+        design.stages, min_effect=cfg.study.min_effect / 100, claims=design.claims, futility=design.futility,
     )  # fmt: skip
     if not stop_reason and design.sequential:
         stop_reason = _stop_reason(concl, list(design.stages))

@@ -61,6 +61,14 @@ class Claim:
     # error split) of a study registered before it.
     opt_in: str = ""
     paper: bool = True  # one of the paper's conclusions (a control is named only where tested)
+    # The two nets must start alike: in a study whose deeper nets start from A's weights, the first
+    # net's from-scratch twin stands in for it (B-5x5 has nothing of A to start from).
+    same_start: bool = False
+
+    @property
+    def id(self) -> str:
+        """What a study registers it by (rule.claim_ids): the two nets and the kind of claim."""
+        return f"{self.first} vs {self.second}: {self.kind}"
 
 
 # The paper's conclusions (Simonyan & Zisserman, arXiv 1409.1556, section 4.1), as the lecture states them.
@@ -79,6 +87,7 @@ CLAIMS = (
         "B-5x5",
         "better",
         needs="B and B-5x5 from the same start (in a from-A study the study adds a from-scratch B)",
+        same_start=True,
     ),
     # LRN in a design that ends whichever way the data point: A-LRN helps (contradicted), no
     # relevant difference or hurts (supported); and a control that tells LRN's normalisation from
@@ -114,6 +123,17 @@ def claims_for(opted=()) -> tuple[Claim, ...]:
         raise ValueError(f"unknown study.claims {unknown[0]!r}; choose from: {', '.join(sorted(OPT_IN))}")
     taken = {(c.first, c.second) for c in CLAIMS if c.opt_in in opted}
     return tuple(c for c in CLAIMS if (c.opt_in in opted if c.opt_in else (c.first, c.second) not in taken))
+
+
+def claims_by_id(ids: list[str]) -> tuple[Claim, ...]:
+    """The claims a study registered, in the project's order; one this version lacks is refused
+    (the study was registered by a newer vgg-ablation)."""
+    known = {c.id: c for c in CLAIMS}
+    unknown = [i for i in ids if i not in known]
+    if unknown:
+        raise ValueError(f"the study was registered with claim {unknown[0]!r}, which this vgg-ablation "
+                         "does not know: continue it with the version that registered it")  # fmt: skip
+    return tuple(c for c in CLAIMS if c.id in ids)
 
 
 def per_arch(res: pd.DataFrame, order: list[str] | None = None) -> pd.DataFrame:
@@ -169,15 +189,11 @@ def testable(nets: list[str], from_a: bool, claims=None) -> tuple[list[Compariso
     control that is not one of the paper's conclusions is listed only where tested."""
     tested, untested = [], []
     for claim in claims_for() if claims is None else claims:
-        first = f"B{SCRATCH}" if claim.key == "filters" and from_a else claim.first
+        first = f"{claim.first}{SCRATCH}" if claim.same_start and from_a else claim.first
         if first in nets and claim.second in nets:
             tested.append(Comparison(claim, first, claim.second))
-        else:
-            needs = (
-                claim.needs if claim.key == "filters" else f"{claim.first} and {claim.second} in the study"
-            )
-            if claim.paper:
-                untested.append((claim, needs))
+        elif claim.paper:
+            untested.append((claim, claim.needs or f"{claim.first} and {claim.second} in the study"))
     return tested, untested
 
 
@@ -441,6 +457,9 @@ class Design:
     stages: list[int]
     rule: Rule
     futility: float = 0.0  # a comparison stops when its chance of a verdict by the maximum falls below it
+    # The claims the study considers (`testable` picks those its nets can test): the ones it was
+    # registered with, so that a claim added to the project later changes no study under way.
+    claims: tuple[Claim, ...] = ()
 
     @property
     def sequential(self) -> bool:

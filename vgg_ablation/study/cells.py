@@ -8,6 +8,7 @@ here, and nothing here trains or launches anything.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
@@ -123,9 +124,13 @@ def study_run_key(cfg: DictConfig) -> str:
 
 def needs_scratch_b(cfg: DictConfig) -> bool:
     """B-5x5 trains from scratch (nothing of A fits its 5x5 convs): in a study whose deeper nets
-    start from A, claim 4 needs a B trained from scratch too, or it compares starts, not filters."""
-    archs = list(cfg.study.archs)
-    return cfg.model.init == "from_A" and "B-5x5" in archs and "B" in archs
+    start from A, a claim whose nets must start alike (`Claim.same_start`: claim 4, B vs B-5x5)
+    needs a B trained from scratch too, or it compares starts, not filters. B is the one net with
+    such a twin; a same-start claim on another net is listed as untested, with what it needs."""
+    archs = set(cfg.study.archs)
+    return cfg.model.init == "from_A" and any(
+        c.same_start and c.first == "B" and {c.first, c.second} <= archs for c in analysis.CLAIMS
+    )
 
 
 def scratch_config(cfg: DictConfig) -> DictConfig:
@@ -173,21 +178,30 @@ def margins_of(cfg: DictConfig) -> dict[str, float]:
     return {k: v / 100 for k, v in OmegaConf.to_container(cfg.study.margins).items()}
 
 
-def claims_of(cfg: DictConfig) -> tuple:
-    """The claims the study tests (analysis.claims_for its study.claims); one line when unknown."""
+def claims_of(cfg: DictConfig, registered: dict | None = None) -> tuple:
+    """The claims the study considers: those it was registered with (its run's claim_ids), so that a
+    claim the project gains later never changes a study under way (its comparisons, so its error
+    split); else the project's (analysis.claims_for its study.claims). One line when unknown."""
     try:
+        if registered and "claim_ids" in registered:
+            return analysis.claims_by_id(registered["claim_ids"].split(CLAIM_ID_SEPARATOR))
         return analysis.claims_for(list(cfg.study.claims))
     except ValueError as exc:
         raise UserError(str(exc)) from None
 
 
+CLAIM_ID_SEPARATOR = "; "
+
+
 def design_of(cfg: DictConfig, registered: dict | None = None) -> analysis.Design:
-    """The study's seeds, looks and rule; `registered` holds the rule its study run was created
-    with (a continued study keeps its horizon)."""
-    tested, _ = analysis.testable(net_labels(cfg), cfg.model.init == "from_A", claims_of(cfg))
+    """The study's seeds, looks, rule and claims; `registered` holds the rule its study run was
+    created with (a continued study keeps its horizon and its claims)."""
+    claims = claims_of(cfg, registered)
+    tested, _ = analysis.testable(net_labels(cfg), cfg.model.init == "from_A", claims)
     horizon = int(registered["rule.horizon"]) if registered and "rule.horizon" in registered else None
-    return analysis.make_design(list(cfg.study.seeds), cfg.study.max_seeds, cfg.study.seeds_per_look,
-                                cfg.study.alpha, len(tested), horizon, futility_of(cfg, registered))  # fmt: skip
+    design = analysis.make_design(list(cfg.study.seeds), cfg.study.max_seeds, cfg.study.seeds_per_look,
+                                  cfg.study.alpha, len(tested), horizon, futility_of(cfg, registered))  # fmt: skip
+    return dataclasses.replace(design, claims=claims)
 
 
 def futility_of(cfg: DictConfig, registered: dict | None = None) -> float:
@@ -198,17 +212,19 @@ def futility_of(cfg: DictConfig, registered: dict | None = None) -> float:
     return float(cfg.study.futility) if cfg.study.max_seeds else 0.0
 
 
-def rule_params(cfg: DictConfig) -> dict[str, str]:
+def rule_params(cfg: DictConfig, registered: dict | None = None) -> dict[str, str]:
     """What a run-until-decided study registers on its run before any cell: a different value
-    later would be a different rule (and the looks already taken were made under this one)."""
+    later would be a different rule (and the looks already taken were made under this one).
+    `registered`: what it was registered with, whose claims it keeps."""
     if not cfg.study.max_seeds:
         return {}
     margins = OmegaConf.to_container(cfg.study.margins)
+    design = design_of(cfg, registered)
     return {
         "rule.alpha": str(cfg.study.alpha),
         "rule.first_seeds": ",".join(map(str, cfg.study.seeds)),
         "rule.seeds_per_look": str(cfg.study.seeds_per_look),
-        "rule.comparisons": str(design_of(cfg).rule.comparisons),
+        "rule.comparisons": str(design.rule.comparisons),
         "rule.horizon": str(cfg.study.max_seeds),
         "rule.margins": ",".join(f"{k}={v:g}" for k, v in margins.items()),
         **({"rule.futility": f"{cfg.study.futility:g}"} if cfg.study.futility else {}),
@@ -237,6 +253,8 @@ def study_params(cfg: DictConfig) -> dict:
         "batch_size": cfg.data.batch_size,
         "margins_points": ",".join(f"{k}={v:g}" for k, v in margins.items()),
         "min_effect_points": cfg.study.min_effect,
+        # the claims it considers, kept for good: a claim the project gains later is not this study's
+        "claim_ids": CLAIM_ID_SEPARATOR.join(c.id for c in claims_of(cfg)),
         "fingerprint": fingerprint(cfg),
         "version": __version__,
     }
@@ -245,7 +263,7 @@ def study_params(cfg: DictConfig) -> dict:
 def check_registered(cfg: DictConfig, registered: dict) -> None:
     """Refuse a run-until-decided study whose rule differs from the one it was registered with
     (a larger `max_seeds` is allowed: it continues the study past its horizon)."""
-    wanted = rule_params(cfg)
+    wanted = rule_params(cfg, registered)
     had = {k: v for k, v in registered.items() if k.startswith("rule.")}
     if not had:
         if wanted and registered:
@@ -271,7 +289,7 @@ def check_registered(cfg: DictConfig, registered: dict) -> None:
 def study_looks(cfg: DictConfig, design: analysis.Design, stages: int) -> list[analysis.Outcome]:
     """The study's first `stages` looks, replayed on the runs it recorded."""
     seen = runtable.observe(study_runs(cfg))
-    tested, _ = analysis.testable(net_labels(cfg), cfg.model.init == "from_A", claims_of(cfg))
+    tested, _ = analysis.testable(net_labels(cfg), cfg.model.init == "from_A", design.claims)
     return analysis.replay(tested, seen, design.order, design.stages, design.rule, margins_of(cfg), stages,
                            futility=design.futility)  # fmt: skip
 

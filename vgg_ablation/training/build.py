@@ -12,6 +12,7 @@ import torch
 from omegaconf import DictConfig
 
 from vgg_ablation.config import SCHEDULES
+from vgg_ablation.data.datasets import named
 from vgg_ablation.data.modules import FileData, InMemoryData, make_datamodule
 from vgg_ablation.errors import UserError
 from vgg_ablation.nets.models import ARCHS, INITS, Arch, Net, build_model, get_arch
@@ -20,8 +21,10 @@ from vgg_ablation.nets.models import ARCHS, INITS, Arch, Net, build_model, get_a
 def validate(cfg: DictConfig) -> None:
     """Reject impossible values with one line, before any data is read or any run recorded."""
     arch_of(cfg.arch)
-    if cfg.data.root and cfg.data.name in ("sample", "synthetic"):  # a folder silently ignored otherwise
-        raise UserError(f"data.root is not read by data={cfg.data.name} (the embedded sample or random images): "
+    source = named(cfg.data.name)
+    if cfg.data.root and not source.reads_root:  # a folder silently ignored otherwise
+        what = "random images" if source.kind == "synthetic" else f"the images in {source.root}"
+        raise UserError(f"data.root is not read by data={cfg.data.name} ({what}): "
                         f"to train on {cfg.data.root}, add data=imagefolder")  # fmt: skip
     positive = {
         "data.batch_size": cfg.data.batch_size,
