@@ -57,8 +57,7 @@ def test_a_new_net_is_one_entry_in_the_zoo(copy):
               '        _vgg("A", [64], [128], [256, 256], [512, 512], [512, 512]),\n'
               '        _vgg("A-half", [32], [64], [128, 128], [256, 256], [256, 256]),\n')  # fmt: skip
     done = copy.run(
-        PREAMBLE
-        + "from vgg_ablation.config import compose\n"
+        PREAMBLE + "from vgg_ablation.config import compose\n"
         "from vgg_ablation.runner.study import check_study\n"
         "from vgg_ablation.commands.cli import main\n"
         "check_study(compose(['experiment=smoke', 'study.archs=[A,A-half]']))\n"
@@ -79,8 +78,7 @@ def test_a_new_claim_is_one_entry_and_a_registered_study_keeps_its_own(copy):
               '    Claim(2, "depth", "A dummy: A no better than B", "A", "B", "no better"),\n'
               "    # LRN in a design that ends whichever way the data point:")  # fmt: skip
     done = copy.run(
-        PREAMBLE
-        + "from vgg_ablation.config import compose\n"
+        PREAMBLE + "from vgg_ablation.config import compose\n"
         "from vgg_ablation.study.cells import check_registered, design_of, rule_params\n"
         f"cfg = compose({SMOKE_UNTIL_DECIDED!r})\n"
         "registered = json.loads(sys.argv[1])\n"
@@ -98,10 +96,11 @@ def test_a_new_named_dataset_is_one_entry_and_its_config_file(copy):
     copy.edit("data/datasets.py", '        Named("imagefolder", "folder"),\n',
               '        Named("imagefolder", "folder"),\n'
               '        Named("sample-again", "folder", root=SAMPLE_ROOT, recorded_as="sample-again"),\n')  # fmt: skip
-    (copy.root / "vgg_ablation/conf/data/sample-again.yaml").write_text("name: sample-again\nbatch_size: 128\n")
+    (copy.root / "vgg_ablation/conf/data/sample-again.yaml").write_text(
+        "name: sample-again\nbatch_size: 128\n"
+    )
     done = copy.run(
-        PREAMBLE
-        + "from vgg_ablation.config import compose\n"
+        PREAMBLE + "from vgg_ablation.config import compose\n"
         "from vgg_ablation.data.datasets import identify\n"
         "from vgg_ablation.runner.study import check_study\n"
         "check_study(compose(['experiment=smoke', 'data=sample-again']))\n"
@@ -125,12 +124,14 @@ def test_a_new_command_is_its_module_and_one_entry_in_the_table(copy):
               'COMMANDS = {\n    "hello": Command("say hello", "hello [word ...]", "vgg-ablation hello world", "",\n'
               '                     runs="vgg_ablation.commands.hello:run_hello"),\n')  # fmt: skip
     done = copy.run(
-        PREAMBLE
-        + "from vgg_ablation.commands.cli import main\n"
+        PREAMBLE + "from vgg_ablation.commands.cli import main\n"
         "assert main(['hello', 'world']) == 0\n"
         "assert main(['--help']) == 0\n"
         "assert main(['hello', '--help']) == 0\n"
     )
     assert "hello world" in done.stdout
     assert "  hello    say hello" in done.stdout
-    assert "usage: vgg-ablation hello [word ...]" in done.stdout and "example: vgg-ablation hello world" in done.stdout
+    assert (
+        "usage: vgg-ablation hello [word ...]" in done.stdout
+        and "example: vgg-ablation hello world" in done.stdout
+    )
