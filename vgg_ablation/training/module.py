@@ -169,6 +169,11 @@ class Classifier(pl.LightningModule):
                 "optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "monitor": "val/acc1", "interval": "epoch"},
             }
+        # The warm-up, cosine and step schedules as closed forms in one LambdaLR, not torch's LinearLR
+        # + CosineAnnealingLR in a SequentialLR (or StepLR): those give the same lr, epoch by epoch,
+        # to within 7e-16 of it (measured for 20-90 epochs, 0-5 warm-up), but their state in a
+        # checkpoint is another shape, and every checkpoint a study has written (archives carry the
+        # unfinished cells' ones) holds LambdaLR's: switching would stop those cells resuming.
         warm = o.warmup_epochs
         if o.schedule == "cosine":
 
