@@ -183,12 +183,13 @@ def test_a_study_runs_until_decided_and_stops_the_decided_nets(workdir, monkeypa
 
 
 def test_a_study_counts_as_finished_only_its_own_cells_runs(workdir):
-    """What lets a study skip a launch (cells.finished_cells) is a FINISHED run of each cell's own
+    """What lets a study skip a launch (StudyRuns.finished_cells) is a FINISHED run of each cell's own
     key. A kaiming study of the same name shares its fingerprint with a from-A study's scratch-B
     control: its runs of A, B and B-5x5 must not pass for the from-A study's cells, or that study
     would launch nothing and never train."""
     from vgg_ablation.config import compose, study_overrides
-    from vgg_ablation.study.cells import cell_cfg, cell_key, fingerprint, finished_cells, scratch_config
+    from vgg_ablation.study.cells import cell_cfg, cell_key, fingerprint, scratch_config
+    from vgg_ablation.study.snapshot import StudyRuns
     from vgg_ablation.tracking import stores
     from vgg_ablation.training.build import arch_of
 
@@ -209,6 +210,9 @@ def test_a_study_counts_as_finished_only_its_own_cells_runs(workdir):
         client.log_metric(run_id, "test/err1", 0.5)
         client.log_metric(run_id, "time/seconds", 3.0)
         client.set_terminated(run_id, "FINISHED")
+
+    def finished_cells(cfg):
+        return StudyRuns.read(cfg).finished_cells()
 
     for arch in ("A", "B", "B-5x5"):
         for seed in (0, 1):

@@ -24,9 +24,9 @@ from vgg_ablation.study.cells import (
     design_of,
     margins_of,
     net_labels,
-    recorded_digest,
     study_fingerprints,
 )
+from vgg_ablation.study.snapshot import recorded_digest
 from vgg_ablation.tracking import runtable, stores
 
 

@@ -40,22 +40,20 @@ from vgg_ablation.study import analysis
 from vgg_ablation.study.cells import (
     SCRATCH_CONTROL,
     SCRATCH_LABEL,
-    Finished,
     cell_cfg,
     cell_configs,
     cell_key,
     check_registered,
     clock,
     design_of,
-    finished_cells,
     net_labels,
     rule_params,
-    study_looks,
     study_params,
     study_run_key,
 )
 from vgg_ablation.study.reference_cells import lr_override
 from vgg_ablation.study.sequential import VERDICTS
+from vgg_ablation.study.snapshot import StudyRuns
 from vgg_ablation.tracking import stores
 from vgg_ablation.training.build import arch_of, data_for, model_for, validate
 
@@ -205,8 +203,9 @@ def open_study(args: list[str]) -> Sweep:
 def run_looks(sweep: Sweep) -> str:
     """Each look's cells, then its verdicts; returns why the study stopped."""
     cfg, design = sweep.cfg, sweep.design
+    seen = StudyRuns.read(cfg)  # where the study stands: read once a look, after its cells
     for k, size in enumerate(design.stages):
-        grow = set(sweep.nets) if k == 0 else analysis.nets_to_grow(looked := study_looks(cfg, design, k))
+        grow = set(sweep.nets) if k == 0 else analysis.nets_to_grow(looked := seen.looks(design, k))
         if not grow:
             futile = any(o.state == "futile" for o in looked)
             return "every comparison decided or stopped as futile" if futile else "every claim decided"
@@ -219,7 +218,7 @@ def run_looks(sweep: Sweep) -> str:
             print(f"look {k + 1} of at most {len(design.stages)}: {nets} get seeds {new[0]}-{new[-1]} "
                   f"({size} per net)", flush=True)  # fmt: skip
         sweep.launched += cells
-        code = run_cells(sweep, cells)
+        code = run_cells(sweep, cells, seen)
         sweep.exit_codes.append(code)
         if code not in (0, 1):  # a cell was killed: stop, start nothing more
             return "stopped"
@@ -229,8 +228,9 @@ def run_looks(sweep: Sweep) -> str:
             sweep.exit_codes.append(code)
             if code not in (0, 1):
                 return "stopped"
+        seen = StudyRuns.read(cfg)
         if design.sequential:
-            record_looks(sweep, k + 1)
+            record_looks(sweep, k + 1, seen)
             if k + 1 < len(design.stages):
                 write_documents(sweep.cfg)  # an interim report and archive: the study travels now
     if sweep.deadline and time.time() >= sweep.deadline:
@@ -298,10 +298,11 @@ def stage_cells(cfg: DictConfig, nets: list[str], grow: set[str], seeds: list[in
     return [(net, seed) for net in chosen for seed in seeds]
 
 
-def run_cells(sweep: Sweep, cells: list[tuple[str, int]]) -> int:
+def run_cells(sweep: Sweep, cells: list[tuple[str, int]], seen: StudyRuns) -> int:
     """Train these cells: one Hydra multirun per group of nets sharing a start (the trained A
     first, the scratch control apart), finished cells skipped (a group whose cells all FINISHED
-    is not launched at all). Returns the worst exit code."""
+    is not launched at all; `seen`: the study's runs as the look found them, read again after a
+    group's sweep for the next). Returns the worst exit code."""
     cfg = sweep.cfg
     nets = list(dict.fromkeys(net for net, _ in cells))
     seeds = list(dict.fromkeys(seed for _, seed in cells))
@@ -315,8 +316,10 @@ def run_cells(sweep: Sweep, cells: list[tuple[str, int]]) -> int:
     if SCRATCH_LABEL in nets:
         groups.append((["B"], SCRATCH_CONTROL))
     total, codes = sweep.done + len(cells), []
-    for archs_, overrides in groups:
-        finished = cell_times(cfg)  # for the time left: what will skip, what a cell takes
+    for i, (archs_, overrides) in enumerate(groups):
+        # for the time left: what will skip, what a cell takes (a group after the first reads the
+        # store again: the group before it trained cells)
+        finished = (seen if i == 0 else StudyRuns.read(cfg)).finished_cells()
         labels = [SCRATCH_LABEL] if overrides else archs_
         ahead = sum((net, seed) in finished for net in labels for seed in seeds)
         if ahead == len(labels) * len(seeds) and skip_finished(sweep, labels, seeds, finished, total):
@@ -363,17 +366,6 @@ def skip_finished(sweep: Sweep, nets: list[str], seeds: list[int], finished: dic
     return True
 
 
-def cell_times(cfg: DictConfig) -> dict[tuple[str, int], Finished]:
-    """The study's FINISHED cells (their runs and times), or none when the store cannot say right
-    now: then every cell is launched, and a store away at launch is the cells' to handle (outbox)."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return finished_cells(cfg)
-    except (MlflowException, OSError):  # the store away or refusing: the estimate goes without
-        return {}
-
-
 def end_interrupted(sweep: Sweep, signum: int) -> int:
     """One line: which cells were stopped, and how to resume; the study's run KILLED."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # nothing more to stop: finish these lines
@@ -390,10 +382,10 @@ def end_interrupted(sweep: Sweep, signum: int) -> int:
 
 
 # -- after the sweeps -----------------------------------------------------------------------------------
-def record_looks(sweep: Sweep, stages: int) -> None:
+def record_looks(sweep: Sweep, stages: int, seen: StudyRuns) -> None:
     """The looks so far onto the study's run (looks.json) and one line each on the console."""
     record = []
-    for o in study_looks(sweep.cfg, sweep.design, stages):
+    for o in seen.looks(sweep.design, stages):
         c, last = o.comparison, o.last
         chance = (
             f" (chance of a verdict by {sweep.design.stages[-1]} seeds: {o.chance:.0%})"

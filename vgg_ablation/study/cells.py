@@ -1,6 +1,6 @@
 """Which cells a study has and what they are called: its nets (with the scratch-B control), its
-seeds and looks (`design_of`), the rule it registers, the fingerprints that find its runs, and
-where it stands (`study_looks`, replayed from the runs it recorded).
+seeds and looks (`design_of`), the claims and rule it registers, and the fingerprints that find its
+runs. Naming only: nothing here reads a store (where a study stands is snapshot.py's).
 
 Below the builders and the orchestrator: the study, the report and the training task all ask
 here, and nothing here trains or launches anything.
@@ -11,16 +11,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass
 from typing import Any
 
-import pandas as pd
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vgg_ablation import __version__
 from vgg_ablation.errors import UserError
 from vgg_ablation.study import analysis
-from vgg_ablation.tracking import runtable, stores
 from vgg_ablation.tracking.runtable import SCRATCH
 
 SCRATCH_CONTROL = ["model.init=kaiming"]  # the overrides that make the scratch-B control
@@ -159,20 +156,6 @@ def study_fingerprints(cfg: DictConfig, digest: str | None = None) -> list[str]:
     return fps
 
 
-def recorded_digest(cfg: DictConfig, configs: list[DictConfig]) -> str | None:
-    """The study's data digest on a machine without its data (a study imported to be re-analysed):
-    the digest its runs recorded whose fingerprints, for any of `configs` (the study's, its lr
-    selection's), are those of runs; None when none is. Reading only: a study that trains reads its
-    data, and with it the digest."""
-    uri = stores.tracking_uri(cfg.logger.tracking_uri)
-    runs = runtable.load_runs(uri, stores.experiment_name(cfg))
-    for digest in runs["data_digest"].dropna().unique() if not runs.empty else []:
-        fps = {fingerprint(c, str(digest)) for c in configs}
-        if runs["fingerprint"].isin(fps).any():
-            return str(digest)
-    return None
-
-
 def margins_of(cfg: DictConfig) -> dict[str, float]:
     """Each claim's margin as a fraction of top-1 error (the config says points)."""
     return {k: v / 100 for k, v in OmegaConf.to_container(cfg.study.margins).items()}
@@ -284,51 +267,6 @@ def check_registered(cfg: DictConfig, registered: dict) -> None:
     if cfg.study.max_seeds < int(had["rule.horizon"]):
         raise UserError(f"study {cfg.study.name!r} was registered with max_seeds={had['rule.horizon']}: "
                         "a maximum can grow, not shrink")  # fmt: skip
-
-
-def study_looks(cfg: DictConfig, design: analysis.Design, stages: int) -> list[analysis.Outcome]:
-    """The study's first `stages` looks, replayed on the runs it recorded."""
-    seen = runtable.observe(study_runs(cfg))
-    tested, _ = analysis.testable(net_labels(cfg), cfg.model.init == "from_A", design.claims)
-    return analysis.replay(tested, seen, design.order, design.stages, design.rule, margins_of(cfg), stages,
-                           futility=design.futility)  # fmt: skip
-
-
-def study_runs(cfg: DictConfig):
-    """Every run the study (this config) recorded, as a table."""
-    uri = stores.tracking_uri(cfg.logger.tracking_uri)
-    return runtable.load_runs(uri, stores.experiment_name(cfg), study_fingerprints(cfg))
-
-
-@dataclass(frozen=True)
-class Finished:
-    """A cell's FINISHED run: what the study needs to skip the cell without launching it."""
-
-    run_id: str
-    seconds: float  # its recorded training time
-    parent: str | None  # the study run it is nested under, if any
-
-
-def finished_cells(cfg: DictConfig) -> dict[tuple[str, int], Finished]:
-    """The study's cells FINISHED so far, by (net, seed): runs of each cell's own key, as the cell
-    itself looks it up (the scratch-B control's fingerprint is also that of a kaiming study of the
-    same name, whose runs are not this study's), FINISHED with their test metrics. So a cell found
-    here is one its own launch would skip."""
-    runs = study_runs(cfg)
-    if runs.empty:
-        return {}
-    keys = cell_keys(cfg, sorted({int(s) for s in runs["seed"].dropna()}))
-    own = [
-        pd.notna(seed) and isinstance(cell, str) and keys.get((net, int(seed))) == cell
-        for net, seed, cell in zip(runs["net"], runs["seed"], runs["cell"], strict=True)
-    ]
-    done = runtable.results(runs[own])
-    return {
-        (r["net"], int(r["seed"])): Finished(
-            r["run_id"], float(r["seconds"]), r["parent_run"] if isinstance(r["parent_run"], str) else None
-        )
-        for _, r in done.iterrows()
-    }
 
 
 def clock(seconds: float) -> str:
