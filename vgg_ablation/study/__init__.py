@@ -1,6 +1,6 @@
-"""What a study is, before anything runs: the stopping rule (`sequential`), what an undecided
+"""What a study is and where it stands: the stopping rule (`sequential`), what an undecided
 comparison would take (`plans`), the claims and their verdicts (`analysis`), the study's cells
-and their names (`cells`), and the cells beside its test cells (`reference_cells`: lr
-selection, convergence).
+and their names (`cells`), where it stands, read once a look (`snapshot`), and the cells beside
+its test cells (`reference_cells`: lr selection, convergence).
 
 The layers and what each may import: docs/layout.md."""
