@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from vgg_ablation.tracking import archive
+
 from .conftest import (
     TINY,
     all_runs,
@@ -15,6 +17,7 @@ from .conftest import (
     store_uri,
     study_runs,
 )
+from .test_archive import contents
 
 pytestmark = pytest.mark.slow
 
@@ -264,6 +267,20 @@ def test_a_study_chooses_each_net_s_lr_checks_convergence_and_stops_a_futile_com
     assert "Stopped: every comparison decided or stopped as futile." in report
     header = (workdir / "reports" / "fair-runs.csv").read_text().splitlines()[0]
     assert "attempts" in header and "origin_run" in header and "train_err1" in header
+
+    # Its archive holds every run as it ended, and travels whole: the lr selection's and the
+    # convergence check's runs parent their cells in the store it goes to as they did here
+    made = workdir / "reports" / "fair-archive.tar.gz"
+    with archive.opened(made) as opened:
+        assert {r["status"] for r in opened.runs} == {"FINISHED"}, [
+            (r["run_name"], r["status"]) for r in opened.runs
+        ]
+    moved = workdir / "moved"
+    moved.mkdir()
+    assert cli_in_process(["import", str(made)], moved, monkeypatch).returncode == 0
+    back = cli_in_process(["export", *study[1:], "archive.out=back.tar.gz"], moved, monkeypatch)
+    assert back.returncode == 0, back.stdout[-3000:] + back.stderr[-3000:]
+    assert contents(moved / "back.tar.gz") == contents(made)
 
     again = cli_in_process(study, workdir, monkeypatch)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]

@@ -429,22 +429,36 @@ def finish_study(sweep: Sweep, stop_reason: str) -> int:
         sweep.client.set_terminated(sweep.parent, "KILLED")
         print("the sweep was stopped; run the same command again to resume", file=sys.stderr)
         return next(c for c in sweep.exit_codes if c not in (0, 1))
-    if (states["status"] == "FINISHED").any():
-        write_documents(cfg, stop_reason)
+    documents = (states["status"] == "FINISHED").any()
+    if documents:
+        write_report_of(cfg, stop_reason)
     ok = len(unfinished) == 0 and all(c == 0 for c in sweep.exit_codes)
-    # The study's run follows its cells: FINISHED only when every cell is (and the report is on it)
+    # The study's run follows its cells: FINISHED only when every cell is (and the report is on it).
+    # Its archive comes after, so that it carries the run as it ended, not RUNNING (which an
+    # import would take for a study still going on another machine).
     sweep.client.set_terminated(sweep.parent, "FINISHED" if ok else "FAILED")
+    if documents:
+        write_archive_of(cfg)
     return 0 if ok else 1
 
 
 def write_documents(cfg: DictConfig, stop_reason: str = "") -> None:
     """The report (also onto the study's run), and the study's archive beside it: what a user
     commits, or carries to another machine, to continue the study there."""
+    write_report_of(cfg, stop_reason)
+    write_archive_of(cfg)
+
+
+def write_report_of(cfg: DictConfig, stop_reason: str = "") -> None:
     from vgg_ablation.report.document import write_report
-    from vgg_ablation.runner.travel import archive_path, export_for
 
     path = write_report(cfg, stop_reason=stop_reason)
     print(f"report: {path}", flush=True)
+
+
+def write_archive_of(cfg: DictConfig) -> None:
+    from vgg_ablation.runner.travel import archive_path, export_for
+
     if cfg.archive.with_report:
         done = export_for(cfg, archive_path(cfg))
         print(f"archive: {done.path} ({done.runs} runs; `vgg-ablation import {done.path}` carries the study "

@@ -362,8 +362,7 @@ def plan_import(client, archive: Archive) -> Plan:
     for r in here:
         if "cell" in r.data.tags:
             cells.setdefault(r.data.tags["cell"], []).append(r)
-    ordered = sorted(archive.runs, key=lambda r: stores.STUDY_RUN_TAG not in r["tags"])
-    for record in ordered:
+    for record in _parents_first(archive.runs):
         tags, mine = record["tags"], origin(record["run_id"], record["tags"])
         if mine in origins:
             plan.skip.append((record, f"already in this store (run {origins[mine].info.run_id})"))
@@ -379,6 +378,19 @@ def plan_import(client, archive: Archive) -> Plan:
         else:
             plan.add.append(record)
     return plan
+
+
+def _parents_first(runs: list[dict]) -> list[dict]:
+    """Study runs first (a merge decides where their cells go), then every run after the run it
+    nests under (a phase's run, such as the lr selection, parents cells too): a run is written
+    knowing its parent's id in the destination. An archive lists runs newest first."""
+    parent_of = {r["run_id"]: r["tags"].get(stores.PARENT_TAG) for r in runs}
+
+    def depth(run_id: str | None, seen: int = 0) -> int:
+        parent = parent_of.get(run_id)
+        return 0 if parent not in parent_of or seen > len(runs) else 1 + depth(parent, seen + 1)
+
+    return sorted(runs, key=lambda r: (stores.STUDY_RUN_TAG not in r["tags"], depth(r["run_id"])))
 
 
 def _plan_study_run(plan: Plan, record: dict, studies: dict, path: Path) -> None:
