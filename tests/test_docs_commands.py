@@ -5,14 +5,19 @@ run tiny-sized elsewhere in the suite (the smoke and sample studies, export and 
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from vgg_ablation import config
 from vgg_ablation.commands import cli
+
+from .conftest import TINY
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -77,3 +82,24 @@ def _one_per_study(overrides: list[str]) -> list[list[str]]:
         return [overrides]
     rest = [o for o in overrides if not o.startswith("experiment=")]
     return [[f"experiment={n}", *rest] for n in named[-1].split("=", 1)[1].split(",")]
+
+
+@pytest.mark.slow
+def test_make_study_in_a_fresh_clone_says_where_its_report_is_and_leaves_the_checkout_clean(tmp_path):
+    """The README's first command, as a newcomer types it in a fresh clone (sized down: two nets,
+    two seeds, a few batches): it prints where its report went, the report has no `nan` and says
+    what to do next, and `git status` shows nothing new (stores, checkpoints, outputs are ignored)."""
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
+    venv = Path(sys.executable).parent.parent
+    # this environment as the clone's (-o: never reinstall it from the clone's newer pyproject.toml)
+    make = ["make", "-C", str(clone), "study", f"VENV={venv}", "-o", f"{venv}/.installed-stamp",
+            "ARGS=" + " ".join(["study.archs=[A,B]", "study.seeds=[0,1]", *TINY])]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PYTHONPATH")}
+    done = subprocess.run(make, capture_output=True, text=True, env=env, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "report: outputs/reports/sample.md" in done.stdout, done.stdout[-3000:]
+    report = (clone / "outputs" / "reports" / "sample.md").read_text()
+    assert not re.search(r"\bnan\b", report, re.I) and "## What next" in report
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=clone, capture_output=True, text=True)
+    assert status.stdout == "", status.stdout
