@@ -2,9 +2,11 @@
 
 1. **Where a cell's time goes**: real cells of the study the overrides name (each in its own
    process, as `vgg-ablation train` runs one), shortened to `bench.epochs`, profiled phase by phase
-   (profiling.py), for each net at the machine's thread count, at 1 thread, and at 1 thread
-   compiled; beside each, the training-step bench (plain loop, synthetic batches) at the same
-   threads, measured in this process in the same sitting.
+   (profiling.py), for each net in each of `PROFILED` (the machine's thread count, 1 thread, 1
+   thread with channels_last as a CPU study trains); beside each, the
+   training-step bench (plain loop, synthetic batches) at the same threads and memory format,
+   measured in this process in the same sitting. From them, the ceiling of filling the machine
+   a cell per core (bench_report.py): what it would give if cells side by side slowed nothing.
 2. **Cells per hour, way by way**: the same shortened study run whole (its sweep, store, report)
    once per way of filling the machine (`WAYS`), each in a fresh folder and store; cells FINISHED
    per hour of wall time, and each way's ratio to today's default.
@@ -42,6 +44,11 @@ WAYS = {
     "per-core-compile-channels_last": ("a cell per core, 1 thread each, torch.compile and channels_last",
                                        [*PER_CORE, "trainer.compile=true", "trainer.channels_last=on"]),
 }  # fmt: skip
+
+
+# The cells profiled, per net: (threads, compiled, channels_last); 0 threads: the machine's count
+# (a compiled cell is a way of its own, not profiled: its compile time is most of a short cell's difference)
+PROFILED = ((0, False, False), (1, False, False), (1, False, True))
 
 
 def run_bench(args: list[str]) -> int:
@@ -84,20 +91,19 @@ def measure_cells(cfg: DictConfig, overrides: list[str]) -> dict:
     print(f"bench cells: {', '.join(archs)} x {opts.epochs} epochs; profiles at {CORES} and 1 thread(s), then "
           f"ways {', '.join(ways)} ({opts.seeds} seeds per net each)", flush=True)  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="vgg-ablation-bench-") as tmp:
-        cells = (
-            [(a, t, c) for a in archs for t, c in ((CORES, False), (1, False), (1, True))]
-            if opts.profiles
-            else []
-        )
-        profiles = [profile_cell(base, arch, threads, compiled, Path(tmp), env, seed=900 + i)
-                    for i, (arch, threads, compiled) in enumerate(cells)]  # fmt: skip
-        steps = {(p["arch"], p["threads"]): step_rate(cfg, p["arch"], p["threads"]) for p in profiles}
+        cells = [(a, t or CORES, c, cl) for a in archs for t, c, cl in PROFILED] if opts.profiles else []
+        profiles = [profile_cell(base, arch, threads, compiled, Path(tmp), env, seed=900 + i, channels_last=cl)
+                    for i, (arch, threads, compiled, cl) in enumerate(cells)]  # fmt: skip
+        steps = {
+            key: step_rate(cfg, *key)
+            for key in dict.fromkeys((p["arch"], p["threads"], p["channels_last"]) for p in profiles)
+        }
         # the ways interleaved, round by round: a shared machine's drift falls on every way alike,
         # and each round's ratios compare studies run minutes apart
         studies = [study_rate(base, way, archs, opts.seeds, Path(tmp), env, r)
                    for r in range(opts.rounds) for way in ways]  # fmt: skip
     for p in profiles:
-        p["step bench img/s"] = steps[(p["arch"], p["threads"])]
+        p["step bench img/s"] = steps[(p["arch"], p["threads"], p["channels_last"])]
     for s in studies:
         basic = next((b for b in studies if b["way"] == "basic" and b["round"] == s["round"]), s)
         s["ratio to basic"] = s["cells per hour"] / basic["cells per hour"]
@@ -106,14 +112,16 @@ def measure_cells(cfg: DictConfig, overrides: list[str]) -> dict:
 
 
 def profile_cell(
-    base: list[str], arch: str, threads: int, compiled: bool, tmp: Path, env: dict, seed: int
-) -> dict:
+    base: list[str], arch: str, threads: int, compiled: bool, tmp: Path, env: dict, seed: int,
+    channels_last: bool = False,
+) -> dict:  # fmt: skip
     """One real cell in its own process, its phases from profiling.py's timeline."""
     from vgg_ablation.training.profiling import PROFILE_ENV
 
-    out = tmp / f"profile-{arch}-{threads}-{compiled}.json"
+    out = tmp / f"profile-{arch}-{threads}-{compiled}-{channels_last}.json"
     command = [sys.executable, "-m", "vgg_ablation", "train", *base, f"arch={arch}", f"seed={seed}",
                f"trainer.threads={threads}", f"trainer.compile={str(compiled).lower()}",
+               f"trainer.channels_last={'on' if channels_last else 'off'}",
                f"logger.tracking_uri=sqlite:///{tmp / 'profiles.db'}", "logger.checkpoint_root=" + str(tmp / "ckpt")]  # fmt: skip
     started = time.time()
     done = subprocess.run(
@@ -140,15 +148,20 @@ def profile_cell(
     }
     total = wall
     phases["other"] = total - sum(phases.values())
-    label = f"{arch}, {threads} thread{'s' if threads > 1 else ''}" + (", compiled" if compiled else "")
+    label = (
+        f"{arch}, {threads} thread{'s' if threads > 1 else ''}"
+        + (", compiled" if compiled else "")
+        + (", channels_last" if channels_last else "")
+    )
     print(f"  profile {label}: {total:.0f} s, steps {phases['training steps']:.0f} s "
           f"({t['images_trained'] / max(phases['training steps'], 1e-9):.0f} img/s)", flush=True)  # fmt: skip
-    return {"arch": arch, "threads": threads, "compiled": compiled, "seconds": total, "phases": phases,
+    return {"arch": arch, "threads": threads, "compiled": compiled, "channels_last": channels_last,
+            "seconds": total, "phases": phases,
             "epochs": t["epochs"], "cell img/s": t["images_trained"] / max(phases["training steps"], 1e-9),
             "cell img/s (fit)": t["images_trained"] / (m["fit_end"] - m["fit_start"])}  # fmt: skip
 
 
-def step_rate(cfg: DictConfig, arch: str, threads: int) -> float:
+def step_rate(cfg: DictConfig, arch: str, threads: int, channels_last: bool = False) -> float:
     """The training-step bench (plain loop, synthetic batches) for `arch` at `threads` threads."""
     from vgg_ablation.commands.bench import plain_loop, synthetic_batches
     from vgg_ablation.training.build import data_for, model_for
@@ -162,8 +175,8 @@ def step_rate(cfg: DictConfig, arch: str, threads: int) -> float:
         )
         torch.manual_seed(0)
         model = model_for(cfg, arch, datamodule)
-        rates = [plain_loop(cfg, model, batches, cfg.bench.steps, cfg.bench.warmup, torch.device("cpu"), "32-true", False)
-                 for _ in range(3)]  # fmt: skip
+        rates = [plain_loop(cfg, model, batches, cfg.bench.steps, cfg.bench.warmup, torch.device("cpu"), "32-true",
+                            channels_last) for _ in range(3)]  # fmt: skip
     finally:
         torch.set_num_threads(previous)
     return statistics.median(rates)

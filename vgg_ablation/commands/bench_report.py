@@ -97,6 +97,14 @@ def _render_paths(folders: dict) -> list[str]:
 
 
 # -- bench.mode=cells -------------------------------------------------------------------------------------
+PER_EPOCH = (
+    "training steps",
+    "between steps",
+    "validation",
+    "checkpoints",
+)  # a cell's phases each epoch repeats
+
+
 def write_cells(record: dict, out: Path, args: list[str]) -> Path:
     """The cells benchmark's record as reports/bench-<device>-cells.json and .md."""
     slug = "cpu" if record["device"].startswith("cpu") else record["device"].lower().replace(" ", "-")
@@ -112,14 +120,13 @@ def _profile_rows(profiles: list[dict], epochs: int | None = None) -> list[dict]
     many epochs (per-epoch phases scaled from the cell's own epochs, the rest as measured)."""
     from vgg_ablation.training.profiling import PHASES
 
-    per_epoch = {"training steps", "between steps", "validation", "checkpoints"}
     rows = []
     for p in profiles:
         scale = (epochs / p["epochs"]) if epochs else 1.0
-        phases = {k: v * (scale if k in per_epoch else 1.0) for k, v in p["phases"].items()}
+        phases = {k: v * (scale if k in PER_EPOCH else 1.0) for k, v in p["phases"].items()}
         total = sum(phases.values())
         row = {"net": p["arch"], "threads": p["threads"], "compiled": "yes" if p["compiled"] else "",
-               "cell s": f"{total:.0f}"}  # fmt: skip
+               "channels_last": "yes" if p.get("channels_last") else "", "cell s": f"{total:.0f}"}  # fmt: skip
         row.update({k: f"{100 * phases[k] / total:.1f}%" for k in PHASES})
         if not epochs:
             row["cell img/s (steps)"] = f"{p['cell img/s']:.0f}"
@@ -167,6 +174,7 @@ def render_cells(record: dict, args: list[str]) -> list[str]:
         if record["profiles"]
         else "",
         "",
+        *_ceiling(record),
         "## Cells per hour, way by way",
         "",
         f"The same study ({', '.join(record['archs'])} x {studies[0]['cells'] // len(record['archs'])} seeds, {n} epochs) "
@@ -202,6 +210,81 @@ def render_cells(record: dict, args: list[str]) -> list[str]:
         ).to_markdown(disable_numparse=True),
         "",
         *_ratio_summary(studies),
+    ]
+
+
+# The way that fills the machine with each 1-thread profile's setting: (compiled, channels_last) -> way
+PER_CORE_WAY = {
+    (False, False): "per-core",
+    (False, True): "per-core-channels_last",
+    (True, False): "per-core-compile",
+}
+
+
+def _ceiling(record: dict) -> list[str]:
+    """What a cell per core can give at most: the cores times a cell's speed on one thread, as a
+    share of its speed on all of them, as if the cells side by side slowed each other not at all;
+    beside it, what the study measured that way."""
+    import statistics
+
+    import pandas as pd
+
+    if not record["profiles"]:
+        return []
+    cores, epochs = record["cores"], record["study_epochs"]
+
+    def cell_seconds(at_epochs: int) -> dict:
+        """(threads, compiled, channels_last) -> net -> a cell's seconds at that many epochs."""
+        out: dict = {}
+        for p in record["profiles"]:
+            per_epoch = sum(v for k, v in p["phases"].items() if k in PER_EPOCH) / p["epochs"]
+            key = (p["threads"], p["compiled"], bool(p.get("channels_last")))
+            out.setdefault(key, {})[p["arch"]] = p["seconds"] + per_epoch * (at_epochs - p["epochs"])
+        return out
+
+    def ceiling(seconds: dict, setting: tuple) -> float | None:
+        full, one = seconds.get((cores, False, False)), seconds.get((1, *setting))
+        return (
+            cores * sum(full.values()) / sum(one.values()) if full and one and set(one) == set(full) else None
+        )
+
+    bench_epochs, at_study = cell_seconds(record["epochs"]), cell_seconds(epochs)
+    steps = {
+        (p["arch"], p["threads"], bool(p.get("channels_last"))): p["step bench img/s"]
+        for p in record["profiles"]
+    }
+    rows = []
+    for (compiled, cl), way in PER_CORE_WAY.items():
+        here = ceiling(bench_epochs, (compiled, cl))
+        if here is None:
+            continue
+        measured = [s["ratio to basic"] for s in record["studies"] if s["way"] == way]
+        step = [cores * steps[(a, 1, cl)] / steps[(a, cores, False)]
+                for a in record["archs"] if (a, 1, cl) in steps and (a, cores, False) in steps]  # fmt: skip
+        rows.append({
+            "way": way,
+            "ceiling, steps alone": f"{statistics.median(step):.2f}" if step and not compiled else "",
+            f"ceiling, cells of {record['epochs']} epochs": f"{here:.2f}",
+            f"ceiling, cells of {epochs} epochs": f"{ceiling(at_study, (compiled, cl)):.2f}",
+            f"measured ({record['epochs']} epochs, median)": f"{statistics.median(measured):.2f}" if measured else "not run",
+            "measured / ceiling": f"{statistics.median(measured) / here:.2f}" if measured else "",
+        })  # fmt: skip
+    if not rows:
+        return []
+    return [
+        "## The ceiling of a cell per core",
+        "",
+        f"What {cores} cells side by side, one thread each, can give over one cell at a time on {cores} threads if "
+        "they slowed each other not at all: from the training-step bench alone (the cores times a net's step rate "
+        f"on one thread over its rate on {cores}, median over the nets), and from the profiled cells (the cores "
+        f"times the nets' summed cell time on {cores} threads over their summed time on one, at the bench's "
+        f"epochs and at the study's {epochs}: per-epoch phases scaled, the rest as measured). Beside them, what "
+        "the way measured (the median of its rounds' ratios to basic, at the bench's epochs). Measured below the "
+        "ceiling is what the cells side by side cost each other: the cores' shared cache and memory bandwidth, "
+        "and anything else running on the machine.",
+        "",
+        pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True),
+        "",
     ]
 
 
