@@ -25,6 +25,7 @@ def test_the_cells_bench_profiles_cells_runs_each_way_and_states_the_ceiling(wor
     assert all(p["step bench img/s"] > 0 and p["seconds"] > 0 for p in record["profiles"])
     ways = {s["way"]: s for s in record["studies"]}
     assert ways["per-core-channels_last"]["threads"] == ["1"] and ways["basic"]["ratio to basic"] == 1.0
+    assert "study.parallel=off" in ways["basic"]["overrides"]  # the old way, not today's default
     report = (workdir / "out" / "bench-cpu-cells.md").read_text()
     ceiling = report.split("## The ceiling of a cell per core")[1].split("##")[0]
     row = next(line for line in ceiling.splitlines() if line.startswith("| per-core-channels_last"))

@@ -33,10 +33,13 @@ from vgg_ablation.errors import UserError
 CORES = os.cpu_count() or 1
 # Ways to fill the machine with a study's cells: (what it is, the overrides that make it).
 PER_CORE = ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={CORES}", "trainer.threads=1"]
+# said, not left to the default: a CPU study's default is now a cell per core (study.parallel=auto)
+BASIC = ["study.parallel=off"]
 WAYS = {
-    "basic": ("one cell at a time on torch's threads (the basic launcher: the default before this bench)", []),
-    "basic-compile": ("one cell at a time on torch's threads, torch.compile", ["trainer.compile=true"]),
-    "basic-channels_last": ("one cell at a time on torch's threads, channels_last", ["trainer.channels_last=on"]),
+    "basic": ("one cell at a time on torch's threads (the basic launcher: the default before this bench)", BASIC),
+    "basic-compile": ("one cell at a time on torch's threads, torch.compile", [*BASIC, "trainer.compile=true"]),
+    "basic-channels_last": ("one cell at a time on torch's threads, channels_last",
+                            [*BASIC, "trainer.channels_last=on"]),
     "per-core": (f"a cell per core at once ({CORES}), 1 thread each (Hydra's joblib launcher)", PER_CORE),
     "per-core-channels_last": ("a cell per core, 1 thread each, channels_last", [*PER_CORE, "trainer.channels_last=on"]),
     "per-core-compile": ("a cell per core, 1 thread each, torch.compile (inductor's C++ backend)",
