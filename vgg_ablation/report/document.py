@@ -133,7 +133,7 @@ def write_runs_csv(g: Gathered, path: Path) -> None:
         lambda a: g.cfg.optim.lr_per_arch.get(a, g.cfg.optim.lr) if isinstance(a, str) else None
     )
     runs = g.runs.assign(val_err1_best=1 - g.runs["val_acc1_best"], lr=lr,
-                         attempts=g.runs["attempts"].fillna("1"), origin_run=g.runs["origin_run"].fillna(g.runs["run_id"]))  # fmt: skip
+                         attempts=g.runs["attempts"].astype(object).fillna("1"), origin_run=g.runs["origin_run"].astype(object).fillna(g.runs["run_id"]))  # fmt: skip
     runs = runs.sort_values(["net", "seed", "start_time"])[RUN_CSV_COLUMNS]
     atomic_write(path, lambda p: runs.to_csv(p, index=False, float_format="%.6g"))
 
