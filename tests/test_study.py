@@ -78,6 +78,11 @@ def test_report_for_a_study_with_no_runs_is_refused(workdir, monkeypatch):
         ),
         (["experiment=smoke", "study.seeds=[]"], "study.seeds is empty"),
         (["experiment=smoke", "study.archs=[A,Z]"], "unknown arch 'Z'"),
+        # a newcomer pointing the sample study at their own images: said, not silently ignored
+        (
+            ["experiment=sample", "data.root=~/data/cifar10"],
+            "data.root is not read by data=sample (the images in ",
+        ),
     ],
 )
 def test_bad_study_refused_before_any_job(workdir, args, message, monkeypatch):
