@@ -194,6 +194,46 @@ def test_simulate_and_plan_agree_with_the_replay():
     assert 4 <= n <= 40 and mean_used <= n
 
 
+def test_the_paper_study_decides_as_its_file_says():
+    """experiments/cifar10-cpu-paper.yaml's design (its seeds, looks, maximum and futility, read
+    from the file) at the spreads and differences its comment assumes: the convergence probe's
+    20-epoch test means, each net's per-seed sd 0.7 points. Its comment: B vs A decided in 97% of
+    studies, D vs B 85%, E vs D 99%, C vs B and B vs B-5x5 100%, D vs C 23% (70% futile); 26
+    core-hours of 40-epoch cells on average (A 15.5, B 23.3, C 25.3, D 27.2, E 31.6, B-5x5 16.8
+    minutes each, one core each)."""
+    from vgg_ablation.config import compose, study_overrides
+
+    cfg = compose(study_overrides(["experiment=cifar10-cpu-paper"]))
+    nets = list(cfg.study.archs)
+    tested, _ = analysis.testable(nets, False, analysis.claims_for())
+    assert [f"{c.first} vs {c.second}" for c in tested] == [
+        "B vs A", "D vs B", "E vs D", "C vs B", "D vs C", "B vs B-5x5"]  # fmt: skip
+    design = analysis.make_design(list(cfg.study.seeds), cfg.study.max_seeds, cfg.study.seeds_per_look,
+                                  cfg.study.alpha, len(tested), futility=cfg.study.futility)  # fmt: skip
+    means = {"A": 0.23885, "B": 0.22415, "C": 0.24075, "D": 0.23605, "E": 0.24765, "B-5x5": 0.25495}
+    margins = {k: v / 100 for k, v in cfg.study.margins.items()}
+    rng = np.random.default_rng(31)
+    states, hours = [], []
+    minutes = {"A": 15.5, "B": 23.3, "C": 25.3, "D": 27.2, "E": 31.6, "B-5x5": 16.8}
+    for _ in range(300):
+        z = rng.standard_normal((len(nets), len(design.order)))
+        errors = {n: dict(zip(design.order, means[n] + 0.007 * z[i], strict=True)) for i, n in enumerate(nets)}
+        seen = runtable.Observed(pd.DataFrame(), errors, {}, {n: set(design.order) for n in nets})
+        outcomes = analysis.replay(tested, seen, design.order, design.stages, design.rule, margins,
+                                   futility=design.futility)  # fmt: skip
+        states.append([o.state for o in outcomes])
+        seeds = dict.fromkeys(nets, design.stages[0])  # a net trains the seeds its open comparisons need
+        for o in outcomes:
+            for n in (o.comparison.first, o.comparison.second):
+                seeds[n] = max(seeds[n], design.stages[len(o.looks) - 1])
+        hours.append(sum(seeds[n] * minutes[n] for n in nets) / 60)
+    decided = np.mean(np.array(states) == "decided", axis=0)
+    futile = np.mean(np.array(states) == "futile", axis=0)
+    assert decided[0] >= 0.9 and decided[1] >= 0.75 and min(decided[2], decided[3], decided[5]) >= 0.95
+    assert decided[4] <= 0.4 and futile[4] >= 0.5
+    assert 22 <= np.mean(hours) <= 30
+
+
 # -- futility stops ---------------------------------------------------------------------------------------
 def test_futility_stops_keep_the_family_wise_error_and_save_seeds():
     """A comparison stops as futile once its chance of a verdict by the maximum is under 10%. The

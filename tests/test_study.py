@@ -74,7 +74,7 @@ def test_report_for_a_study_with_no_runs_is_refused(workdir, monkeypatch):
     [
         (
             ["experiment=nope"],
-            "unknown study 'nope'; choose one of: cifar10, cifar10-cpu, cifar10-cpu-probe, cifar10-gpu, imagenet, lrn-cpu, lrn-cpu-paper, sample, smoke",
+            "unknown study 'nope'; choose one of: cifar10, cifar10-cpu, cifar10-cpu-paper, cifar10-cpu-probe, cifar10-gpu, imagenet, lrn-cpu, lrn-cpu-paper, sample, smoke",
         ),
         (["experiment=smoke", "study.seeds=[]"], "study.seeds is empty"),
         (["experiment=smoke", "study.archs=[A,Z]"], "unknown arch 'Z'"),
