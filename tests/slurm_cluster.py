@@ -113,8 +113,11 @@ class Cluster:
             self.start_accounting(dbd_port)
             self.run("sacctmgr", "-i", "add", "cluster", "vggtest")
         env = {**os.environ, **self.env}
-        subprocess.run(["/usr/sbin/slurmctld", "-i"], env=env, check=True)
-        subprocess.run(["/usr/sbin/slurmd"], env=env, check=True)
+        # From the cluster's folder: a job whose --output folder does not exist yet when it starts
+        # (submitit's %j folders are made just after sbatch returns) writes slurm-<id>.out into the
+        # daemon's folder; from the caller's, that was the checkout.
+        subprocess.run(["/usr/sbin/slurmctld", "-i"], env=env, check=True, cwd=folder)
+        subprocess.run(["/usr/sbin/slurmd"], env=env, check=True, cwd=folder)
         deadline = time.time() + 60
         while time.time() < deadline:
             state = self.run("sinfo", "-h", "-p", "cpu", "-o", "%T").stdout.strip()
