@@ -236,6 +236,20 @@ def test_a_study_counts_as_finished_only_its_own_cells_runs(workdir):
 
 
 @pytest.mark.long
+def test_with_init_from_a_the_selection_and_convergence_cells_train_a_first(workdir, monkeypatch):
+    """Plain nets that start from the trained A (the sample's recipe): side by side, as a CPU study
+    runs its cells, a deeper net's lr-selection or convergence cell once looked for its A before
+    that A had finished, and failed ("init=from_A needs a FINISHED A run")."""
+    study = ["study", "experiment=smoke", "study.name=froma", *TINY, "model.init=from_A", "study.parallel=auto",
+             "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "study.seeds=[0,1]", "study.lr_grid=[0.002,0.05]",
+             "study.lr_seeds=[1000]", "study.convergence_epochs=3", "study.convergence_seeds=1"]  # fmt: skip
+    out = cli_in_process(study, workdir, monkeypatch)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "needs a FINISHED A run" not in out.stdout + out.stderr
+    cells = [r for r in all_runs(workdir) if "cell" in r.data.tags]
+    assert len(cells) == 4 + 4 + 2 and {r.info.status for r in cells} == {"FINISHED"}
+
+
 def test_a_study_chooses_each_net_s_lr_checks_convergence_and_stops_a_futile_comparison(workdir, monkeypatch):
     # At a family-wise error of 1e-6, B vs A has no chance of a verdict by 3 seeds: after the
     # first look it stops as futile (the default threshold, 10%), and no second look is trained.

@@ -36,9 +36,8 @@ def select_lrs(
         cells = len(cfg.study.archs) * len(cfg.study.lr_grid) * len(cfg.study.lr_seeds)
         jobs = [a.split("=", 1)[1] for a in pinned if a.startswith("hydra.launcher.n_jobs=")]
         progress = (0, cells, time.time(), 0.0, 0, cells - int(todo), int(jobs[-1]) if jobs else 1)
-        code = launch([*pinned, f"logger.parent_run_id={parent}", "trainer.test=false", f"optim.lr={grid}"],
-                      list(cfg.study.archs), list(cfg.study.lr_seeds), folder / "lr-selection",
-                      seed_major=True, progress=progress)  # fmt: skip
+        code = launch_starts_first(cfg, [*pinned, f"logger.parent_run_id={parent}", "trainer.test=false", f"optim.lr={grid}"],
+                                   list(cfg.study.lr_seeds), folder / "lr-selection", progress)  # fmt: skip
         if code not in (0, 1):
             raise SelectionStopped(code)
         selection = read_selection(cfg, client, experiment_id)
@@ -76,5 +75,22 @@ def run_convergence(cfg: DictConfig, client, experiment_id: str, pinned: list[st
     overrides = [f"trainer.max_epochs={longer.trainer.max_epochs}", "trainer.test=false"]
     jobs = [a.split("=", 1)[1] for a in pinned if a.startswith("hydra.launcher.n_jobs=")]
     progress = (0, len(keys), time.time(), 0.0, 0, len(ended), int(jobs[-1]) if jobs else 1)
-    return launch([*pinned, *overrides], list(cfg.study.archs), seeds, folder / "convergence", seed_major=True,
-                  progress=progress)  # fmt: skip
+    return launch_starts_first(cfg, [*pinned, *overrides], seeds, folder / "convergence", progress)
+
+
+def launch_starts_first(cfg: DictConfig, args: list[str], seeds: list[int], folder: Path, progress: tuple) -> int:
+    """One sweep over the study's nets x `seeds`, seed-major; with init=from_A, A's cells first as
+    a sweep of their own, since the deeper nets start from them (side by side, as a parallel
+    launcher runs them, a deeper net would look for its A before A had finished)."""
+    archs = list(cfg.study.archs)
+    groups = [archs]
+    if cfg.model.init == "from_A" and "A" in archs and len(archs) > 1:
+        groups = [["A"], [a for a in archs if a != "A"]]
+    worst, done = 0, progress[0]
+    for i, group in enumerate(groups):
+        where = folder if len(groups) == 1 else folder / f"{i + 1}-{'A' if group == ['A'] else 'from-A'}"
+        code = launch(args, group, seeds, where, seed_major=True, progress=(done, *progress[1:]))
+        if code not in (0, 1):
+            return code
+        worst, done = max(worst, code), done + len(group) * len(seeds)
+    return worst
