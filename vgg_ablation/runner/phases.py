@@ -10,7 +10,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from vgg_ablation.errors import UserError
-from vgg_ablation.runner.sweeps import launch
+from vgg_ablation.runner.sweeps import a_first, launch
 from vgg_ablation.study.cells import cell_cfg, cell_key, fingerprint
 from vgg_ablation.study.reference_cells import convergence_config, finished_runs, read_selection, variant
 from vgg_ablation.tracking import stores
@@ -79,13 +79,8 @@ def run_convergence(cfg: DictConfig, client, experiment_id: str, pinned: list[st
 
 
 def launch_starts_first(cfg: DictConfig, args: list[str], seeds: list[int], folder: Path, progress: tuple) -> int:
-    """One sweep over the study's nets x `seeds`, seed-major; with init=from_A, A's cells first as
-    a sweep of their own, since the deeper nets start from them (side by side, as a parallel
-    launcher runs them, a deeper net would look for its A before A had finished)."""
-    archs = list(cfg.study.archs)
-    groups = [archs]
-    if cfg.model.init == "from_A" and "A" in archs and len(archs) > 1:
-        groups = [["A"], [a for a in archs if a != "A"]]
+    """The study's nets x `seeds`, seed-major: one sweep, or A's first (`a_first`)."""
+    groups = a_first(cfg, list(cfg.study.archs))
     worst, done = 0, progress[0]
     for i, group in enumerate(groups):
         where = folder if len(groups) == 1 else folder / f"{i + 1}-{'A' if group == ['A'] else 'from-A'}"

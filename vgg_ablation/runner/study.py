@@ -35,7 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 from vgg_ablation.config import compose, study_overrides, with_study_dir
 from vgg_ablation.errors import UserError
 from vgg_ablation.runner import phases
-from vgg_ablation.runner.sweeps import Interrupted, launch, stopped_by_signals, sweep_dir
+from vgg_ablation.runner.sweeps import Interrupted, a_first, launch, stopped_by_signals, sweep_dir
 from vgg_ablation.study import analysis
 from vgg_ablation.study.cells import (
     SCRATCH_CONTROL,
@@ -309,10 +309,10 @@ def run_cells(sweep: Sweep, cells: list[tuple[str, int]], seen: StudyRuns) -> in
     archs = [n for n in nets if n != SCRATCH_LABEL]
     groups = [(archs, [])] if archs else []
     parallel = any(a.startswith("hydra/launcher=") for a in sweep.pinned)
-    if cfg.model.init == "from_A" and "A" in archs and archs != ["A"] and parallel:
+    if archs and parallel:
         # The basic launcher runs the cells in order, A's seeds first (archs are swept
         # slowest): one sweep will do. A parallel launcher gets A's cells as a sweep of their own.
-        groups = [(["A"], []), ([a for a in archs if a != "A"], [])]
+        groups = [(group, []) for group in a_first(cfg, archs)]
     if SCRATCH_LABEL in nets:
         groups.append((["B"], SCRATCH_CONTROL))
     total, codes = sweep.done + len(cells), []

@@ -23,6 +23,15 @@ def sweep_dir(cfg: DictConfig) -> Path:
     return Path("multirun") / cfg.study.name / f"{stamp}-{secrets.token_hex(3)}"
 
 
+def a_first(cfg: DictConfig, archs: list[str]) -> list[list[str]]:
+    """The nets as sweeps to run in turn: with init=from_A, A's cells as a sweep of their own
+    before the nets that start from them (side by side, as a parallel launcher runs a sweep's
+    cells, a deeper net would look for its trained A before A had finished)."""
+    if cfg.model.init == "from_A" and "A" in archs and len(archs) > 1:
+        return [["A"], [a for a in archs if a != "A"]]
+    return [list(archs)]
+
+
 def launch(args: list[str], archs: list[str], seeds: list[int], folder: Path, seed_major: bool = False,
            progress: tuple | None = None, deadline: float | None = None) -> int:  # fmt: skip
     """One Hydra multirun over archs x seeds in a subprocess: arch-major (the paper's order, and
