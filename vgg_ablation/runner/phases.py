@@ -78,7 +78,9 @@ def run_convergence(cfg: DictConfig, client, experiment_id: str, pinned: list[st
     return launch_starts_first(cfg, [*pinned, *overrides], seeds, folder / "convergence", progress)
 
 
-def launch_starts_first(cfg: DictConfig, args: list[str], seeds: list[int], folder: Path, progress: tuple) -> int:
+def launch_starts_first(
+    cfg: DictConfig, args: list[str], seeds: list[int], folder: Path, progress: tuple
+) -> int:
     """The study's nets x `seeds`, seed-major: one sweep, or A's first (`a_first`)."""
     groups = a_first(cfg, list(cfg.study.archs))
     worst, done = 0, progress[0]
