@@ -82,6 +82,8 @@ def test_verdicts_partition_the_interval_space():
     assert sequential.verdict("no help", -2.0, -0.1, m) == CONTRADICTED
     assert sequential.verdict("no help", 0.1, 2.0, m) == SUPPORTED
     assert sequential.verdict("no help", -0.5, 0.5, m) == NO_RELEVANT_DIFFERENCE
+    assert sequential.verdict("no help", -0.9, -0.1, m) == CONTRADICTED  # a real gain under the margin
+    assert sequential.verdict("no help", 0.1, 0.9, m) == SUPPORTED  # a real loss under it
     assert sequential.verdict("no help", -1.5, 0.5, m) == OPEN
     assert all(sequential.verdict("no help", c - 0.45, c + 0.45, m) != OPEN for c in np.linspace(-3, 3, 61))
 
@@ -267,20 +269,25 @@ def test_futility_stops_keep_the_family_wise_error_and_save_seeds():
 
 def test_the_three_way_lrn_rule_holds_its_error_at_no_difference_and_at_either_margin():
     """The three-way claim (A-LRN helps, hurts, or neither by the margin) with its control (A-LRN
-    vs A-LRN0), two comparisons sharing 5%: each verdict that the truth makes wrong is rarer than
-    alpha, whether LRN does nothing, helps by exactly the margin (where 'no relevant difference' is
-    wrong) or hurts by it. Without futility stops: they only take verdicts away (non-binding)."""
+    vs A-LRN0), two comparisons sharing 5%, at the LRN study's 1-point margin: the share of studies
+    with any verdict the truth makes wrong stays within the 4.5% the rule spends by its maximum
+    (plus 3 standard errors of the simulation), whether LRN does nothing, helps by exactly the
+    margin (where 'no relevant difference' is wrong) or hurts by it; and the rule does decide
+    there, so the bound is not met by saying nothing. Without futility stops: being non-binding,
+    they can only take verdicts away."""
     three_way = analysis.claims_for(["lrn-three-way"])
     tested, _ = analysis.testable(["A", "A-LRN", "A-LRN0"], False, three_way)
     assert [c.claim.kind for c in tested] == ["no help", "no help"]
     design = analysis.make_design(list(range(8)), 40, 4, 0.05, len(tested))
-    sds, margin = dict.fromkeys(["A", "A-LRN", "A-LRN0"], 0.0065), 0.005
+    sds, margin = dict.fromkeys(["A", "A-LRN", "A-LRN0"], 0.0065), 0.01
     for lrn_minus_a, studies, seed in ((0.0, 2000, 41), (-margin, 1500, 42), (margin, 1500, 43)):
         # the control's own truth: LRN's effect all normalisation (A-LRN0 equal to A)
         means = {"A": 0.30, "A-LRN": 0.30 + lrn_minus_a, "A-LRN0": 0.30}
-        runs = simulate_studies(means, sds, design, tested, studies, seed)
+        runs = simulate_studies(means, sds, design, tested, studies, seed, margins={"lrn": margin})
         errs = np.mean([wrong(s[0], lrn_minus_a, margin) or wrong(s[1], lrn_minus_a, margin) for s in runs])
         assert errs <= 0.045 + 3 * math.sqrt(0.045 / studies), (lrn_minus_a, errs)
+        decided = np.mean([s[0].state == "decided" for s in runs])
+        assert decided > 0.9, (lrn_minus_a, decided)
         if lrn_minus_a == 0.0:
             assert errs > 0.01  # the error is spent, not wasted
 
@@ -291,8 +298,10 @@ def test_the_lrn_paper_study_decides_as_its_file_says():
     sd 0.87 and 0.77 points, correlated 0.37: differences with sd 0.92), here 0.65 points per net,
     uncorrelated. Its comment: whether LRN does nothing, helps by the 0.56 points the first study
     saw (as normalisation or as rescaling) or hurts by half a point, at least 9 studies in 10 end
-    both comparisons with a verdict; 7 to 9 core-hours of test cells on average (16-epoch cells of
-    7.2, 8.3 and 8.3 minutes for A, A-LRN and A-LRN0, one core each)."""
+    both comparisons with a verdict, and a gain or a loss as large as those is named ("helps",
+    "hurts") in about half to two thirds of them, the rest ending within the margin; 7 to 9 core-hours of test cells
+    on average (16-epoch cells of 7.2, 8.3 and 8.3 minutes for A, A-LRN and A-LRN0, one core
+    each)."""
     from vgg_ablation.config import compose, study_overrides
 
     cfg = compose(study_overrides(["experiment=lrn-cpu-paper"]))
@@ -315,14 +324,17 @@ def test_the_lrn_paper_study_decides_as_its_file_says():
         runs = simulate_studies(means, dict.fromkeys(nets, 0.0065), design, tested, 100, seed=60 + i,
                                 futility=design.futility, margins=margins)  # fmt: skip
         decided = np.mean([all(o.state == "decided" for o in s) for s in runs])
-        assert decided >= 0.85, (world, decided)
+        assert decided >= 0.9, (world, decided)
+        for k, truth in enumerate((lrn, lrn - rescaling)):  # A-LRN vs A, then vs A-LRN0
+            named = np.mean([s[k].code == (CONTRADICTED if truth < 0 else SUPPORTED) for s in runs])
+            assert truth == 0 or named > 0.35, (world, k, named)
         for s in runs:
             seeds = dict.fromkeys(nets, design.stages[0])
             for o in s:
                 for n in (o.comparison.first, o.comparison.second):
                     seeds[n] = max(seeds[n], design.stages[len(o.looks) - 1])
             hours.append(sum(seeds[n] * minutes[n] for n in nets) / 60)
-    assert 6 <= np.mean(hours) <= 10
+    assert 7 <= np.mean(hours) <= 9
 
 
 def test_a_comparison_that_cannot_end_stops_as_futile_early():

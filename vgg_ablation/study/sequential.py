@@ -192,7 +192,11 @@ def verdict(kind: str, low, high, margin: float):
     interval is narrower than the margin it either excludes 0 or lies inside +/-margin.
     'no better' (the first net is not better, a non-superiority claim): supported above -margin
     (worse, equivalent or not better by the margin: `reading` says which), contradicted below it.
-    It ends for every true difference but -margin itself."""
+    It ends for every true difference but -margin itself.
+    'no help' (three-way: the first net, A-LRN, neither helps nor matters): contradicted below 0
+    (it helps), supported above 0 (it hurts), no relevant difference inside +/-margin. As for
+    'better', the sign wins: an interval below 0 and inside the margin reads "helps, by less than
+    the margin", never "no relevant difference", so a gain the seeds establish is always named."""
     low, high = np.asarray(low, float), np.asarray(high, float)
     if kind == "better":
         out = np.where(high < 0, SUPPORTED, np.where(low > 0, CONTRADICTED, OPEN))
@@ -201,12 +205,9 @@ def verdict(kind: str, low, high, margin: float):
     elif kind == "no better":
         out = np.where(low > -margin, SUPPORTED, np.where(high < -margin, CONTRADICTED, OPEN))
     elif kind == "no help":  # three-way, and it always ends: once narrower than the margin, an
-        inside = (low > -margin) & (high < margin)  # interval excludes 0 or lies inside +/-margin
-        out = np.where(
-            inside,
-            NO_RELEVANT_DIFFERENCE,
-            np.where(low > 0, SUPPORTED, np.where(high < 0, CONTRADICTED, OPEN)),
-        )
+        out = np.where(low > 0, SUPPORTED, np.where(high < 0, CONTRADICTED, OPEN))  # interval
+        inside = (low > -margin) & (high < margin)  # excludes 0 or lies inside +/-margin
+        out = np.where((out == OPEN) & inside, NO_RELEVANT_DIFFERENCE, out)
     else:
         raise ValueError(f"unknown kind of claim {kind!r}")
     return out if out.ndim else int(out)
