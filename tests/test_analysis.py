@@ -362,3 +362,22 @@ def test_an_open_comparison_continues_in_its_study_and_only_one_at_the_maximum_i
     assert "open, but its chance of a verdict by 12 seeds is 0%: futile at this budget" in (
         sections._undecided_note(concl, stages)
     )
+
+
+def test_an_interim_report_says_when_its_planned_convergence_check_comes(tmp_path):
+    """Before the longer-budget cells have trained, a study that planned them says they come (not
+    that it has none); one that planned none, or whose curves were lost, says so."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    def said(convergence_epochs, rebuilt=None):
+        cfg = OmegaConf.create({"trainer": {"max_epochs": 40}, "study": {
+            "name": "s", "reports_dir": str(tmp_path), "convergence_epochs": convergence_epochs,
+            "convergence_seeds": 1, "convergence_tolerance": 0.5}})  # fmt: skip
+        g = SimpleNamespace(cfg=cfg, convergence=None, res=pd.DataFrame({"rebuilt_from": [rebuilt]}))
+        return " ".join(sections.convergence(g))
+
+    assert "Not yet measured: each net trains its first seed at 80 epochs as well" in said(80)
+    assert "the study has no longer-budget cells" in said(None) and "Not yet" not in said(None)
+    assert "rebuilt from a runs CSV" in said(80, rebuilt="runs.csv")

@@ -262,7 +262,9 @@ def test_an_import_stopped_midway_leaves_nothing_and_the_next_one_is_whole(machi
     assert len(all_runs(tmp_path)) == 2 and len(study_runs(tmp_path)) == 1
 
 
-@pytest.mark.parametrize("study", ["cifar10-cpu", "lrn-cpu", "sample", "cifar10-cpu-probe"])
+@pytest.mark.parametrize(
+    "study", ["cifar10-cpu", "lrn-cpu", "sample", "cifar10-cpu-probe", "cifar10-cpu-paper"]
+)
 def test_a_committed_study_s_archive_reproduces_its_committed_report(study, tmp_path, monkeypatch):
     """Anyone can re-analyse a committed study: its archive into an empty store, then `report`
     (without its data: the digest its runs recorded names it) gives the committed tables."""

@@ -493,10 +493,20 @@ def convergence(g: Gathered) -> list[str]:
         original = Path(cfg.study.reports_dir) / f"{cfg.study.name}-learning-curves-original.png"
         kept = (f"; the validation curves the original report drew from them are kept beside this report: "
                 f"[{original.name}]({original.name})" if original.is_file() else "")  # fmt: skip
-        why = ("its runs were rebuilt from a runs CSV: their learning curves were lost with the study's store" + kept
-               if g.res["rebuilt_from"].notna().any() else
-               "the study has no longer-budget cells (`study.convergence_epochs`); the curves below show how each "
-               "net's validation and training error were still moving")  # fmt: skip
+        if g.res["rebuilt_from"].notna().any():
+            why = (
+                "its runs were rebuilt from a runs CSV: their learning curves were lost with the study's store"
+                + kept
+            )
+        elif cfg.study.convergence_epochs:  # planned, not trained yet (an interim report)
+            seeds = cfg.study.convergence_seeds
+            return ["## Did the nets converge?", "",
+                    f"Not yet measured: each net trains its first {'seed' if seeds == 1 else f'{seeds} seeds'} at "
+                    f"{cfg.study.convergence_epochs} epochs as well, once the first look's cells end; the curves "
+                    "below show how each net's validation and training error were still moving.", ""]  # fmt: skip
+        else:
+            why = ("the study has no longer-budget cells (`study.convergence_epochs`); the curves below show how "
+                   "each net's validation and training error were still moving")  # fmt: skip
         return ["## Did the nets converge?", "", f"Not judged: {why}.", ""]
     longer = cfg.study.convergence_epochs
     rows = [
