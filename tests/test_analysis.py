@@ -381,3 +381,21 @@ def test_an_interim_report_says_when_its_planned_convergence_check_comes(tmp_pat
     assert "Not yet measured: each net trains its first seed at 80 epochs as well" in said(80)
     assert "the study has no longer-budget cells" in said(None) and "Not yet" not in said(None)
     assert "rebuilt from a runs CSV" in said(80, rebuilt="runs.csv")
+
+
+def test_the_time_an_epoch_takes_ignores_pauses_and_resumes():
+    """s / epoch: the median of consecutive epochs' record gaps, so a run paused for an hour, or
+    one resumed from a checkpoint (its next epoch re-logged much later), keeps its net's figure."""
+    rows = []
+    for seed, start in ((0, 0.0), (1, 5000.0)):
+        t = start
+        for epoch in range(8):
+            t += 10.0 if (seed, epoch) != (0, 4) else 3600.0  # seed 0 paused for an hour before epoch 4
+            rows.append({"net": "A", "seed": seed, "epoch": epoch, "val/err1": 0.5, "logged_at": t})
+    rows += [{"net": "B", "seed": 0, "epoch": e, "val/err1": 0.5, "logged_at": 20.0 * e} for e in (0, 1, 2)]
+    rows += [
+        {"net": "B", "seed": 0, "epoch": e, "val/err1": 0.5, "logged_at": 9e5 + 20.0 * e} for e in (5, 6)
+    ]
+    per_epoch = sections.epoch_seconds(pd.DataFrame(rows))
+    assert per_epoch.to_dict() == {"A": 10.0, "B": 20.0}  # B's epochs 3-4 missing: no gap across them
+    assert sections.epoch_seconds(pd.DataFrame()).empty  # a study rebuilt from a CSV has no curves

@@ -281,6 +281,10 @@ def test_a_study_chooses_each_net_s_lr_checks_convergence_and_stops_a_futile_com
         and "**" in report.split("## Learning rate per net")[1].split("##")[0]
     )
     assert "## Did the nets converge?" in report and "converged at 2 epochs?" in report
+    results = report.split("## Results per network")[1].split("##")[0].splitlines()
+    header = [c.strip() for c in next(x for x in results if x.startswith("| net")).strip("|").split("|")]
+    row_a = next(x for x in results if x.startswith("| [A]") or x.startswith("| A "))
+    assert float(row_a.strip("|").split("|")[header.index("s / epoch")]) > 0  # from the epochs' records
     assert "### Undecided comparisons" in report and "chance of a verdict by 3 seeds" in report
     assert "lr per net A " in report and not re.search(r"\bnan\b", report, re.I)
     assert "Stopped: every comparison decided or stopped as futile." in report

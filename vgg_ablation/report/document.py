@@ -31,13 +31,17 @@ from vgg_ablation.tracking import runtable, stores
 
 
 def _histories(client, runs: pd.DataFrame, metrics=("val/err1",)) -> pd.DataFrame:
-    """Each run's curves, a row per (net, seed, epoch), a column per metric."""
+    """Each run's curves, a row per (net, seed, epoch), a column per metric; and `logged_at`, when
+    the first metric's value was recorded (seconds since the epoch), for the time an epoch took."""
     rows: dict[tuple, dict] = {}
     for _, run in runs.iterrows():
         for metric in metrics:
             for m in client.get_metric_history(run["run_id"], metric):  # a resumed run re-logs some
                 key = (run["net"], run["seed"], m.step)  # epochs: the last value wins
-                rows.setdefault(key, {"net": key[0], "seed": key[1], "epoch": key[2]})[metric] = m.value
+                row = rows.setdefault(key, {"net": key[0], "seed": key[1], "epoch": key[2]})
+                row[metric] = m.value
+                if metric == metrics[0]:
+                    row["logged_at"] = m.timestamp / 1000
     return pd.DataFrame(list(rows.values()))
 
 

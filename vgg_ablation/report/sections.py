@@ -178,9 +178,22 @@ def headline(g: Gathered) -> list[str]:
     ]
 
 
+def epoch_seconds(curves: pd.DataFrame) -> pd.Series:
+    """Per net: the median time from one epoch's validation record to the next's, over all its
+    runs. A run's wall time counts whatever stopped it (a pause, a machine shared for a while, a
+    resume that re-trains from a checkpoint); the median of its epochs does not."""
+    if curves.empty or "logged_at" not in curves:
+        return pd.Series(dtype=float)
+    c = curves.dropna(subset=["logged_at"]).sort_values(["net", "seed", "epoch"])
+    step = c.groupby(["net", "seed"])["epoch"].diff() == 1  # consecutive epochs of one run only
+    gaps = c.groupby(["net", "seed"])["logged_at"].diff()[step]
+    return gaps.groupby(c.loc[step, "net"]).median()
+
+
 def per_network(g: Gathered) -> list[str]:
     links = _run_links(g.cfg, g.exp.experiment_id, g.summary.index, g.fingerprints) if g.exp else {}
     seen = runtable.observe(g.runs)
+    per_epoch = epoch_seconds(g.curves)
     rows = []
     for net, r in g.summary.iterrows():
         paper = PAPER_TABLE3.get(net)
@@ -197,6 +210,7 @@ def per_network(g: Gathered) -> list[str]:
                 "paper top-1 / top-5 % (ImageNet, S=256)": paper_text,
                 "epochs": int(r["epochs"]),
                 "s / run": f"{r['seconds_mean']:.0f}" if not math.isnan(r["seconds_mean"]) else "",
+                "s / epoch": f"{per_epoch[net]:.1f}" if net in per_epoch.index else "",
                 "learned": "**no: seeds " + ", ".join(map(str, collapsed)) + "**"
                 if collapsed
                 else "every seed",
@@ -217,7 +231,9 @@ def per_network(g: Gathered) -> list[str]:
         "",
         "Test top-1/top-5 error on this data, mean ± standard deviation over seeds, beside the paper's "
         "ImageNet errors (Table 3). The absolute numbers are not comparable across datasets; the "
-        "ordering is what the paper's conclusions are about."
+        "ordering is what the paper's conclusions are about. *s / run* is a run's wall time, its last attempt's "
+        "if it was resumed, and counts whatever slowed or paused it; *s / epoch* is the median time from one "
+        "epoch's validation record to the next's over the net's runs, which such stops barely move."
         + (
             " The nets have different numbers of seeds (a net stops getting seeds once its comparisons are "
             "decided), so their means over all their seeds are not paired: the last column compares them on the "
