@@ -509,21 +509,16 @@ def convergence(g: Gathered) -> list[str]:
         original = Path(cfg.study.reports_dir) / f"{cfg.study.name}-learning-curves-original.png"
         kept = (f"; the validation curves the original report drew from them are kept beside this report: "
                 f"[{original.name}]({original.name})" if original.is_file() else "")  # fmt: skip
+        moving = "the curves below show how each net's validation and training error were still moving"
         if g.res["rebuilt_from"].notna().any():
-            why = (
-                "its runs were rebuilt from a runs CSV: their learning curves were lost with the study's store"
-                + kept
-            )
+            said = f"Not judged: its runs were rebuilt from a runs CSV: their learning curves were lost with the study's store{kept}."
         elif cfg.study.convergence_epochs:  # planned, not trained yet (an interim report)
             seeds = cfg.study.convergence_seeds
-            return ["## Did the nets converge?", "",
-                    f"Not yet measured: each net trains its first {'seed' if seeds == 1 else f'{seeds} seeds'} at "
-                    f"{cfg.study.convergence_epochs} epochs as well, once the first look's cells end; the curves "
-                    "below show how each net's validation and training error were still moving.", ""]  # fmt: skip
+            said = (f"Not yet measured: each net trains its first {'seed' if seeds == 1 else f'{seeds} seeds'} at "
+                    f"{cfg.study.convergence_epochs} epochs as well, once the first look's cells end; {moving}.")  # fmt: skip
         else:
-            why = ("the study has no longer-budget cells (`study.convergence_epochs`); the curves below show how "
-                   "each net's validation and training error were still moving")  # fmt: skip
-        return ["## Did the nets converge?", "", f"Not judged: {why}.", ""]
+            said = f"Not judged: the study has no longer-budget cells (`study.convergence_epochs`); {moving}."
+        return ["## Did the nets converge?", "", said, ""]
     longer = cfg.study.convergence_epochs
     rows = [
         {

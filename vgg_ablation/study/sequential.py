@@ -198,16 +198,15 @@ def verdict(kind: str, low, high, margin: float):
     'better', the sign wins: an interval below 0 and inside the margin reads "helps, by less than
     the margin", never "no relevant difference", so a gain the seeds establish is always named."""
     low, high = np.asarray(low, float), np.asarray(high, float)
-    if kind == "better":
-        out = np.where(high < 0, SUPPORTED, np.where(low > 0, CONTRADICTED, OPEN))
+    if kind in ("better", "no help"):  # three-way, and it always ends: once narrower than the
+        # margin, an interval excludes 0 or lies inside +/-margin; 'no help' is 'better' with the
+        # first net's gain as its contradiction
+        gain, loss = (SUPPORTED, CONTRADICTED) if kind == "better" else (CONTRADICTED, SUPPORTED)
+        out = np.where(high < 0, gain, np.where(low > 0, loss, OPEN))
         inside = (low > -margin) & (high < margin)
         out = np.where((out == OPEN) & inside, NO_RELEVANT_DIFFERENCE, out)
     elif kind == "no better":
         out = np.where(low > -margin, SUPPORTED, np.where(high < -margin, CONTRADICTED, OPEN))
-    elif kind == "no help":  # three-way, and it always ends: once narrower than the margin, an
-        out = np.where(low > 0, SUPPORTED, np.where(high < 0, CONTRADICTED, OPEN))  # interval
-        inside = (low > -margin) & (high < margin)  # excludes 0 or lies inside +/-margin
-        out = np.where((out == OPEN) & inside, NO_RELEVANT_DIFFERENCE, out)
     else:
         raise ValueError(f"unknown kind of claim {kind!r}")
     return out if out.ndim else int(out)
