@@ -41,6 +41,8 @@ def test_a_cell_killed_mid_training_travels_with_its_checkpoint_and_resumes_else
     assert f"resume {victim.data.tags['cell']}: run {moved.info.run_id} from {elsewhere}/checkpoints/" in (
         again.stdout + again.stderr
     )
+    # its best epoch, from before the kill, still counts: the checkpoints' old folder mapped onto the new
+    assert "dirpath has changed" not in again.stdout + again.stderr
     runs = all_runs(elsewhere)
     assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)  # none doubled
 

@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import errno
+import shutil
+import warnings
 
 import pytest
+import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
 
-from vgg_ablation.training.checkpoints import AtomicCheckpointIO, Resume, choose_resume, loads
+from vgg_ablation.training.checkpoints import (
+    AtomicCheckpointIO,
+    MovableCheckpoint,
+    Resume,
+    choose_resume,
+    loads,
+)
 
 
 class FullDisk:
@@ -55,3 +65,55 @@ def test_resume_falls_back_from_a_cut_last_to_best_then_to_a_fresh_start(tmp_pat
     cut(tmp_path / "best.ckpt", 10)
     fresh = choose_resume(tmp_path)
     assert fresh.path is None and "restarts from epoch 0 in the same run" in fresh.note
+
+
+class PeaksFirst(pl.LightningModule):
+    """A real LightningModule whose validation accuracy is best in its first epoch, then falls."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def training_step(self, batch, _):
+        return (self.w - batch[0]).pow(2).mean()
+
+    def validation_step(self, batch, _):
+        self.log("val/acc1", 0.9 - 0.1 * self.current_epoch)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(4, 1)), batch_size=2)
+
+    val_dataloader = train_dataloader
+
+
+def fit(folder, epochs: int, kind, resume=None) -> ModelCheckpoint:
+    best = kind(dirpath=folder, filename="best", monitor="val/acc1", mode="max", save_top_k=1,
+                enable_version_counter=False)  # fmt: skip
+    last = kind(dirpath=folder, filename="last", monitor=None, save_top_k=1, every_n_epochs=1,
+                enable_version_counter=False)  # fmt: skip
+    trainer = pl.Trainer(max_epochs=epochs, callbacks=[best, last], logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, accelerator="cpu")  # fmt: skip
+    trainer.fit(PeaksFirst(), ckpt_path=resume, weights_only=True)
+    return best
+
+
+@pytest.mark.parametrize("kind", [MovableCheckpoint, ModelCheckpoint])
+def test_a_run_resumed_from_a_moved_folder_keeps_its_best_epoch(tmp_path, kind):
+    # An imported archive puts a cell's checkpoints under its new run id: the test must still
+    # run on the run's best epoch (epoch 0 here), not on the best since the resume.
+    fit(tmp_path / "old-run-id", 2, kind)
+    shutil.copytree(tmp_path / "old-run-id", tmp_path / "new-run-id")
+    shutil.rmtree(tmp_path / "old-run-id")  # another machine: the old folder is not there
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        best = fit(tmp_path / "new-run-id", 4, kind, resume=str(tmp_path / "new-run-id" / "last.ckpt"))
+    kept = torch.load(tmp_path / "new-run-id" / "best.ckpt", weights_only=True)["epoch"]
+    moved_warning = any("dirpath has changed" in str(w.message) for w in caught)
+    if kind is MovableCheckpoint:
+        assert kept == 0 and best.best_model_score == pytest.approx(0.9) and not moved_warning
+        assert best.best_model_path == str(tmp_path / "new-run-id" / "best.ckpt")
+    else:  # what Lightning alone does: the first epoch after the resume becomes the best
+        assert kept == 2 and best.best_model_score == pytest.approx(0.7) and moved_warning

@@ -2,7 +2,8 @@
 
 Written atomically: the bytes go to a temporary file in the same folder, are flushed to disk, and
 the file is renamed over the old one, so a kill or a full disk mid-write leaves the previous
-checkpoint whole. Read defensively: a cell resuming from a checkpoint that does not load (cut
+checkpoint whole. Movable: a cell's checkpoint folder may move (an imported archive puts an
+unfinished cell's under its new run id), and its best checkpoint moves with it. Read defensively: a cell resuming from a checkpoint that does not load (cut
 short by an older writer, a copy, a disk error) falls back to its best checkpoint, else to a fresh
 start of the same MLflow run, and says so; a damaged file is set aside, never loaded twice.
 """
@@ -19,6 +20,7 @@ from typing import Any
 
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from pytorch_lightning.callbacks import ModelCheckpoint
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -55,6 +57,43 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 os.fsync(dir_fd)
             finally:
                 os.close(dir_fd)
+
+
+class MovableCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint, resumable from a folder that has moved.
+
+    Lightning restores the best score and paths only when the checkpoint was written in the same
+    folder; otherwise it forgets the best score, so the first epoch after the resume becomes "best"
+    and overwrites best.ckpt: the test would then run on the best epoch since the resume, not of
+    the run. The files came along (an import copies every *.ckpt of the folder), so their paths are
+    mapped onto the new folder; where one did not, Lightning's own behaviour (and warning) stands.
+    """
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        old = state_dict.get("dirpath")
+        if old and self.dirpath and os.path.normpath(old) != os.path.normpath(self.dirpath):
+            moved = moved_state(state_dict, old, self.dirpath)
+            kept = [moved["best_model_path"], *moved.get("best_k_models", {})]
+            if all(os.path.isfile(p) for p in kept if p):
+                state_dict = moved
+        super().load_state_dict(state_dict)
+
+
+def moved_state(state: dict[str, Any], old: str, new: str) -> dict[str, Any]:
+    """A ModelCheckpoint's state with every path in folder `old` put in folder `new`."""
+    old = os.path.normpath(old)
+
+    def move(path):
+        inside = isinstance(path, str) and path and os.path.dirname(os.path.normpath(path)) == old
+        return os.path.join(new, os.path.basename(path)) if inside else path
+
+    out = {**state, "dirpath": new}
+    for key in ("best_model_path", "kth_best_model_path", "last_model_path"):
+        if key in state:
+            out[key] = move(state[key])
+    if "best_k_models" in state:
+        out["best_k_models"] = {move(k): v for k, v in state["best_k_models"].items()}
+    return out
 
 
 @dataclass

@@ -22,7 +22,7 @@ from pytorch_lightning.plugins.environments import LightningEnvironment
 from vgg_ablation.data.modules import FileData, InMemoryData
 from vgg_ablation.training import distributed
 from vgg_ablation.training.build import apply_device_flags, is_deterministic, lr_of
-from vgg_ablation.training.checkpoints import AtomicCheckpointIO
+from vgg_ablation.training.checkpoints import AtomicCheckpointIO, MovableCheckpoint
 from vgg_ablation.training.module import Classifier
 
 
@@ -146,12 +146,12 @@ def make_trainer(
     # Set explicitly every time: Trainer(deterministic=True) leaves it on for later trainers.
     torch.use_deterministic_algorithms(bool(deterministic), warn_only=deterministic == "warn")
     # best.ckpt: the epoch with the best validation accuracy (first: trainer.checkpoint_callback).
-    best = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/acc1", mode="max", save_top_k=1,
+    best = MovableCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/acc1", mode="max", save_top_k=1,
                            enable_version_counter=False)  # fmt: skip
     # last.ckpt: every epoch, what a resume starts from. Not save_last=True: Lightning 2.6 writes
     # that copy only in an epoch whose monitored metric improved, so a killed run went back to its
     # last improvement (and a full disk went unnoticed while validation accuracy stalled).
-    last = ModelCheckpoint(dirpath=ckpt_dir, filename="last", monitor=None, save_top_k=1, every_n_epochs=1,
+    last = MovableCheckpoint(dirpath=ckpt_dir, filename="last", monitor=None, save_top_k=1, every_n_epochs=1,
                            enable_version_counter=False)  # fmt: skip
     callbacks = [best, last, *extra_callbacks, CtrlCAtBatchEnd(), *hold_for_tests()]
     if cfg.trainer.progress_bar:
