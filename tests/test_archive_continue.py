@@ -8,10 +8,11 @@ import signal
 from pathlib import Path
 
 import pytest
+from mlflow.tracking import MlflowClient
 
 from vgg_ablation.tracking import archive
 
-from .conftest import TINY, all_runs, cli_in_process
+from .conftest import TINY, all_runs, cli_in_process, store_uri
 from .test_reliability import LONGER, popen_cli, sigkill_mid_cell
 
 pytestmark = pytest.mark.slow
@@ -20,7 +21,7 @@ STUDY = ["experiment=smoke", *TINY]
 
 
 @pytest.mark.long
-def test_a_cell_killed_mid_training_travels_with_its_checkpoint_and_resumes_elsewhere(
+def test_a_cell_killed_mid_training_travels_with_its_checkpoint_and_resumes_elsewhere_as_if_never_stopped(
     workdir, tmp_path, monkeypatch
 ):
     study = ["study", "experiment=smoke", *LONGER]
@@ -30,21 +31,43 @@ def test_a_cell_killed_mid_training_travels_with_its_checkpoint_and_resumes_else
     assert out.returncode == 0, out.stderr
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    done = cli_in_process(["import", str(workdir / "moving.tar.gz")], elsewhere, monkeypatch)
+    # imported with checkpoints kept apart from where the study's cells write theirs
+    done = cli_in_process(["import", str(workdir / "moving.tar.gz"), f"checkpoint_root={tmp_path / 'imported'}"],
+                          elsewhere, monkeypatch)  # fmt: skip
     assert done.returncode == 0 and "1 cell RUNNING when exported arriving KILLED" in done.stdout, done.stdout
     (moved,) = [r for r in all_runs(elsewhere) if r.data.tags.get(archive.ORIGIN_TAG) == victim.info.run_id]
     assert moved.info.status == "KILLED" and "arrived KILLED" in moved.data.tags[archive.IMPORT_NOTE_TAG]
-    assert (elsewhere / "checkpoints" / moved.info.run_id / "last.ckpt").is_file()
+    assert (tmp_path / "imported" / moved.info.run_id / "last.ckpt").is_file()
 
     again = cli_in_process(study, elsewhere, monkeypatch)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert f"resume {victim.data.tags['cell']}: run {moved.info.run_id} from {elsewhere}/checkpoints/" in (
-        again.stdout + again.stderr
-    )
+    here = elsewhere / "checkpoints" / moved.info.run_id  # brought to where the study writes, and read there
+    assert f"resume {victim.data.tags['cell']}: run {moved.info.run_id} from {here}/last.ckpt" in again.stdout
     # its best epoch, from before the kill, still counts: the checkpoints' old folder mapped onto the new
     assert "dirpath has changed" not in again.stdout + again.stderr
     runs = all_runs(elsewhere)
     assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)  # none doubled
+    assert {r.data.tags["checkpoint_dir"] for r in runs if r.info.run_id == moved.info.run_id} == {str(here)}
+
+    # The same study, never stopped: the resumed cell recorded exactly what it records (the same
+    # batches, augmentations and dropout draws after the resume as before)
+    never_stopped = tmp_path / "never-stopped"
+    never_stopped.mkdir()
+    whole = cli_in_process(study, never_stopped, monkeypatch)
+    assert whole.returncode == 0, whole.stdout[-3000:] + whole.stderr[-3000:]
+
+    def curves(folder: Path, cell: str) -> dict:
+        client = MlflowClient(store_uri(folder))
+        (run,) = [r for r in all_runs(folder) if r.data.tags["cell"] == cell]
+        return {k: sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, k))
+                for k in run.data.metrics if not k.startswith(("time/", "system/"))}  # fmt: skip
+
+    resumed, uninterrupted = (
+        curves(elsewhere, victim.data.tags["cell"]),
+        curves(never_stopped, victim.data.tags["cell"]),
+    )
+    assert "test/acc1" in resumed and len(resumed["val/acc1"]) == 6
+    assert resumed == uninterrupted
 
 
 @pytest.mark.long

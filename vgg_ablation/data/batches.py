@@ -55,6 +55,8 @@ class TensorBatches:
         self.batch_size, self.train, self.augment, self.seed = batch_size, train, augment, seed
         self.crop = crop or images.shape[-1]
         self.pad = pad if self.crop == images.shape[-1] else 0
+        # the next epoch's number (epochs drawn so far): a resumed run's data module sets it from
+        # its checkpoint (`LightningData.load_state_dict`), so it draws on where it stopped
         self.epoch = 0
 
     def _share(self) -> int:

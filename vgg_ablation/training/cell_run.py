@@ -33,7 +33,7 @@ from vgg_ablation.tracking import stores
 from vgg_ablation.tracking.outbox import Journal, Outbox, send_journal
 from vgg_ablation.training import distributed
 from vgg_ablation.training.build import lr_of, lrn_scale_value, starts_from_a
-from vgg_ablation.training.checkpoints import AtomicCheckpointIO, choose_resume
+from vgg_ablation.training.checkpoints import AtomicCheckpointIO, bring_checkpoints, choose_resume
 
 FAILURE_TAG = "failure_reason"
 
@@ -203,7 +203,12 @@ def _take_over(mlflow_client, run, cfg: DictConfig, key: str, params: dict, devi
     here, and the checkpoint to resume from (None: a fresh start of the same run)."""
     run_id = run.info.run_id
     _complete_the_opening(mlflow_client, run, cfg, params, datamodule)
-    resume = choose_resume(Path(run.data.tags.get("checkpoint_dir", "/nonexistent")))
+    here = Path(cfg.logger.checkpoint_root).resolve() / run_id  # where this attempt writes
+    kept = Path(run.data.tags.get("checkpoint_dir", str(here)))
+    if kept != here:  # left elsewhere (an import's checkpoint_root, another working folder)
+        bring_checkpoints(kept, here)
+        mlflow_client.set_tag(run_id, "checkpoint_dir", str(here))  # once they are all here
+    resume = choose_resume(here)
     if resume.note:  # a damaged checkpoint never blocks the cell: said, tagged, worked around
         print(f"warning: {key}: {resume.note}", file=sys.stderr, flush=True)
         mlflow_client.set_tag(run_id, "checkpoint_recovery", resume.note[:5000])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -111,6 +112,16 @@ def loads(path: Path) -> str | None:
     if not isinstance(state, dict) or "state_dict" not in state:
         return "not a Lightning checkpoint (no state_dict)"
     return None
+
+
+def bring_checkpoints(kept: Path, here: Path) -> None:
+    """A run's checkpoints copied from the folder an earlier attempt left them in to the one this
+    attempt writes to, so that it resumes from, and goes on writing, one folder. Copies, so a kill
+    mid-way leaves the originals; nothing where the folder is gone (a fresh start, as before)."""
+    if kept.is_dir():
+        here.mkdir(parents=True, exist_ok=True)
+        for ckpt in sorted(kept.glob("*.ckpt")):
+            shutil.copy2(ckpt, here / ckpt.name)
 
 
 def choose_resume(ckpt_dir: Path) -> Resume:

@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.plugins.environments import LightningEnvironment
 
+from vgg_ablation.data.batches import TensorBatches
 from vgg_ablation.data.modules import FileData, InMemoryData
 from vgg_ablation.training import distributed
 from vgg_ablation.training.build import apply_device_flags, is_deterministic, lr_of
@@ -34,13 +35,27 @@ class LightningData(pl.LightningDataModule):
     def __init__(self, data: InMemoryData | FileData):
         super().__init__()
         self.data = data
+        self.epochs_drawn = 0  # from a resumed run's checkpoint: where its batches' draws go on
 
     def setup(self, stage: str) -> None:
         self.data.setup(stage)
         self.data.shard = (self.trainer.global_rank, self.trainer.world_size)
 
     def train_dataloader(self):
-        return self.data.train_dataloader()
+        batches = self.data.train_dataloader()
+        if isinstance(batches, TensorBatches):  # drawn per (seed, epoch): resumed where it stopped
+            batches.epoch = max(batches.epoch, self.epochs_drawn)
+        return batches
+
+    # Kept in every checkpoint (Lightning saves a data module's state_dict): the epochs whose
+    # batches have been drawn, so that a run resumed at epoch k draws epoch k's shuffle and crops,
+    # as the uninterrupted run did, not epoch 0's again.
+    def state_dict(self) -> dict:
+        batches = getattr(self.data, "_train", None)
+        return {"epochs_drawn": batches.epoch} if isinstance(batches, TensorBatches) else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.epochs_drawn = state_dict.get("epochs_drawn", 0)
 
     def val_dataloader(self):
         return self.data.val_dataloader()

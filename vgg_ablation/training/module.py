@@ -68,6 +68,7 @@ class Classifier(pl.LightningModule):
         self._sums: dict[str, torch.Tensor] = {}
         self._finite = FiniteCheck()
         self._best_val = 0.0  # best validation top-1 so far (checkpointed: a resume keeps it)
+        self._missed_plateau_step: float | None = None  # see on_train_start
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
@@ -133,9 +134,35 @@ class Classifier(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["best_val_acc1"] = self._best_val
+        # Dropout's draws come from torch's global generator, which Lightning does not keep: a
+        # resumed run would restart them from the seed and differ from the uninterrupted one.
+        checkpoint["rng_cpu"] = torch.get_rng_state()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            checkpoint["rng_cuda"] = torch.cuda.get_rng_state_all()
+        monitored = self.trainer.callback_metrics.get("val/acc1")  # what a plateau schedule judges
+        if monitored is not None:
+            checkpoint["plateau_metric"] = float(monitored)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._best_val = checkpoint.get("best_val_acc1", 0.0)
+        if "rng_cpu" in checkpoint:  # absent from checkpoints written before it was kept
+            torch.set_rng_state(checkpoint["rng_cpu"])
+        if len(checkpoint.get("rng_cuda", ())) == torch.cuda.device_count() > 0:  # the same GPUs
+            torch.cuda.set_rng_state_all(checkpoint["rng_cuda"])
+        self._missed_plateau_step = checkpoint.get("plateau_metric")
+
+    def on_train_start(self) -> None:
+        # An epoch's checkpoint is written before its end-of-epoch lr step; on resuming, Lightning
+        # takes the step for a LambdaLR but not for a ReduceLROnPlateau (it keeps no metrics), so
+        # that scheduler would miss one epoch's judgement and cut the lr an epoch late. Taken
+        # here, with the metric the checkpoint kept. (Not after a mid-epoch checkpoint: the value
+        # then is the previous epoch's, already judged.)
+        loop, value = self.trainer.fit_loop, self._missed_plateau_step
+        self._missed_plateau_step = None
+        if value is not None and (loop.restarted_on_epoch_end or loop.resumed_on_epoch_end):
+            for config in self.trainer.lr_scheduler_configs:
+                if config.reduce_on_plateau:
+                    config.scheduler.step(value)
 
     def on_train_epoch_end(self) -> None:
         if "train" in self._sums and not torch.isfinite(self._sums["train"][0]):
