@@ -70,6 +70,13 @@ class MovableCheckpoint(ModelCheckpoint):
     mapped onto the new folder; where one did not, Lightning's own behaviour (and warning) stands.
     """
 
+    @property
+    def state_key(self) -> str:
+        # ModelCheckpoint's own key (Lightning keys a callback's saved state by its class name):
+        # checkpoints written before this class, every archive's among them, load into it
+        key = super().state_key
+        return "ModelCheckpoint" + key.removeprefix(type(self).__qualname__)
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         old = state_dict.get("dirpath")
         if old and self.dirpath and os.path.normpath(old) != os.path.normpath(self.dirpath):
