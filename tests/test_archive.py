@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from vgg_ablation.errors import UserError
 from vgg_ablation.tracking import archive
 
 from .conftest import TINY, all_runs, cli_in_process, store_uri, study_runs
@@ -260,6 +261,43 @@ def test_an_import_stopped_midway_leaves_nothing_and_the_next_one_is_whole(machi
     assert out.returncode == 0 and "remove 1 run(s) an interrupted import left unfinished" in out.stdout
     assert client.get_run(left).info.lifecycle_stage == "deleted"
     assert len(all_runs(tmp_path)) == 2 and len(study_runs(tmp_path)) == 1
+
+
+def test_a_cell_that_finished_elsewhere_comes_back_beside_the_attempt_that_stopped_here(
+    machines, tmp_path, monkeypatch
+):
+    # This store saw A seed=0 stop (KILLED); its archive went to another machine, where the cell
+    # finished under the same origin: importing that machine's archive brings the result back.
+    stopped_here = shutil.copytree(machines["one"], tmp_path / "here")
+    client = MlflowClient(store_uri(stopped_here))
+    (a0,) = [r for r in all_runs(stopped_here) if r.data.tags["arch"] == "A"]
+    client.set_terminated(a0.info.run_id, "KILLED")
+    finished_there = machines["one"] / "reports/smoke-archive.tar.gz"
+    done = cli_in_process(["import", str(finished_there)], stopped_here, monkeypatch)
+    assert done.returncode == 0 and "add 1 run (0 study runs, 1 other)" in done.stdout, done.stdout
+    runs = [r for r in all_runs(stopped_here) if r.data.tags["arch"] == "A"]
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "KILLED"]
+    again = cli_in_process(["import", str(finished_there)], stopped_here, monkeypatch)
+    assert again.returncode == 0 and "add 0 runs" in again.stdout, again.stdout  # nothing twice
+
+
+def test_two_finished_copies_of_a_cell_without_a_test_merge_when_they_agree(tmp_path):
+    # The lr selection's and the convergence check's cells train without a test: their copies
+    # from two machines are compared on their best validation accuracy
+    client = MlflowClient(store_uri(tmp_path))
+    experiment = client.create_experiment("vgg-ablation/x")
+    run = client.create_run(experiment, tags={"cell": "x/A/seed=0"})
+    client.log_metric(run.info.run_id, "val/acc1_best", 0.5)
+    client.set_terminated(run.info.run_id, "FINISHED")
+    ours = [client.get_run(run.info.run_id)]
+
+    def record(value: float) -> dict:
+        return {"run_id": "elsewhere", "status": "FINISHED", "tags": {"cell": "x/A/seed=0"},
+                "metrics": {"val/acc1_best": [[0, 0, value]]}}  # fmt: skip
+
+    assert "the same result is already here" in archive._cell_here(record(0.5), ours, tmp_path)
+    with pytest.raises(UserError, match="FINISHED with different results here"):
+        archive._cell_here(record(0.6), ours, tmp_path)
 
 
 @pytest.mark.parametrize(

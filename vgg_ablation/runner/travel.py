@@ -176,7 +176,7 @@ def _rebuild_into(client, cfg: DictConfig, table: pd.DataFrame, source: str, rep
             tags = {
                 "cell": cell_key(cell), "study": cfg.study.name, "arch": arch, "seed": str(int(row["seed"])),
                 "fingerprint": fingerprint(cell), "data_digest": datamodule.dataset.digest,
-                stores.PARENT_TAG: parent, archive.REBUILT_TAG: source, archive.ORIGIN_TAG: row["run_id"],
+                stores.PARENT_TAG: parent, archive.REBUILT_TAG: source, archive.ORIGIN_TAG: origin_of(row),
                 **({"learned": str(row["learned"]).lower()} if "learned" in row and pd.notna(row["learned"]) else {}),
                 **({"failure_reason": row["failure_reason"]} if isinstance(row.get("failure_reason"), str) else {}),
             }  # fmt: skip
@@ -200,3 +200,9 @@ def _rebuild_into(client, cfg: DictConfig, table: pd.DataFrame, source: str, rep
 
 def _missing(value) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def origin_of(row) -> str:
+    """The id a CSV row's run was first recorded under: its own, unless it came by an import."""
+    first = row.get("origin_run")
+    return first if isinstance(first, str) and first else row["run_id"]

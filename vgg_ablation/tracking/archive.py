@@ -356,7 +356,10 @@ def plan_import(client, archive: Archive) -> Plan:
     here = all_runs(client, experiment.experiment_id) if experiment else []
     plan.stale = [r.info.run_id for r in here if PENDING_TAG in r.data.tags]
     here = [r for r in here if PENDING_TAG not in r.data.tags]
-    origins = {origin(r.info.run_id, r.data.tags): r for r in here}
+    # a run's origin, and which of its runs here speaks for it (a FINISHED one over a dead attempt)
+    origins = {
+        origin(r.info.run_id, r.data.tags): r for r in sorted(here, key=lambda r: r.info.status == "FINISHED")
+    }
     studies = {r.data.tags[stores.STUDY_RUN_TAG]: r for r in here if stores.STUDY_RUN_TAG in r.data.tags}
     cells: dict[str, list] = {}
     for r in here:
@@ -364,7 +367,11 @@ def plan_import(client, archive: Archive) -> Plan:
             cells.setdefault(r.data.tags["cell"], []).append(r)
     for record in _parents_first(archive.runs):
         tags, mine = record["tags"], origin(record["run_id"], record["tags"])
-        if mine in origins:
+        if mine in origins and record["status"] == "FINISHED" and origins[mine].info.status != "FINISHED":
+            # This store's copy is an attempt that stopped; the cell went on elsewhere and finished
+            # (an archive imported there, then continued): its result comes in, beside the attempt.
+            plan.add.append(record)
+        elif mine in origins:
             plan.skip.append((record, f"already in this store (run {origins[mine].info.run_id})"))
             plan.parents[record["run_id"]] = origins[mine].info.run_id
         elif stores.STUDY_RUN_TAG in tags:
@@ -423,6 +430,8 @@ def _cell_here(record: dict, runs: list, path: Path) -> str | None:
     if record["status"] == "FINISHED" and done:
         ours, theirs = done[0], _latest(record)
         keys = ("test/err1", "test/err5", "test/acc1")
+        if "test/acc1" not in ours.data.metrics and "test/acc1" not in theirs:  # trained without a test
+            keys = ("val/acc1_best",)
         if any(not _same(ours.data.metrics.get(k), theirs.get(k)) for k in keys):
             raise UserError(
                 f"cell {record['tags']['cell']} FINISHED with different results here (run {ours.info.run_id}, test "
@@ -441,7 +450,10 @@ def _latest(record: dict) -> dict:
 
 
 def _same(a, b) -> bool:
-    return a is not None and b is not None and abs(float(a) - float(b)) < 1e-9
+    """Both absent (a cell trained without a test), or both there and equal."""
+    if a is None or b is None:
+        return a is None and b is None
+    return abs(float(a) - float(b)) < 1e-9
 
 
 def _pct(x) -> str:
