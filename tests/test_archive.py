@@ -281,6 +281,26 @@ def test_a_cell_that_finished_elsewhere_comes_back_beside_the_attempt_that_stopp
     assert again.returncode == 0 and "add 0 runs" in again.stdout, again.stdout  # nothing twice
 
 
+def test_a_store_rebuilt_from_a_runs_csv_written_after_an_import_keeps_the_first_ids(
+    machines, tmp_path, monkeypatch
+):
+    # machine one's study imported into a second store, whose report's CSV is all that survives
+    # it: the archive rebuilt from that CSV names the runs by the ids machine one gave them
+    firsts = {r.data.tags["cell"]: r.info.run_id for r in all_runs(machines["one"])}
+    second, third = tmp_path / "second", tmp_path / "third"
+    second.mkdir(), third.mkdir()
+    assert cli_in_process(["import", str(machines["one"] / "reports/smoke-archive.tar.gz")], second,
+                          monkeypatch).returncode == 0  # fmt: skip
+    assert cli_in_process(["report", *STUDY, "study.seeds=[0]"], second, monkeypatch).returncode == 0
+    rebuilt = cli_in_process(["export", *STUDY, "study.seeds=[0]", "archive.from_csv=reports/smoke-runs.csv",
+                              f"archive.out={tmp_path / 'rebuilt.tar.gz'}"], second, monkeypatch)  # fmt: skip
+    assert rebuilt.returncode == 0, rebuilt.stdout + rebuilt.stderr
+    assert cli_in_process(["import", str(tmp_path / "rebuilt.tar.gz")], third, monkeypatch).returncode == 0
+    assert {r.data.tags["cell"]: r.data.tags[archive.ORIGIN_TAG] for r in all_runs(third)} == firsts
+    back = cli_in_process(["import", str(tmp_path / "rebuilt.tar.gz")], machines["one"], monkeypatch)
+    assert back.returncode == 0 and "add 0 runs" in back.stdout, back.stdout  # the same runs: nothing twice
+
+
 def test_two_finished_copies_of_a_cell_without_a_test_merge_when_they_agree(tmp_path):
     # The lr selection's and the convergence check's cells train without a test: their copies
     # from two machines are compared on their best validation accuracy
