@@ -329,6 +329,32 @@ def test_a_cpu_study_fills_the_machine_a_cell_per_core_on_one_thread_each(workdi
     assert (
         other.returncode == 2 and "trained its cells with another setting (threads 1 -> 2; " in other.stderr
     )
+    assert parent.data.params["cells.device"] == "cpu" and parent.data.params["cells.precision"] == "32-true"
+
+
+def test_a_study_registered_on_a_gpu_is_not_continued_on_a_cpu_nor_the_other_way(monkeypatch):
+    # The same config (accelerator and precision "auto": the same cell keys) computes in bf16 on
+    # a GPU and in fp32 on a CPU: the study keeps the device and precision it registered
+    import torch
+
+    from vgg_ablation.config import compose
+    from vgg_ablation.errors import UserError
+    from vgg_ablation.runner.study import cells_setting, check_cells_setting
+
+    cfg = compose(["experiment=smoke", "trainer.threads=1"])
+    here = cells_setting(cfg)
+    assert (here["cells.device"], here["cells.precision"]) == ("cpu", "32-true")  # this machine: no GPU
+    check_cells_setting(cfg, here)  # its own setting: continued
+    check_cells_setting(cfg, {"cells.threads": "1"})  # registered before device and precision were kept
+    on_a_gpu = {**here, "cells.device": "gpu", "cells.precision": "bf16-mixed"}
+    with pytest.raises(UserError, match=r"\(device gpu -> cpu; precision bf16-mixed -> 32-true\): .* "
+                                        r"trainer.threads=1 .*, on a machine with a GPU$"):  # fmt: skip
+        check_cells_setting(cfg, on_a_gpu)
+    # and this CPU study continued where a GPU is seen (the only thing pretended here)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(UserError, match=r"\(device cpu -> gpu; precision 32-true -> bf16-mixed\): .*, on a "
+                                        r"CPU \(CUDA_VISIBLE_DEVICES= hides this machine's GPUs\)$"):  # fmt: skip
+        check_cells_setting(cfg, here)
 
 
 def test_the_lrn_study_opts_into_its_three_way_claim_and_its_rescaling_control(workdir, monkeypatch):

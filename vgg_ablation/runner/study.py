@@ -55,7 +55,7 @@ from vgg_ablation.study.reference_cells import lr_override
 from vgg_ablation.study.sequential import VERDICTS
 from vgg_ablation.study.snapshot import StudyRuns
 from vgg_ablation.tracking import stores
-from vgg_ablation.training.build import arch_of, data_for, model_for, validate
+from vgg_ablation.training.build import arch_of, data_for, device_choice, model_for, validate
 
 
 # -- before any job -------------------------------------------------------------------------------------
@@ -262,25 +262,39 @@ def fill_the_machine(cfg: DictConfig, args: list[str]) -> list[str]:
     return out
 
 
+# What a study registers of how its cells compute, and the option that sets each; the device and
+# precision follow from the machine (accelerator and precision "auto", in the cells' keys)
+CELLS_SETTING = {"cells.threads": "trainer.threads", "cells.compile": "trainer.compile",
+                 "cells.channels_last": "trainer.channels_last", "cells.device": None, "cells.precision": None}  # fmt: skip
+
+
 def cells_setting(cfg: DictConfig) -> dict[str, str]:
-    """What a study registers of how its cells compute: the speed settings that move the numbers
-    (another thread count, layout or compiled graph sums in another order)."""
+    """What a study registers of how its cells compute: the settings that move the numbers
+    (another device or precision computes otherwise; another thread count, layout or compiled
+    graph sums in another order). Studies registered before a setting was kept are not held to it."""
+    accelerator, precision, _ = device_choice(cfg)
     cpu_one_thread = cfg.trainer.threads == 1 and cfg.trainer.accelerator in ("auto", "cpu")
     layout = cfg.trainer.channels_last == "on" or (cfg.trainer.channels_last == "auto" and cpu_one_thread)
     return {"cells.threads": str(cfg.trainer.threads), "cells.compile": str(cfg.trainer.compile).lower(),
-            "cells.channels_last": "on" if layout else "off"}  # fmt: skip
+            "cells.channels_last": "on" if layout else "off", "cells.device": accelerator,
+            "cells.precision": precision}  # fmt: skip
 
 
 def check_cells_setting(cfg: DictConfig, registered: dict) -> None:
     """A study's cells keep one setting (`cells_setting`: the same seed gives other numbers under
-    another), so a study continued elsewhere takes the one it was registered with."""
+    another), so a study continued elsewhere (on a GPU, say, after a CPU) takes the one it was
+    registered with."""
     mine = cells_setting(cfg)
     changed = [f"{k.removeprefix('cells.')} {registered[k]} -> {v}" for k, v in mine.items()
                if k in registered and registered[k] != v]  # fmt: skip
     if changed:
         keep = " ".join(
-            f"trainer.{k.removeprefix('cells.')}={registered[k]}" for k in mine if k in registered
+            f"{CELLS_SETTING[k]}={registered[k]}" for k in mine if k in registered and CELLS_SETTING[k]
         )
+        device = registered.get("cells.device", mine["cells.device"])
+        if device != mine["cells.device"]:
+            keep += ", on " + ("a CPU (CUDA_VISIBLE_DEVICES= hides this machine's GPUs)" if device == "cpu"
+                               else f"a machine with a {device.upper()}")  # fmt: skip
         raise UserError(f"study {cfg.study.name!r} trained its cells with another setting ({'; '.join(changed)}): "
                         f"its numbers stay comparable only with one; continue it with {keep}")  # fmt: skip
 
