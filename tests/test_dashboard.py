@@ -46,6 +46,7 @@ def test_a_study_is_one_parent_run_with_its_report_tables_and_verdicts(study):
     assert sorted(summary["net"]) == ["A", "B"] and "top1_err_mean" in summary
     claims = client.load_table(parent.info.experiment_id, "claims.json", run_ids=[pid])
     assert len(claims) == 7  # the paper's conclusions, one row per comparison
+    assert claims["reported_at"].nunique() == summary["reported_at"].nunique() == 1  # one report so far
     assert parent.data.tags["claim2/B_vs_A"].startswith(
         ("supported", "contradicted", "no relevant difference", "undecided", "no verdict")
     )

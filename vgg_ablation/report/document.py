@@ -214,7 +214,12 @@ def publish(client, run_id: str, files: list[Path], summary: pd.DataFrame, concl
 
     for file in files:
         client.log_artifact(run_id, str(file), "report")
-    client.log_table(run_id, summary.reset_index().rename(columns={"index": "net"}), "summary.json")
+    # MLflow appends a table to the one already logged under its name: each report (a study's
+    # looks, a later `report`) adds its rows, stamped with when it was written; the latest stamp
+    # is the current verdict, the earlier ones its history
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    client.log_table(run_id, summary.reset_index().rename(columns={"index": "net"}).assign(reported_at=stamp),
+                     "summary.json")  # fmt: skip
     now = int(time.time() * 1000)
     metrics = [
         Metric(f"test_err1/{_metric_name(net)}", float(100 * r["top1_err_mean"]), now, 0)
@@ -236,7 +241,7 @@ def publish(client, run_id: str, files: list[Path], summary: pd.DataFrame, concl
             "ci_high",
             "notes",
         ]
-        shown = concl[[c for c in wanted if c in concl]]
+        shown = concl[[c for c in wanted if c in concl]].assign(reported_at=stamp)
         client.log_table(run_id, shown, "claims.json")
         for _, r in concl.iterrows():  # a claim may have several comparisons (depth: B-A, D-B, E-D)
             key = f"claim{r['claim']}/{_metric_name(r['first'])}_vs_{_metric_name(r['second'])}"
