@@ -448,6 +448,15 @@ def test_a_run_whose_server_never_returns_keeps_its_metrics_and_says_how_to_send
             assert (Path(runs[seed].data.tags["checkpoint_dir"]) / "outbox.jsonl").exists()
 
         server = start_server(workdir, port)
+        # an archive made now would lack those records: the export says so, and how to send them
+        name = client.get_experiment(runs[0].info.experiment_id).name.removeprefix("vgg-ablation/")
+        early = run_cli(["export", f"study.name={name}", "archive.out=early.tar.gz"], workdir, env)
+        assert early.returncode == 0, early.stderr[-3000:]
+        warning = early.stderr.strip().splitlines()[-1]
+        assert warning.startswith("warning: 2 run(s) kept records while their tracking store was away"), (
+            warning
+        )
+        assert all(f"{runs[seed].data.tags['checkpoint_dir']}/outbox.jsonl" in warning for seed in runs)
         command = outputs[0].strip().splitlines()[-1].split("send them with: ")[1].split()
         assert command[:2] == ["vgg-ablation", "sync"]
         sent = run_cli(command[1:], workdir, env)  # the printed command, as typed
@@ -463,6 +472,8 @@ def test_a_run_whose_server_never_returns_keeps_its_metrics_and_says_how_to_send
             assert "test/acc1" in after.data.metrics
             assert not (Path(run.data.tags["checkpoint_dir"]) / "outbox.jsonl").exists()
         assert len(client.search_runs([runs[0].info.experiment_id])) == 2
+        later = run_cli(["export", f"study.name={name}", "archive.out=later.tar.gz"], workdir, env)
+        assert later.returncode == 0 and "warning" not in later.stderr, later.stderr[-3000:]
 
         # A store that dies while a cell opens its run (held where it has found no run, its
         # experiment created, until the server is dead): one line, exit 1, nothing trained.

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -47,6 +48,11 @@ def run_export(args: list[str]) -> int:
         how = f"from {_shown(stores.tracking_uri(cfg.logger.tracking_uri))}"
     print(f"exported study {cfg.study.name} ({how}): {done.runs} runs, {_size(done.size)}, "
           f"in {done.seconds:.1f} s: {done.path}")  # fmt: skip
+    if done.unsent:
+        print(f"warning: {len(done.unsent)} run(s) kept records while their tracking store was away, which "
+              "it never received and this archive lacks: send them with `vgg-ablation sync "
+              f"{' '.join(map(str, done.unsent))}` (or run the study's command once), then export again",
+              file=sys.stderr)  # fmt: skip
     return 0
 
 

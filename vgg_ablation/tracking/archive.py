@@ -93,6 +93,7 @@ class Exported:
     runs: int
     size: int  # bytes on disk
     seconds: float
+    unsent: list[Path] = field(default_factory=list)  # outboxes of dead runs holding what the store lacks
 
 
 def export_study(client, study: str, out: Path, checkpoints: bool = False, system_metrics: bool = False,
@@ -138,7 +139,23 @@ def export_study(client, study: str, out: Path, checkpoints: bool = False, syste
     size = (
         out.stat().st_size if out.is_file() else sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     )
-    return Exported(out, len(runs), size, time.time() - started)
+    return Exported(out, len(runs), size, time.time() - started, _unsent(runs))
+
+
+def _unsent(runs) -> list[Path]:
+    """The outboxes (journals) of dead runs that hold records their store never received (it was
+    away when they ended): an archive carries the store's runs, not these; the study's command, or
+    `vgg-ablation sync`, sends them first."""
+    from vgg_ablation.tracking.outbox import Journal
+
+    found = []
+    for run in runs:
+        if run.info.status == "FINISHED" or (run.info.status == "RUNNING" and not stores.is_orphaned(run)):
+            continue  # finished, or a live process's own outbox
+        journal = Journal(Path(run.data.tags.get("checkpoint_dir", "/nonexistent")))
+        if journal.exists() and journal.header().get("run_id") == run.info.run_id and journal.unsent():
+            found.append(journal.path)
+    return found
 
 
 def _export_run(client, run, folder: Path, checkpoints: bool, system_metrics: bool) -> None:
