@@ -399,3 +399,12 @@ def test_the_time_an_epoch_takes_ignores_pauses_and_resumes():
     per_epoch = sections.epoch_seconds(pd.DataFrame(rows))
     assert per_epoch.to_dict() == {"A": 10.0, "B": 20.0}  # B's epochs 3-4 missing: no gap across them
     assert sections.epoch_seconds(pd.DataFrame()).empty  # a study rebuilt from a CSV has no curves
+
+
+def test_the_rule_in_words_keeps_its_names_as_written_at_a_sentence_start():
+    from vgg_ablation.report import sections
+    from vgg_ablation.study.analysis import make_design
+
+    words = sections.rule_words(make_design([0, 1, 2, 3, 4, 5], 18, 2, 0.05, 6), 0.05)
+    assert "Pocock-type" in words and sections.sentence(words).startswith("The chance that any verdict")
+    assert "Pocock-type" in sections.sentence(words)

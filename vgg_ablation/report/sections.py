@@ -83,6 +83,12 @@ def budget_words(cfg: DictConfig) -> str:
     )
 
 
+def sentence(words: str) -> str:
+    """`words` as a sentence's start: its first letter upper case, the rest as written (not
+    str.capitalize, which lowers every other letter: "Pocock", "B-5x5")."""
+    return words[:1].upper() + words[1:]
+
+
 def rule_words(design: analysis.Design, alpha: float) -> str:
     """The decision rule in plain words, with its error rate."""
     rule = design.rule
@@ -292,7 +298,7 @@ def verdicts(g: Gathered) -> list[str]:
         "when it straddles 0 inside ±margin; a 'no better' claim (LRN, saturation) is *supported* when "
         "the interval lies above −margin (the first net is not better by the margin or more; the "
         "verdict says which: worse, equivalent within ±margin, or only not better by the margin), "
-        f"*contradicted* when below −margin. {rule_words(g.design, cfg.study.alpha).capitalize()}. "
+        f"*contradicted* when below −margin. {sentence(rule_words(g.design, cfg.study.alpha))}. "
         "The interval shown is the one the verdict used, with its own confidence level. Every verdict "
         f"holds for this budget only: {budget_words(cfg)}; and each assumes that the per-seed "
         "differences are independent, with one spread, and near enough to normal (the error rate "
