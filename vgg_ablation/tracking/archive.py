@@ -143,19 +143,12 @@ def export_study(client, study: str, out: Path, checkpoints: bool = False, syste
 
 
 def _unsent(runs) -> list[Path]:
-    """The outboxes (journals) of dead runs that hold records their store never received (it was
-    away when they ended): an archive carries the store's runs, not these; the study's command, or
+    """The outboxes of dead runs that hold records their store never received (it was away when
+    they ended): an archive carries the store's runs, not these; the study's command, or
     `vgg-ablation sync`, sends them first."""
-    from vgg_ablation.tracking.outbox import Journal
+    from vgg_ablation.tracking.outbox import leftover_journal
 
-    found = []
-    for run in runs:
-        if run.info.status == "FINISHED" or (run.info.status == "RUNNING" and not stores.is_orphaned(run)):
-            continue  # finished, or a live process's own outbox
-        journal = Journal(Path(run.data.tags.get("checkpoint_dir", "/nonexistent")))
-        if journal.exists() and journal.header().get("run_id") == run.info.run_id and journal.unsent():
-            found.append(journal.path)
-    return found
+    return [j.path for j in map(leftover_journal, runs) if j is not None and j.unsent()]
 
 
 def _export_run(client, run, folder: Path, checkpoints: bool, system_metrics: bool) -> None:

@@ -110,6 +110,17 @@ class Journal:
                 path.unlink()
 
 
+def leftover_journal(run) -> Journal | None:
+    """The outbox a dead attempt of `run` left (its tracking store was away when it ended), or None:
+    none for a FINISHED run, nor for a RUNNING one whose process lives (that outbox is its own)."""
+    if run.info.status == "FINISHED" or (run.info.status == "RUNNING" and not stores.is_orphaned(run)):
+        return None
+    journal = Journal(Path(run.data.tags.get("checkpoint_dir", "/nonexistent")))
+    if not journal.exists() or journal.header().get("run_id") != run.info.run_id:
+        return None
+    return journal
+
+
 def send(mlflow_client, run_id: str, records: list[dict], journal: Journal | None = None) -> int:
     """Send `records` in order, as few calls as MLflow's limits allow; acknowledge each call's last
     record in `journal`. Returns how many were sent; raises on the first call the store refuses."""

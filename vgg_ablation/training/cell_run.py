@@ -30,7 +30,7 @@ from vgg_ablation.errors import UserError
 from vgg_ablation.nets.models import Net
 from vgg_ablation.study.cells import cell_cfg, cell_key, fingerprint
 from vgg_ablation.tracking import stores
-from vgg_ablation.tracking.outbox import Journal, Outbox, send_journal
+from vgg_ablation.tracking.outbox import Outbox, leftover_journal, send_journal
 from vgg_ablation.training import distributed
 from vgg_ablation.training.build import lr_of, lrn_scale_value, starts_from_a
 from vgg_ablation.training.checkpoints import AtomicCheckpointIO, bring_checkpoints, choose_resume
@@ -308,10 +308,8 @@ def send_leftovers(mlflow_client, runs, label: str) -> bool:
     them: a cell that finished training while the store was away is then FINISHED, not retrained."""
     sent_any = False
     for run in runs:
-        if run.info.status == "FINISHED" or (run.info.status == "RUNNING" and not stores.is_orphaned(run)):
-            continue  # finished, or a live process's own outbox
-        journal = Journal(Path(run.data.tags.get("checkpoint_dir", "/nonexistent")))
-        if not journal.exists() or journal.header().get("run_id") != run.info.run_id:
+        journal = leftover_journal(run)
+        if journal is None:
             continue
         sent = send_journal(mlflow_client, journal)
         if sent:  # a journal with nothing left in it (an attempt stopped mid-close) is not news

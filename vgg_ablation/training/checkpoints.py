@@ -3,9 +3,10 @@
 Written atomically: the bytes go to a temporary file in the same folder, are flushed to disk, and
 the file is renamed over the old one, so a kill or a full disk mid-write leaves the previous
 checkpoint whole. Movable: a cell's checkpoint folder may move (an imported archive puts an
-unfinished cell's under its new run id), and its best checkpoint moves with it. Read defensively: a cell resuming from a checkpoint that does not load (cut
-short by an older writer, a copy, a disk error) falls back to its best checkpoint, else to a fresh
-start of the same MLflow run, and says so; a damaged file is set aside, never loaded twice.
+unfinished cell's under its new run id), and its best checkpoint moves with it. Read defensively:
+a cell resuming from a checkpoint that does not load (cut short by an older writer, a copy, a disk
+error) falls back to its best checkpoint, else to a fresh start of the same MLflow run, and says
+so; a damaged file is set aside, never loaded twice.
 """
 
 from __future__ import annotations
