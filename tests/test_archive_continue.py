@@ -57,9 +57,11 @@ def test_a_cell_killed_mid_training_travels_with_its_checkpoint_and_resumes_else
     assert whole.returncode == 0, whole.stdout[-3000:] + whole.stderr[-3000:]
 
     def curves(folder: Path, cell: str) -> dict:
+        # Each (epoch, value) once: a kill between an epoch's records and its checkpoint (a few ms)
+        # has the resumed cell train that epoch again and record it again, with the same values
         client = MlflowClient(store_uri(folder))
         (run,) = [r for r in all_runs(folder) if r.data.tags["cell"] == cell]
-        return {k: sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, k))
+        return {k: sorted({(m.step, m.value) for m in client.get_metric_history(run.info.run_id, k)})
                 for k in run.data.metrics if not k.startswith(("time/", "system/"))}  # fmt: skip
 
     resumed, uninterrupted = (

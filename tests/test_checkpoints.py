@@ -126,3 +126,62 @@ def test_a_run_resumed_from_a_moved_folder_keeps_its_best_epoch(tmp_path, writte
         assert best.best_model_path == str(tmp_path / "new-run-id" / "best.ckpt")
     else:  # what Lightning alone does: the first epoch after the resume becomes the best
         assert kept == 2 and best.best_model_score == pytest.approx(0.7) and moved_warning
+
+
+class Recorder(pl.loggers.Logger):
+    """A real Lightning logger that keeps what it was handed: metric names per epoch."""
+
+    def __init__(self):
+        super().__init__()
+        self.logged: dict[int, set[str]] = {}
+
+    name, version = "recorder", "0"
+
+    def log_metrics(self, metrics, step=None):
+        self.logged.setdefault(int(metrics["epoch"]), set()).update(metrics)
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+
+class SeenAtSave(pl.Callback):
+    """What the logger held for an epoch at the moment that epoch's checkpoint was written."""
+
+    def __init__(self, recorder: Recorder):
+        self.recorder, self.seen = recorder, {}
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        self.seen[checkpoint["epoch"]] = set(self.recorder.logged.get(checkpoint["epoch"], ()))
+
+
+def test_an_epochs_checkpoint_is_written_after_all_its_figures_are_logged(tmp_path):
+    # A process killed just after an epoch's checkpoint resumes at the next epoch: whatever the
+    # epoch had not yet handed to the logger would be lost from its run (the training figures were,
+    # once: Lightning logs them after the checkpoint callbacks run). Without validation (no
+    # checkpoints then: make_trainer) they are logged at the epoch's end.
+    from vgg_ablation.config import OptimConfig
+    from vgg_ablation.training.module import Classifier
+
+    for validate in (True, False):
+        torch.manual_seed(0)
+        images = torch.utils.data.TensorDataset(torch.randn(32, 3, 4, 4), torch.randint(0, 10, (32,)))
+        loader = torch.utils.data.DataLoader(images, batch_size=8)
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 10))
+        recorder = Recorder()
+        seen = SeenAtSave(recorder)
+        last = ModelCheckpoint(dirpath=tmp_path / str(validate), filename="last", monitor=None, save_top_k=1,
+                               every_n_epochs=1, enable_version_counter=False)  # fmt: skip
+        trainer = pl.Trainer(max_epochs=3, callbacks=[last, seen] if validate else [], logger=recorder,
+                             enable_checkpointing=validate, enable_progress_bar=False, enable_model_summary=False,
+                             num_sanity_val_steps=0, accelerator="cpu", log_every_n_steps=1)  # fmt: skip
+        optim = OptimConfig() if validate else OptimConfig(schedule="cosine")  # plateau needs val/acc1
+        trainer.fit(Classifier(model, optim), train_dataloaders=loader,
+                    val_dataloaders=loader if validate else None)  # fmt: skip
+        wanted = {"train/loss", "train/acc1", "train/err1", "lr"} | (
+            {"val/acc1", "val/acc1_best"} if validate else set()
+        )
+        assert all(wanted <= recorder.logged[e] for e in (0, 1, 2)), validate
+        if validate:
+            assert sorted(seen.seen) == [0, 1, 2]
+            for epoch, names in seen.seen.items():
+                assert wanted <= names, (epoch, wanted - names)

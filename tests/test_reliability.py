@@ -13,11 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
 from vgg_ablation.commands.dashboard import free_port
 from vgg_ablation.tracking.labserver import server_env
-from vgg_ablation.tracking.stores import answers, experiment_name, pid_alive
+from vgg_ablation.tracking.stores import answers, experiment_name, pid_alive, raced_by
 from vgg_ablation.training.cell_run import RACE_HOLD_ENV
 
 from .conftest import (
@@ -552,9 +553,12 @@ def test_dashboard_binds_to_loopback_by_default_and_stops_with_its_command(workd
     assert not listening(), "the MLflow server outlived `vgg-ablation ui`"
 
 
-def held_then_released(hold: Path, procs: list[subprocess.Popen], arrivals: int, meanwhile=None) -> None:
+def held_then_released(
+    hold: Path, procs: list[subprocess.Popen], arrivals: int, meanwhile=None, release: bool = True
+) -> None:
     """Wait until `arrivals` of the processes have found no run for their cell and are held
-    before creating one (cell_run.hold_here_for_tests), do `meanwhile`, then let them all go on."""
+    before creating one (cell_run.hold_here_for_tests), do `meanwhile`, then let them all go on
+    (unless not `release`)."""
     deadline = time.time() + 300
     while len(list(hold.parent.glob(f"{hold.name}.*"))) < arrivals:
         assert all(p.poll() is None for p in procs), [
@@ -564,7 +568,8 @@ def held_then_released(hold: Path, procs: list[subprocess.Popen], arrivals: int,
         time.sleep(0.1)
     if meanwhile:
         meanwhile()
-    hold.touch()
+    if release:
+        hold.touch()
 
 
 def launch_together(args: list[str], cwd: Path, env: dict, arrivals: int) -> list[str]:
@@ -581,17 +586,115 @@ def launch_together(args: list[str], cwd: Path, env: dict, arrivals: int) -> lis
     return outputs
 
 
+def landing_late(seed: int, cwd: Path, env: dict) -> tuple[str, str, list[str]]:
+    """Two launches of one cell where the run stamped first lands second: the later-stamped one is
+    let go first, creates its run alone and trains to its second epoch; then the earlier-stamped
+    one creates its run (what a descheduled process, or a slow request to a server, does). Both
+    are then let finish. Returns (first-stamped pid, second-stamped pid, both outputs by pid)."""
+    procs = {}
+    for name in ("one", "two"):
+        hold = cwd / f"{name}-hold"
+        env_one = {**env, RACE_HOLD_ENV: str(hold), "VGG_ABLATION_HOLD_EPOCH": f"1:{cwd / 'epoch-hold'}"}
+        procs[name] = (hold, popen_cli(["train", "arch=A", f"seed={seed}", *TINY], cwd, env_one))
+    everyone = [p for _, p in procs.values()]
+    try:
+        stamps = {}
+        for hold, proc in procs.values():
+            held_then_released(hold, everyone, 1, meanwhile=lambda: None, release=False)
+            (arrived,) = hold.parent.glob(f"{hold.name}.*")
+            stamps[proc.pid] = (int(arrived.read_text()), hold)
+        early, late = sorted(stamps, key=lambda pid: stamps[pid][0])  # a tie: either order does
+        stamps[late][1].touch()  # the later stamp creates its run first ...
+        wait_for(cwd / "epoch-hold.held", everyone)  # ... and trains, alone, into its second epoch
+        stamps[early][1].touch()  # the earlier stamp lands now
+        wait_for_run_count(env, seed, 2, everyone)
+    finally:
+        for hold, _ in procs.values():
+            hold.touch()
+        (cwd / "epoch-hold").touch()
+    outputs = {p.pid: p.communicate(timeout=300)[0] for p in everyone}
+    assert [p.returncode for p in everyone] == [0, 0], outputs
+    return early, late, outputs
+
+
+def wait_for(path: Path, procs: list[subprocess.Popen]) -> None:
+    deadline = time.time() + 300
+    while not path.exists():
+        assert all(p.poll() is None for p in procs), [p.stdout.read()[-3000:] for p in procs]
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.1)
+
+
+def wait_for_run_count(env: dict, seed: int, count: int, procs: list[subprocess.Popen]) -> None:
+    client, deadline = MlflowClient(env["MLFLOW_TRACKING_URI"]), time.time() + 300
+    while True:
+        runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])
+                if r.data.tags.get("seed") == str(seed)]  # fmt: skip
+        if len(runs) >= count:
+            return
+        assert all(p.poll() is None for p in procs), [p.stdout.read()[-3000:] for p in procs]
+        assert time.time() < deadline, f"{count} runs of seed {seed} never appeared"
+        time.sleep(0.1)
+
+
+def test_which_of_two_raced_runs_keeps_the_cell(tmp_path):
+    # The rule every look applies once both runs are in the store (a real SQLite store)
+    import socket
+
+    client = MlflowClient(store_uri(tmp_path))
+    exp = client.create_experiment("race")
+    here = {"cell": "c", "host": socket.gethostname()}
+
+    def run(start: int, pid: int, status: str = "RUNNING") -> str:
+        run_id = client.create_run(exp, start_time=start, tags={**here, "pid": str(pid)}).info.run_id
+        if status != "RUNNING":
+            client.set_terminated(run_id, status)
+        return run_id
+
+    mine, dead_pid = run(200, os.getpid()), 2**22 + 12345  # a pid no process has here
+    assert raced_by(client, exp, "c", mine) is None  # alone
+    killed, gone = run(100, os.getpid(), "KILLED"), run(101, dead_pid)
+    assert raced_by(client, exp, "c", mine) is None  # earlier, but dead: they never take the cell
+    earlier = run(150, os.getpid())
+    assert raced_by(client, exp, "c", mine).info.run_id == earlier  # the earliest live one keeps it
+    assert raced_by(client, exp, "c", earlier) is None
+    finished = run(300, os.getpid(), "FINISHED")
+    assert {raced_by(client, exp, "c", r).info.run_id for r in (mine, earlier)} == {finished}  # a result wins
+    assert killed and gone
+
+
 @pytest.mark.long
 def test_two_launches_of_one_cell_at_the_same_instant_make_one_run(workdir):
     """On SQLite (the store's lock) and twice on one tracking server (create, then settle: the
-    earliest run wins; first in a fresh server, then beside the first cell's experiment), each
-    time a cell no run exists for yet. One SQLite case: a second would start from the same fresh
-    folder, the same case again (two more processes, ~35 s of CPU)."""
+    earliest run wins; first in a fresh server, then beside the first cell's experiment with the
+    earlier create landing second, after the other launch has trained an epoch), each time a cell
+    no run exists for yet. One SQLite case: a second would start from the same fresh folder, the
+    same case again (two more processes, ~35 s of CPU)."""
     port = free_port()
     server = start_server(workdir, port)
     uri = f"http://127.0.0.1:{port}"
     try:
-        for store, seed in (("sqlite", 0), ("server", 0), ("server", 1)):
+        # Both creates sent first, the later one landing after the other launch looked and found
+        # itself alone: each judged itself the cell's run (the runs' start times order them, and
+        # the client stamps those), once on a busy 2-core machine. The earlier-stamped run keeps
+        # the cell; the other launch gives it up before recording its result.
+        folder = workdir / "late"
+        folder.mkdir()
+        early, late, outputs = landing_late(1, folder, {"MLFLOW_TRACKING_URI": uri})
+        client = MlflowClient(uri)
+        runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])
+                if r.data.tags.get("seed") == "1"]  # fmt: skip
+        assert len(runs) == 1 and runs[0].info.status == "FINISHED", outputs
+        assert "A seed=1: FINISHED in" in outputs[early], outputs[early]
+        assert (
+            f"by another live process (run {runs[0].info.run_id}, launched in the same moment"
+            in outputs[late]
+        )
+        assert "FINISHED in" not in outputs[late], outputs[late]
+        deleted = client.search_runs([runs[0].info.experiment_id], run_view_type=ViewType.DELETED_ONLY)
+        assert len(deleted) == 1 and not Path(deleted[0].data.tags["checkpoint_dir"]).exists()
+
+        for store, seed in (("sqlite", 0), ("server", 0)):
             folder = workdir / f"{store}{seed}"
             folder.mkdir()
             # On a server both launches find no run and are held there until both are: the race,

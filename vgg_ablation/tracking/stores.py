@@ -334,6 +334,26 @@ def runs_url(base: str, experiment_id: str, search: str | None = None) -> str:
     return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?{query}"
 
 
+def raced_by(mlflow_client, experiment_id: str, key: str, mine: str):
+    """The run a cell keeps instead of `mine`, a run this launch created, when another launch
+    created one too in the same moment; None while `mine` is the cell's run.
+
+    `settle` judged from what the store showed right after the create, but a create sent first
+    can land after that look (a run's start time is stamped by the client, and requests race to a
+    server), so each of two such launches may have found itself alone or first. Looked at again
+    once both runs are in the store, every look agrees: a FINISHED run wins, else the earliest
+    (start time, then id) among the live ones. A dead competitor (FAILED, KILLED, or RUNNING with
+    its process gone) never takes the cell from a live run: its attempt is resumed nowhere."""
+    others = [r for r in runs_of_cell(mlflow_client, experiment_id, key) if r.info.run_id != mine]
+    finished = [r for r in others if r.info.status == "FINISHED"]
+    if finished:
+        return min(finished, key=lambda r: (r.info.start_time, r.info.run_id))
+    live = [r for r in others if r.info.status == "RUNNING" and not is_orphaned(r)]
+    me = mlflow_client.get_run(mine)
+    keeper = min([me, *live], key=lambda r: (r.info.start_time, r.info.run_id))
+    return None if keeper.info.run_id == mine else keeper
+
+
 def settle(mlflow_client, experiment_id: str, filter_string: str, mine: str):
     """After creating run `mine` for something that must have one run (a cell, a study), look:
     when another process created one too in the same moment, the earliest (start time, then id)

@@ -169,7 +169,8 @@ def open_run(
     """The MLflow run this attempt writes to, and the checkpoint to resume from.
 
     Returns ("skip", run) when the cell already FINISHED, ("busy", run) when a live process is
-    training it right now, else ("run", run_id, resume_from). A dead attempt (FAILED, KILLED, or
+    training it right now, else ("run", run_id, resume_from), or ("new", run_id, None) for a run
+    created here. A dead attempt (FAILED, KILLED, or
     RUNNING with its process gone) is taken over: same run, from its last checkpoint if it wrote
     one, so a cell never gets a second run.
     """
@@ -252,16 +253,17 @@ def _complete_the_opening(mlflow_client, run, cfg: DictConfig, params: dict, dat
 
 # Fault injection for the tests: hold the moment between finding no run and creating one, where
 # two launches (or two machines on one server) would both find none. The process says it got
-# here (a file <hold>.<pid>) and goes on once the test creates <hold>: the test makes the race
-# (or a store's death at this moment) happen, instead of hoping a sleep is long enough for it.
+# here (a file <hold>.<pid>, holding the start time its run will have) and goes on once the test
+# creates <hold>: the test makes the race (or a store's death at this moment) happen, instead of
+# hoping a sleep is long enough for it.
 RACE_HOLD_ENV = "VGG_ABLATION_RACE_HOLD"
 
 
-def hold_here_for_tests(limit: float = 300) -> None:
+def hold_here_for_tests(started_ms: int, limit: float = 300) -> None:
     hold = os.environ.get(RACE_HOLD_ENV)
     if not hold:
         return
-    Path(f"{hold}.{os.getpid()}").touch()
+    Path(f"{hold}.{os.getpid()}").write_text(str(started_ms))
     deadline = time.time() + limit  # a test that never releases fails on its own timeout
     while not Path(hold).exists() and time.time() < deadline:
         time.sleep(0.05)
@@ -274,7 +276,10 @@ def _create_run(
     another launch created it in the same moment."""
     from mlflow.entities import Param
 
-    hold_here_for_tests()
+    # The start time MLflow's client would stamp, stamped before the test hold: a create held
+    # there is one sent first that lands late (a descheduled process, a slow request)
+    started_ms = int(time.time() * 1000)
+    hold_here_for_tests(started_ms)
     parent = cfg.logger.parent_run_id
     tags = {
         "cell": key,
@@ -288,7 +293,7 @@ def _create_run(
         **({stores.PARENT_TAG: parent} if parent else {}),
     }
     run_id = mlflow_client.create_run(
-        experiment_id, tags=tags, run_name=f"{cfg.arch}-seed{cfg.seed}"
+        experiment_id, start_time=started_ms, tags=tags, run_name=f"{cfg.arch}-seed{cfg.seed}"
     ).info.run_id
     escaped = key.replace("'", "\\'")
     winner = stores.settle(mlflow_client, experiment_id, f"tags.cell = '{escaped}'", run_id)
@@ -299,7 +304,14 @@ def _create_run(
     mlflow_client.log_batch(run_id, params=[Param(name, str(value)) for name, value in params.items()])
     mlflow_client.log_text(run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
     log_dataset(mlflow_client, run_id, datamodule)
-    return "run", run_id, None
+    # Looked at again, some round trips after settle(): a racing launch's create has landed by now
+    # (`stores.raced_by`); the loser stands down before it trains. `train` looks once more before
+    # the result is recorded.
+    keeper = stores.raced_by(mlflow_client, experiment_id, key, run_id)
+    if keeper is not None:
+        mlflow_client.delete_run(run_id)
+        return "busy", keeper
+    return "new", run_id, None
 
 
 def send_leftovers(mlflow_client, runs, label: str) -> bool:

@@ -164,13 +164,25 @@ class Classifier(pl.LightningModule):
                 if config.reduce_on_plateau:
                     config.scheduler.step(value)
 
-    def on_train_epoch_end(self) -> None:
-        if "train" in self._sums and not torch.isfinite(self._sums["train"][0]):
+    def _close_train_epoch(self) -> None:
+        """The training epoch's figures and lr, once its batches are done (a second call is a no-op)."""
+        if "train" not in self._sums:
+            return
+        if not torch.isfinite(self._sums["train"][0]):
             raise NonFiniteLoss(f"loss became non-finite during epoch {self.current_epoch}")
         self._log_epoch("train")
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], sync_dist=True)
 
+    def on_train_epoch_end(self) -> None:
+        self._close_train_epoch()  # an epoch without validation (limit_val_batches=0)
+
     def on_validation_epoch_end(self) -> None:
+        # Validation runs once an epoch's batches are done (the project sets no val_check_interval),
+        # and the epoch's checkpoints are written right after it, before on_train_epoch_end: the
+        # training figures go to the logger here, with the validation ones, so a process killed
+        # just after a checkpoint never resumes past an epoch whose training figures it lost.
+        if not self.trainer.sanity_checking:
+            self._close_train_epoch()
         self._log_epoch("val")
 
     def on_test_epoch_end(self) -> None:

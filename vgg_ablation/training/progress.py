@@ -100,6 +100,8 @@ def say_how_it_ended(r: CellResult, progress: Progress | None = None) -> None:
         line = f"{r.arch} seed={r.seed}: already FINISHED (run {r.run_id}), skipped"
     elif r.status == "BUSY":
         line = f"{r.arch} seed={r.seed}: being trained by another live process (run {r.run_id}), skipped"
+        if r.reason:  # a launch that raced it to the cell's run, and lost
+            line = line.replace("), skipped", f", {r.reason}), skipped")
     elif r.status == "FINISHED":
         scored = (f"test top-1 accuracy {r.test_acc1:.1%} (error {1 - r.test_acc1:.1%})" if r.test_acc1 is not None
                   else f"best validation top-1 accuracy {r.val_acc1:.1%} (no test pass)")  # fmt: skip

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import sys
 import time
@@ -87,6 +88,7 @@ class Cell:
     start: float = 0.0
     line: Timeline = field(default_factory=timeline)  # where its time goes (bench.mode=cells)
     progress: Progress | None = None  # where it stands in its study (its lines' prefix)
+    created_in: tuple | None = None  # (client, experiment id) where this launch created its run
 
 
 def run_cell(cfg: DictConfig, progress: Progress | None = None) -> CellResult:
@@ -186,7 +188,7 @@ def open_cell(cfg: DictConfig, progress: Progress | None) -> Cell:
         device_name = torch.cuda.get_device_name() if accelerator == "gpu" else "cpu"
         params = curated_params(cfg, model, datamodule, precision)
         opened = open_run(mlflow_client, experiment_id, cfg, key, params, device_name, datamodule)
-        if opened[0] != "run":
+        if opened[0] not in ("run", "new"):
             run = opened[1]
             result.status = "SKIPPED" if opened[0] == "skip" else "BUSY"
             result.run_id, result.test_acc1 = run.info.run_id, run.data.metrics.get("test/acc1")
@@ -194,6 +196,8 @@ def open_cell(cfg: DictConfig, progress: Progress | None) -> Cell:
             return cell
         _, run_id, cell.resume_from = opened
         result.run_id = run_id
+        if opened[0] == "new":  # a race with another launch is looked at again before the result
+            cell.created_in = (mlflow_client, experiment_id)
         # CPU numbers move with it, as with the thread count: a tag, since a resumed attempt may differ
         mlflow_client.set_tag(run_id, "channels_last", str(channels_last).lower())
         cell.ckpt_dir = Path(cfg.logger.checkpoint_root).resolve() / run_id
@@ -254,9 +258,35 @@ def train_and_record(cell: Cell) -> None:
                         "flops_per_image": forward_flops(module.model, datamodule.input_size), **lrn,
                         "time/fit_seconds": fit_seconds}, step=0)  # fmt: skip
     cell.line.mark("finish_start")
+    if stood_down(cell):
+        return
     finish(outbox, "FINISHED", cfg.logger.outage_wait, cell.start, result)
     cell.line.mark("recorded")
     cell.line.write_cell(cfg, trainer, outbox.write_seconds)
+
+
+def stood_down(cell: Cell) -> bool:
+    """Whether this launch gave the cell up, its result unrecorded: it created the cell's run in
+    the same moment as another launch, and the other's run is the one the cell keeps (see
+    `stores.raced_by`; usually settled before training, this is the last look, before the result).
+    Its run is deleted, its checkpoints removed; the result says which run holds the cell. A store
+    that does not answer here leaves the result to the outbox, as any other record."""
+    if cell.created_in is None:
+        return False
+    mlflow_client, experiment_id = cell.created_in
+    try:
+        keeper = stores.raced_by(mlflow_client, experiment_id, cell.key, cell.result.run_id)
+    except Exception:  # an outage: the outbox keeps the records until the store is back
+        return False
+    if keeper is None:
+        return False
+    cell.outbox.close(cell.cfg.logger.outage_wait)  # its records into its own run, then the run goes
+    mlflow_client.delete_run(cell.result.run_id)
+    shutil.rmtree(cell.ckpt_dir, ignore_errors=True)
+    mine, cell.result.run_id = cell.result.run_id, keeper.info.run_id
+    cell.result.status, cell.result.test_acc1 = "BUSY", keeper.data.metrics.get("test/acc1")
+    cell.result.reason = f"launched in the same moment as it; this launch's run {mine} deleted"
+    return True
 
 
 def test_best(cell: Cell, trainer, module, fitted, best: str | None) -> float:
