@@ -281,6 +281,7 @@ def test_sigterm_to_the_study_alone_stops_its_sweep_too(workdir):
 
 
 @pytest.mark.long
+@pytest.mark.fresh_store
 def test_two_studies_and_submitits_parallel_jobs_share_one_fresh_default_store(workdir):
     first = popen_cli(["study", "experiment=smoke", "study.name=left", *TINY], workdir)
     second = popen_cli(
@@ -719,6 +720,7 @@ def test_two_launches_of_one_cell_at_the_same_instant_make_one_run(workdir):
 WRITERS, BATCHES = 32, 20
 
 
+@pytest.mark.fresh_store
 @pytest.mark.parametrize("store", ["sqlite", "server"])
 def test_a_crowd_of_32_writers_loses_nothing(workdir, store):
     """32 processes at once (forked by one that imported MLflow: crowd_writer.py), each a run of

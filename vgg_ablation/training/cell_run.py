@@ -5,6 +5,9 @@ records and status.
 
 Everything a training run sends goes through its outbox (outbox.py): a tracking outage costs no
 training.
+
+About 460 lines, one concern: a cell's run, from the moment it is looked for to its last record,
+in the order a cell meets them (its opening's cases, with the races between launches, are most).
 """
 
 from __future__ import annotations
