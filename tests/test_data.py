@@ -189,6 +189,33 @@ def test_non_square_large_images_get_the_paper_sizes_and_file_decoding(tmp_path)
     assert x.shape == (2, 3, 224, 224)
 
 
+def test_files_draw_each_epoch_from_the_seed_and_epoch_alone(tmp_path):
+    # What a run resumed at epoch k needs to train as the uninterrupted run did: epoch k's order
+    # and crops and flips, drawn from (seed, epoch) whatever came before in the process, and the
+    # same with or without DataLoader workers; the process's own generator left as it was
+    import dataclasses
+
+    root = _folder(tmp_path / "f", ("train", "val"), per_class=8, size=(40, 40))
+    cfg = DataConfig(name="imagefolder", root=str(root), in_memory="off", batch_size=4, num_workers=0)
+
+    def epochs(which: list[int], workers: int = 0, seed: int = 0) -> list[torch.Tensor]:
+        dm = make_datamodule(dataclasses.replace(cfg, num_workers=workers), seed=seed)
+        dm.setup()
+        assert dm.mode == "decoded from files by DataLoader workers"
+        loader, seen = dm.train_dataloader(), []
+        for epoch in which:
+            loader.sampler.set_epoch(epoch)  # as Lightning does at each epoch's start
+            seen.append(torch.cat([x for x, _ in loader]))
+        return seen
+
+    before = torch.get_rng_state()
+    straight = epochs([0, 1, 2])
+    assert torch.equal(torch.get_rng_state(), before)
+    assert torch.equal(epochs([2])[0], straight[2])  # a process that starts at epoch 2
+    assert torch.equal(epochs([1, 2], workers=2)[1], straight[2])  # decoded by two workers
+    assert not torch.equal(straight[0], straight[1]) and not torch.equal(epochs([0], seed=1)[0], straight[0])
+
+
 def test_palette_and_rgba_images_become_rgb(tmp_path):
     from vgg_ablation.data.datasets import load_rgb
 

@@ -31,6 +31,7 @@ measure anything are refused.
 from __future__ import annotations
 
 import os
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -305,16 +306,67 @@ class InMemoryData(_Common):
         return self._batches("test", train=False)
 
 
+def _draw_seed(*keys: int) -> int:
+    """A 63-bit seed from whole numbers (a run's seed, an epoch, an image), the same anywhere."""
+    import numpy as np
+
+    return int(np.random.SeedSequence(list(keys)).generate_state(2, np.uint64)[0] >> 1)
+
+
+class EpochOrder(torch.utils.data.Sampler):
+    """A training epoch's image order as a function of (seed, epoch) alone, yielding (epoch,
+    index) pairs: the images' random crops and flips are drawn from the same two numbers and the
+    image's index (`_Files`). So a run resumed at epoch k sees epoch k's order and augmentations,
+    as the uninterrupted run did, whichever DataLoader workers decode them and however many there
+    are. (torch's shuffling DataLoader draws both from one generator that restarts with the
+    process, and persistent workers keep their own.) Lightning calls `set_epoch` as each epoch
+    starts, a resumed one included."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        order = torch.randperm(
+            self.n, generator=torch.Generator().manual_seed(_draw_seed(self.seed, self.epoch))
+        )
+        return iter([(self.epoch, i) for i in order.tolist()])
+
+
 class _Files(torch.utils.data.Dataset):
-    def __init__(self, files: list[tuple[Path, int]], transform):
-        self.files, self.transform = files, transform
+    """Images decoded from their files. Indexed by (epoch, index) (EpochOrder), an image's random
+    transforms draw from a generator seeded by (seed, epoch, index), leaving the process's own
+    untouched (with no workers, dropout draws from it in the same process)."""
+
+    def __init__(self, files: list[tuple[Path, int]], transform, seed: int = 0):
+        self.files, self.transform, self.seed = files, transform, seed
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key: int | tuple[int, int]):
+        if isinstance(key, int):
+            path, label = self.files[key]
+            return self.transform(load_rgb(path)), label
+        epoch, i = key
         path, label = self.files[i]
-        return self.transform(load_rgb(path)), label
+        image = load_rgb(path)
+        seed = _draw_seed(self.seed, epoch, i)
+        # torchvision's random transforms draw from torch's global generator (RandomChoice from
+        # Python's): seeded here for this image, then given back as they were
+        kept = random.getstate()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            random.seed(seed)
+            try:
+                return self.transform(image), label
+            finally:
+                random.setstate(kept)
 
 
 class FileData(_Common):
@@ -365,7 +417,7 @@ class FileData(_Common):
         test_tf = transforms.Compose(
             [transforms.Resize(s.test_scale), transforms.CenterCrop(s.crop), transforms.ToTensor(), normalise]
         )
-        self.train_set = _Files(fit_files, train_tf)
+        self.train_set = _Files(fit_files, train_tf, self.seed)
         self.val_set = _Files(val_files, test_tf)
         self.test_set = _Files(test_files, test_tf)
 
@@ -378,10 +430,14 @@ class FileData(_Common):
 
     def _loader(self, dataset, shuffle: bool) -> torch.utils.data.DataLoader:
         workers = self.cfg.num_workers
+        # One process: the order and augmentations drawn per (seed, epoch) (EpochOrder). Under DDP
+        # Lightning puts its DistributedSampler in place of a shuffling loader's, each rank a share.
+        order = EpochOrder(len(dataset), self.seed) if shuffle and self.shard[1] == 1 else None
         return torch.utils.data.DataLoader(
             dataset,
             batch_size=self.cfg.batch_size,
-            shuffle=shuffle,
+            shuffle=shuffle if order is None else None,
+            sampler=order,
             drop_last=shuffle and len(dataset) >= self.cfg.batch_size,
             num_workers=workers,
             pin_memory=torch.cuda.is_available(),
