@@ -57,13 +57,13 @@ def test_version(capsys):
 
 
 def test_a_studys_time_left_counts_the_cells_still_to_train_at_the_time_a_trained_cell_takes(monkeypatch):
-    """A resumed look: 6 cells, one of them FINISHED before (it skips). Skipped cells neither
+    """A resumed look: 6 cells, the first FINISHED before (it skips). Skipped cells neither
     shorten the estimate (they are not quick trained cells) nor lengthen it (not cells to train)."""
     from vgg_ablation.training import progress as train
     from vgg_ablation.training.cell_run import CellResult
 
-    monkeypatch.setattr(train, "_THIS_PROCESS", {"trained": [], "skipped": 0})
-    monkeypatch.setenv(train.PROGRESS_ENV, f"18:24:{time.time()}:{19 * 1000.0}:19:1")
+    monkeypatch.setattr(train, "_THIS_PROCESS", {"trained": []})
+    monkeypatch.setenv(train.PROGRESS_ENV, f"18:24:{time.time()}:{19 * 1000.0}:19:f100000")
 
     def ended(job: int, status: str, seconds: float = 0.0) -> str:
         progress = train.Progress.from_env(job)
@@ -72,8 +72,8 @@ def test_a_studys_time_left_counts_the_cells_still_to_train_at_the_time_a_traine
 
     assert ended(0, "SKIPPED") == "about 1h23m left (5 cells to train)"  # 5 x the store's 1,000 s
     assert ended(1, "FINISHED", 1200.0) == "about 1h07m left (4 cells to train)"  # mean 1,010 s
-    monkeypatch.setattr(train, "_THIS_PROCESS", {"trained": [], "skipped": 0})
-    monkeypatch.setenv(train.PROGRESS_ENV, f"0:4:{time.time()}:0:0:2")  # a new study's launch, 2 done
+    monkeypatch.setattr(train, "_THIS_PROCESS", {"trained": []})
+    monkeypatch.setenv(train.PROGRESS_ENV, f"0:4:{time.time()}:0:0:f1100")  # a new study's launch, 2 done
     assert ended(0, "SKIPPED") == "2 cells to train (time left known after the first)"  # 1 more skips
     assert ended(1, "SKIPPED") == "2 cells to train (time left known after the first)"
     assert ended(2, "FINISHED", 60.0) == "about 1m00s left (1 cell to train)"
@@ -84,9 +84,21 @@ def test_cells_side_by_side_share_the_time_left(monkeypatch):
     """Two cells trained at once (a CPU study's default): the cells still to train take half the time."""
     from vgg_ablation.training import progress
 
-    monkeypatch.setattr(progress, "_THIS_PROCESS", {"trained": [], "skipped": 0})
-    monkeypatch.setenv(progress.PROGRESS_ENV, f"0:10:{time.time()}:{4 * 600.0}:4:0:2")
+    monkeypatch.setattr(progress, "_THIS_PROCESS", {"trained": []})
+    monkeypatch.setenv(progress.PROGRESS_ENV, f"0:10:{time.time()}:{4 * 600.0}:4:f0000000000:2")
     assert progress.Progress.from_env(3).left() == "about 30m00s left (6 cells to train)"  # 6 x 600 s / 2
+
+
+def test_a_resumed_study_s_time_left_is_right_in_every_side_by_side_process(monkeypatch):
+    # 36 cells, the first 26 FINISHED when the look was resumed: each of the two processes training
+    # cells side by side skipped about half of them, and once said "nothing more to train" with 9 left
+    from vgg_ablation.training import progress
+
+    monkeypatch.setattr(progress, "_THIS_PROCESS", {"trained": [2000.0]})
+    monkeypatch.setenv(progress.PROGRESS_ENV, f"0:36:{time.time()}:{26 * 1000.0}:26:f{'1' * 26}{'0' * 10}:2")
+    assert progress.Progress.from_env(26).left() == "about 1h17m left (9 cells to train)"  # 9 x 1,037 s / 2
+    assert progress.Progress.from_env(35).left() == "last cell"
+    assert progress.Progress.from_env(30).left() == "about 43m12s left (5 cells to train)"
 
 
 def test_every_command_names_a_function_that_runs_it():

@@ -342,16 +342,22 @@ def run_cells(sweep: Sweep, cells: list[tuple[str, int]], seen: StudyRuns) -> in
             codes.append(0)
             continue
         times = [f.seconds for f in finished.values()]
+        seed_major = cfg.model.init != "from_A"
+        # which of the sweep's jobs will skip, in its order (Hydra's product: the first list slowest)
+        order = (
+            [(n, s) for s in seeds for n in labels] if seed_major else [(n, s) for n in labels for s in seeds]
+        )
+        flags = "f" + "".join("1" if cell in finished else "0" for cell in order)
         progress = (
             sweep.done,
             total,
             sweep.started,
             sum(times),
             len(times),
-            ahead,
+            flags,
             side_by_side(sweep.pinned),
         )
-        code = launch(sweep.pinned + overrides, archs_, seeds, sweep.folder, seed_major=cfg.model.init != "from_A",
+        code = launch(sweep.pinned + overrides, archs_, seeds, sweep.folder, seed_major=seed_major,
                       progress=progress, deadline=sweep.deadline)  # fmt: skip
         sweep.done += len(archs_) * len(seeds)
         codes.append(code)

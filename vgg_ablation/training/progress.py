@@ -43,18 +43,20 @@ class EpochLine(pl.Callback):
 @dataclass
 class Progress:
     """Where a cell stands in its study: k of N, the study's elapsed time, and the time left: the
-    cells still to train times the mean time of a trained cell. Both come from the study (the
-    cells its store already holds FINISHED, and their recorded times) and from this process (the
-    cells it has trained or skipped since), so a resumed study neither counts its skipped cells
-    as quick ones nor as cells still to train."""
+    cells still to train times the mean time of a trained cell. Both come from the study (which of
+    this sweep's cells its store held FINISHED when it launched the sweep, and their recorded
+    times) and from this process (the cells it has trained since), so a resumed study neither
+    counts its skipped cells as quick ones nor as cells still to train; and the cells after this
+    one are known by their place in the sweep, whichever process (a cell per core) runs them."""
 
     k: int  # this cell, 1-based
     total: int
     started: float
     seconds: float = 0.0  # recorded time of the study's FINISHED cells when this launch began
     timed: int = 0  # how many cells that is
-    finished_ahead: int = 0  # cells of this launch already FINISHED when it began (they will skip)
+    finished: str = ""  # per job of this sweep, in its order: "1" if FINISHED at launch (it skips)
     side_by_side: int = 1  # cells the launcher trains at once (a cell per core on a CPU)
+    job: int = 0  # this cell's place in its sweep
 
     @classmethod
     def from_env(cls, job_num: int) -> Progress | None:
@@ -62,8 +64,8 @@ class Progress:
         if not value:
             return None
         before, total, started, seconds, timed, finished, *jobs = value.split(":")
-        return cls(int(before) + job_num + 1, int(total), float(started), float(seconds), int(timed), int(finished),
-                   int(jobs[0]) if jobs else 1)  # fmt: skip
+        return cls(int(before) + job_num + 1, int(total), float(started), float(seconds), int(timed),
+                   finished.removeprefix("f"), int(jobs[0]) if jobs else 1, job_num)  # fmt: skip
 
     def prefix(self) -> str:
         return f"[{self.k}/{self.total} · {clock(time.time() - self.started)}]"
@@ -72,7 +74,8 @@ class Progress:
         remaining = self.total - self.k
         if not remaining:
             return "last cell"
-        to_train = max(remaining - max(self.finished_ahead - _THIS_PROCESS["skipped"], 0), 0)
+        later_in_sweep = self.finished[self.job + 1 :]
+        to_train = remaining - later_in_sweep.count("1")  # later sweeps' cells all count
         if not to_train:
             return "nothing more to train"
         cells = f"{to_train} cell{'s' if to_train > 1 else ''} to train"
@@ -84,15 +87,13 @@ class Progress:
 
     @staticmethod
     def count(r: CellResult) -> None:
-        """This process's cells, for the time left: one trained (its time) or one skipped."""
-        if r.status in ("SKIPPED", "BUSY"):
-            _THIS_PROCESS["skipped"] += 1
-        elif r.status == "FINISHED":
+        """This process's cells, for the time left: the time of each it trained."""
+        if r.status == "FINISHED":
             _THIS_PROCESS["trained"].append(r.seconds)
 
 
 # The cells this sweep process ran so far (the basic launcher runs a study's cells in one process).
-_THIS_PROCESS: dict = {"trained": [], "skipped": 0}
+_THIS_PROCESS: dict = {"trained": []}
 
 
 def say_how_it_ended(r: CellResult, progress: Progress | None = None) -> None:
