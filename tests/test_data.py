@@ -215,6 +215,20 @@ def test_files_draw_each_epoch_from_the_seed_and_epoch_alone(tmp_path):
     assert torch.equal(epochs([1, 2], workers=2)[1], straight[2])  # decoded by two workers
     assert not torch.equal(straight[0], straight[1]) and not torch.equal(epochs([0], seed=1)[0], straight[0])
 
+    # A fit resumed at epoch 2 with two workers: Lightning makes the loader's first iterator (its
+    # workers fetching ahead) before it calls set_epoch; the data module sets the epoch first
+    import pytorch_lightning as pl
+
+    from vgg_ablation.training.fitting import LightningData
+
+    resumed = LightningData(make_datamodule(dataclasses.replace(cfg, num_workers=2), seed=0))
+    resumed.trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    resumed.data.setup()
+    resumed.trainer.fit_loop.epoch_progress.current.processed = 2  # as restored from a checkpoint
+    loader = resumed.train_dataloader()
+    fetching = iter(loader)  # the iterator Lightning makes at setup, before set_epoch
+    assert torch.equal(torch.cat([x for x, _ in fetching]), straight[2])
+
 
 def test_palette_and_rgba_images_become_rgb(tmp_path):
     from vgg_ablation.data.datasets import load_rgb

@@ -309,11 +309,17 @@ class InMemoryData(_Common):
         return self._batches("test", train=False)
 
 
-def _draw_seed(*keys: int) -> int:
-    """A 63-bit seed from whole numbers (a run's seed, an epoch, an image), the same anywhere."""
+ORDER_DRAW, IMAGE_DRAW = 1, 2  # what a seed is drawn for: an epoch's order, an image's transforms
+
+
+def _draw_seed(kind: int, seed: int, epoch: int, image: int = 0) -> int:
+    """A 63-bit seed for one draw, the same anywhere. Always five 32-bit words (the kind first,
+    the run's seed in two): SeedSequence pads shorter input with zeros, which would make (seed,
+    epoch) and (seed, epoch, 0) one seed."""
     import numpy as np
 
-    return int(np.random.SeedSequence(list(keys)).generate_state(2, np.uint64)[0] >> 1)
+    words = [kind, seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF, epoch, image]
+    return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0] >> 1)
 
 
 class EpochOrder(torch.utils.data.Sampler):
@@ -323,7 +329,8 @@ class EpochOrder(torch.utils.data.Sampler):
     as the uninterrupted run did, whichever DataLoader workers decode them and however many there
     are. (torch's shuffling DataLoader draws both from one generator that restarts with the
     process, and persistent workers keep their own.) Lightning calls `set_epoch` as each epoch
-    starts, a resumed one included."""
+    starts, a resumed one included; a loader's first iterator, made before that (its workers
+    fetch ahead), is set by `fitting.LightningData` from the epoch the fit resumes at."""
 
     def __init__(self, n: int, seed: int):
         self.n, self.seed, self.epoch = n, seed, 0
@@ -335,9 +342,8 @@ class EpochOrder(torch.utils.data.Sampler):
         return self.n
 
     def __iter__(self):
-        order = torch.randperm(
-            self.n, generator=torch.Generator().manual_seed(_draw_seed(self.seed, self.epoch))
-        )
+        draw = torch.Generator().manual_seed(_draw_seed(ORDER_DRAW, self.seed, self.epoch))
+        order = torch.randperm(self.n, generator=draw)
         return iter([(self.epoch, i) for i in order.tolist()])
 
 
@@ -359,12 +365,13 @@ class _Files(torch.utils.data.Dataset):
         epoch, i = key
         path, label = self.files[i]
         image = load_rgb(path)
-        seed = _draw_seed(self.seed, epoch, i)
-        # torchvision's random transforms draw from torch's global generator (RandomChoice from
-        # Python's): seeded here for this image, then given back as they were
+        seed = _draw_seed(IMAGE_DRAW, self.seed, epoch, i)
+        # torchvision's random transforms draw from torch's CPU generator (RandomChoice from
+        # Python's): seeded here for this image, then given back as they were. Not
+        # torch.manual_seed, which reseeds the GPUs' generators too (dropout's, with no workers).
         kept = random.getstate()
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)
             random.seed(seed)
             try:
                 return self.transform(image), label

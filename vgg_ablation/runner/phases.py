@@ -35,9 +35,11 @@ def select_lrs(
               f"{', '.join(map(str, cfg.study.lr_seeds))} ({todo} cells to train, validation only)", flush=True)  # fmt: skip
         cells = len(cfg.study.archs) * len(cfg.study.lr_grid) * len(cfg.study.lr_seeds)
         jobs = [a.split("=", 1)[1] for a in pinned if a.startswith("hydra.launcher.n_jobs=")]
-        progress = (0, cells, time.time(), 0.0, 0, cells - int(todo), int(jobs[-1]) if jobs else 1)
+        progress = (0, cells, time.time(), 0.0, 0, int(jobs[-1]) if jobs else 1)
+        ended = {(r.net, r.seed, r.lr) for r in selection.table.itertuples() if r.status == "FINISHED"}
         code = launch_starts_first(cfg, [*pinned, f"logger.parent_run_id={parent}", "trainer.test=false", f"optim.lr={grid}"],
-                                   list(cfg.study.lr_seeds), folder / "lr-selection", progress)  # fmt: skip
+                                   list(cfg.study.lr_seeds), folder / "lr-selection", progress,
+                                   lambda arch, seed, lr: (arch, seed, lr) in ended, list(cfg.study.lr_grid))  # fmt: skip
         if code not in (0, 1):
             raise SelectionStopped(code)
         selection = read_selection(cfg, client, experiment_id)
@@ -74,20 +76,24 @@ def run_convergence(cfg: DictConfig, client, experiment_id: str, pinned: list[st
         return 0
     overrides = [f"trainer.max_epochs={longer.trainer.max_epochs}", "trainer.test=false"]
     jobs = [a.split("=", 1)[1] for a in pinned if a.startswith("hydra.launcher.n_jobs=")]
-    progress = (0, len(keys), time.time(), 0.0, 0, len(ended), int(jobs[-1]) if jobs else 1)
-    return launch_starts_first(cfg, [*pinned, *overrides], seeds, folder / "convergence", progress)
+    progress = (0, len(keys), time.time(), 0.0, 0, int(jobs[-1]) if jobs else 1)
+    return launch_starts_first(cfg, [*pinned, *overrides], seeds, folder / "convergence", progress,
+                               lambda arch, seed, _: cell_key(cell_cfg(longer, arch, seed), fp) in ended)  # fmt: skip
 
 
-def launch_starts_first(
-    cfg: DictConfig, args: list[str], seeds: list[int], folder: Path, progress: tuple
-) -> int:
-    """The study's nets x `seeds`, seed-major: one sweep, or A's first (`a_first`)."""
+def launch_starts_first(cfg: DictConfig, args: list[str], seeds: list[int], folder: Path, progress: tuple,
+                        finished, lrs: list | None = None) -> int:  # fmt: skip
+    """The study's nets x `seeds` (x `lrs`, swept slowest), seed-major: one sweep, or A's first
+    (`a_first`). `progress`: (done, total, started, seconds, timed, side by side), each sweep told
+    which of its jobs will skip (`finished(arch, seed, lr)`), in Hydra's order."""
     groups = a_first(cfg, list(cfg.study.archs))
-    worst, done = 0, progress[0]
+    worst, (done, *rest) = 0, progress
     for i, group in enumerate(groups):
         where = folder if len(groups) == 1 else folder / f"{i + 1}-{'A' if group == ['A'] else 'from-A'}"
-        code = launch(args, group, seeds, where, seed_major=True, progress=(done, *progress[1:]))
+        order = [(arch, seed, lr) for lr in (lrs or [None]) for seed in seeds for arch in group]
+        flags = "f" + "".join("1" if finished(*job) else "0" for job in order)
+        code = launch(args, group, seeds, where, seed_major=True, progress=(done, *rest[:4], flags, rest[4]))
         if code not in (0, 1):
             return code
-        worst, done = max(worst, code), done + len(group) * len(seeds)
+        worst, done = max(worst, code), done + len(order)
     return worst

@@ -178,7 +178,7 @@ def open_run(
     one, so a cell never gets a second run.
     """
     # One process at a time per SQLite store decides (two launches of one study in the same
-    # second would otherwise both create, or both take over, a cell's run); any store: settle().
+    # second would otherwise both create, or both take over, a cell's run); any store: stores.raced_by.
     with stores.store_lock(mlflow_client.tracking_uri):
         return _open_run_locked(mlflow_client, experiment_id, cfg, key, params, device_name, datamodule)
 
@@ -298,16 +298,16 @@ def _create_run(
     run_id = mlflow_client.create_run(
         experiment_id, start_time=started_ms, tags=tags, run_name=f"{cfg.arch}-seed{cfg.seed}"
     ).info.run_id
-    escaped = key.replace("'", "\\'")
-    winner = stores.settle(mlflow_client, experiment_id, f"tags.cell = '{escaped}'", run_id)
-    if winner.info.run_id != run_id:  # another launch created this cell's run a moment earlier
-        return "busy", winner
+    keeper = stores.raced_by(mlflow_client, experiment_id, key, run_id)
+    if keeper is not None:  # another launch created this cell's run a moment earlier
+        mlflow_client.delete_run(run_id)
+        return "busy", keeper
     ckpt_dir = Path(cfg.logger.checkpoint_root).resolve() / run_id
     mlflow_client.set_tag(run_id, "checkpoint_dir", str(ckpt_dir))
     mlflow_client.log_batch(run_id, params=[Param(name, str(value)) for name, value in params.items()])
     mlflow_client.log_text(run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
     log_dataset(mlflow_client, run_id, datamodule)
-    # Looked at again, some round trips after settle(): a racing launch's create has landed by now
+    # Looked at again, some round trips later: a racing launch's create has landed by now
     # (`stores.raced_by`); the loser stands down before it trains. `train` looks once more before
     # the result is recorded.
     keeper = stores.raced_by(mlflow_client, experiment_id, key, run_id)

@@ -20,7 +20,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.plugins.environments import LightningEnvironment
 
 from vgg_ablation.data.batches import TensorBatches
-from vgg_ablation.data.modules import FileData, InMemoryData
+from vgg_ablation.data.modules import EpochOrder, FileData, InMemoryData
 from vgg_ablation.training import distributed
 from vgg_ablation.training.build import apply_device_flags, is_deterministic, lr_of
 from vgg_ablation.training.checkpoints import AtomicCheckpointIO, MovableCheckpoint
@@ -45,6 +45,10 @@ class LightningData(pl.LightningDataModule):
         batches = self.data.train_dataloader()
         if isinstance(batches, TensorBatches):  # drawn per (seed, epoch): resumed where it stopped
             batches.epoch = max(batches.epoch, self.epochs_drawn)
+        elif isinstance(getattr(batches, "sampler", None), EpochOrder) and self.trainer is not None:
+            # Lightning makes the loader's first iterator (whose workers fetch ahead at once)
+            # before it calls set_epoch: the epoch the fit starts or resumes at, set here
+            batches.sampler.set_epoch(self.trainer.fit_loop.epoch_progress.current.processed)
         return batches
 
     # Kept in every checkpoint (Lightning saves a data module's state_dict): the epochs whose

@@ -178,9 +178,10 @@ class Classifier(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         # Validation runs once an epoch's batches are done (the project sets no val_check_interval),
-        # and the epoch's checkpoints are written right after it, before on_train_epoch_end: the
-        # training figures go to the logger here, with the validation ones, so a process killed
-        # just after a checkpoint never resumes past an epoch whose training figures it lost.
+        # and the epoch's checkpoints are written after it (by the checkpoint callbacks'
+        # on_train_epoch_end), but before Lightning hands the training epoch's figures to the
+        # logger: they go here, with the validation ones, so a process killed just after a
+        # checkpoint never resumes past an epoch whose training figures it lost.
         if not self.trainer.sanity_checking:
             self._close_train_epoch()
         self._log_epoch("val")

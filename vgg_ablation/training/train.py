@@ -265,25 +265,41 @@ def train_and_record(cell: Cell) -> None:
     cell.line.write_cell(cfg, trainer, outbox.write_seconds)
 
 
-def stood_down(cell: Cell) -> bool:
+def stood_down(cell: Cell, poll: float = 5.0) -> bool:
     """Whether this launch gave the cell up, its result unrecorded: it created the cell's run in
     the same moment as another launch, and the other's run is the one the cell keeps (see
     `stores.raced_by`; usually settled before training, this is the last look, before the result).
-    Its run is deleted, its checkpoints removed; the result says which run holds the cell. A store
-    that does not answer here leaves the result to the outbox, as any other record."""
+    While that run has no result yet, this one waits for it rather than give a result up for a
+    run that may still die (then this one records). Standing down, its run is deleted and its
+    checkpoints removed; the result names the run that holds the cell. A store that does not
+    answer leaves the result to the outbox, as any other record."""
     if cell.created_in is None:
         return False
     mlflow_client, experiment_id = cell.created_in
-    try:
-        keeper = stores.raced_by(mlflow_client, experiment_id, cell.key, cell.result.run_id)
-    except Exception:  # an outage: the outbox keeps the records until the store is back
-        return False
-    if keeper is None:
-        return False
+    label, said = f"{cell.cfg.arch} seed={cell.cfg.seed}", False
+    while True:
+        try:
+            keeper = stores.raced_by(mlflow_client, experiment_id, cell.key, cell.result.run_id)
+        except Exception:  # an outage: the outbox keeps the records until the store is back
+            return False
+        if keeper is None:
+            return False
+        if keeper.info.status == "FINISHED":
+            break
+        if not said:
+            print(f"{label}: waiting for run {keeper.info.run_id}, launched in the same moment as this one, to end: "
+                  "the cell keeps one result", flush=True)  # fmt: skip
+            said = True
+        time.sleep(poll)
+    mine = cell.result.run_id
     cell.outbox.close(cell.cfg.logger.outage_wait)  # its records into its own run, then the run goes
-    mlflow_client.delete_run(cell.result.run_id)
+    try:
+        mlflow_client.delete_run(mine)
+    except Exception as exc:  # left RUNNING, its process gone: a dead attempt beside the FINISHED run
+        print(f"warning: {label}: run {mine} could not be deleted ({root_cause(exc)}); the cell's result is run "
+              f"{keeper.info.run_id}", file=sys.stderr, flush=True)  # fmt: skip
     shutil.rmtree(cell.ckpt_dir, ignore_errors=True)
-    mine, cell.result.run_id = cell.result.run_id, keeper.info.run_id
+    cell.result.run_id = keeper.info.run_id
     cell.result.status, cell.result.test_acc1 = "BUSY", keeper.data.metrics.get("test/acc1")
     cell.result.reason = f"launched in the same moment as it; this launch's run {mine} deleted"
     return True
