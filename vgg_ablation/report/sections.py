@@ -216,7 +216,10 @@ def per_network(g: Gathered) -> list[str]:
                 "paper top-1 / top-5 % (ImageNet, S=256)": paper_text,
                 "epochs": int(r["epochs"]),
                 "s / run": f"{r['seconds_mean']:.0f}" if not math.isnan(r["seconds_mean"]) else "",
-                "s / epoch": f"{per_epoch[net]:.1f}" if net in per_epoch.index else "",
+                # two significant figures below a second (a tiny trial's epochs), else tenths
+                "s / epoch": (f"{per_epoch[net]:.1f}" if per_epoch[net] >= 1 else f"{per_epoch[net]:.2g}")
+                if net in per_epoch.index
+                else "",
                 "learned": "**no: seeds " + ", ".join(map(str, collapsed)) + "**"
                 if collapsed
                 else "every seed",
