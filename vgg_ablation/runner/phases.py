@@ -10,7 +10,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from vgg_ablation.errors import UserError
-from vgg_ablation.runner.sweeps import a_first, launch
+from vgg_ablation.runner.sweeps import a_first, launch, skip_flags
 from vgg_ablation.study.cells import cell_cfg, cell_key, fingerprint
 from vgg_ablation.study.reference_cells import convergence_config, finished_runs, read_selection, variant
 from vgg_ablation.tracking import stores
@@ -90,10 +90,9 @@ def launch_starts_first(cfg: DictConfig, args: list[str], seeds: list[int], fold
     worst, (done, *rest) = 0, progress
     for i, group in enumerate(groups):
         where = folder if len(groups) == 1 else folder / f"{i + 1}-{'A' if group == ['A'] else 'from-A'}"
-        order = [(arch, seed, lr) for lr in (lrs or [None]) for seed in seeds for arch in group]
-        flags = "f" + "".join("1" if finished(*job) else "0" for job in order)
+        flags = skip_flags(group, seeds, True, finished, lrs)
         code = launch(args, group, seeds, where, seed_major=True, progress=(done, *rest[:4], flags, rest[4]))
         if code not in (0, 1):
             return code
-        worst, done = max(worst, code), done + len(order)
+        worst, done = max(worst, code), done + len(flags) - 1
     return worst

@@ -35,7 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 from vgg_ablation.config import compose, study_overrides, with_study_dir
 from vgg_ablation.errors import UserError
 from vgg_ablation.runner import phases
-from vgg_ablation.runner.sweeps import Interrupted, a_first, launch, stopped_by_signals, sweep_dir
+from vgg_ablation.runner.sweeps import Interrupted, a_first, launch, skip_flags, stopped_by_signals, sweep_dir
 from vgg_ablation.study import analysis
 from vgg_ablation.study.cells import (
     SCRATCH_CONTROL,
@@ -343,11 +343,7 @@ def run_cells(sweep: Sweep, cells: list[tuple[str, int]], seen: StudyRuns) -> in
             continue
         times = [f.seconds for f in finished.values()]
         seed_major = cfg.model.init != "from_A"
-        # which of the sweep's jobs will skip, in its order (Hydra's product: the first list slowest)
-        order = (
-            [(n, s) for s in seeds for n in labels] if seed_major else [(n, s) for n in labels for s in seeds]
-        )
-        flags = "f" + "".join("1" if cell in finished else "0" for cell in order)
+        flags = skip_flags(labels, seeds, seed_major, lambda net, seed, _, done=finished: (net, seed) in done)
         progress = (
             sweep.done,
             total,

@@ -32,6 +32,18 @@ def a_first(cfg: DictConfig, archs: list[str]) -> list[list[str]]:
     return [list(archs)]
 
 
+def skip_flags(archs: list, seeds: list, seed_major: bool, finished, lrs: list | None = None) -> str:
+    """Which of a sweep's jobs will skip, in the order Hydra numbers them (the product of its
+    swept lists, the first slowest: `optim.lr` before `seed`/`arch` as `launch` writes them), for
+    each job's time-left line: "f" then "1" per job whose `finished(arch, seed, lr)`, else "0"."""
+    lrs = lrs or [None]
+    if seed_major:
+        jobs = [(arch, seed, lr) for lr in lrs for seed in seeds for arch in archs]
+    else:
+        jobs = [(arch, seed, lr) for lr in lrs for arch in archs for seed in seeds]
+    return "f" + "".join("1" if finished(*job) else "0" for job in jobs)
+
+
 def launch(args: list[str], archs: list[str], seeds: list[int], folder: Path, seed_major: bool = False,
            progress: tuple | None = None, deadline: float | None = None) -> int:  # fmt: skip
     """One Hydra multirun over archs x seeds in a subprocess: arch-major (the paper's order, and

@@ -338,10 +338,10 @@ def raced_by(mlflow_client, experiment_id: str, key: str, mine: str):
     """The run a cell keeps instead of `mine`, a run this launch created, when another launch
     created one too in the same moment; None while `mine` is the cell's run.
 
-    `settle` judged from what the store showed right after the create, but a create sent first
-    can land after that look (a run's start time is stamped by the client, and requests race to a
-    server), so each of two such launches may have found itself alone or first. Looked at again
-    once both runs are in the store, every look agrees: a FINISHED run wins, else the earliest
+    Asked right after the create, and again later: a create sent first can land after the other
+    launch's first look (a run's start time is stamped by the client, and requests race to a
+    server), so each of two such launches may at first find itself alone or first. Once both runs
+    are in the store, every look agrees: a FINISHED run wins, else the earliest
     (start time, then id) among the live ones. A dead competitor (FAILED, KILLED, or RUNNING with
     its process gone) never takes the cell from a live run: its attempt is resumed nowhere."""
     others = [r for r in runs_of_cell(mlflow_client, experiment_id, key) if r.info.run_id != mine]
